@@ -1,0 +1,325 @@
+"""Experiment ConfigDict -> frozen, validated dataclasses. The only module that sees ml_collections.
+
+Every key an experiment may set is a field below. `load(config_dict)` rejects unknown keys, wrong
+types and out-of-range values with a `ConfigError` naming the dotted key and what is allowed.
+Model, kernels and optimizer code receive these dataclasses, never a ConfigDict.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any, Literal, Optional
+
+
+class ConfigError(ValueError):
+    """A config key or value is invalid; the message names the dotted key and the allowed values."""
+
+
+def _field(default, *, lo=None, hi=None, doc: str = ""):
+    """A dataclass field with an optional inclusive numeric range [lo, hi] checked at load."""
+    return dataclasses.field(default=default, metadata={"lo": lo, "hi": hi, "doc": doc})
+
+
+def _check(ok: bool, key: str, message: str):
+    if not ok:
+        raise ConfigError(f"config key '{key}': {message}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Kanana-2 / DeepSeek-V3 architecture hyperparameters (HF config.json names in comments)."""
+    vocab_size: int = _field(320, lo=1)                      # vocab_size
+    d_model: int = _field(128, lo=1)                         # hidden_size
+    n_layers: int = _field(3, lo=1)                          # num_hidden_layers
+    first_k_dense: int = _field(1, lo=0)                     # first_k_dense_replace
+    d_ff: int = _field(384, lo=1)                            # intermediate_size (dense layers)
+    # attention
+    attention_type: Literal["mla", "gqa"] = "mla"
+    n_heads: int = _field(4, lo=1)                           # num_attention_heads
+    n_kv_heads: int = _field(4, lo=1)                        # GQA only
+    head_dim: int = _field(32, lo=1)                         # GQA only
+    q_lora_rank: Optional[int] = _field(None, lo=1)          # None: direct query projection (Kanana-2 30B)
+    kv_lora_rank: int = _field(64, lo=1)
+    qk_nope_head_dim: int = _field(32, lo=1)
+    qk_rope_head_dim: int = _field(16, lo=2)
+    v_head_dim: int = _field(32, lo=1)
+    logit_soft_cap: Optional[float] = _field(None, lo=1e-6)  # tanh soft-cap of attention logits
+    attention_impl: Literal["reference", "kernel"] = "reference"
+    # positions
+    rope_theta: float = _field(10000.0, lo=1.0)
+    rope_scaling: Literal["none", "yarn"] = "none"
+    yarn_factor: float = _field(1.0, lo=1.0)
+    yarn_original_max_position: int = _field(4096, lo=1)
+    yarn_beta_fast: float = _field(32.0, lo=0.0)
+    yarn_beta_slow: float = _field(1.0, lo=0.0)
+    yarn_mscale: float = _field(1.0, lo=0.0)
+    yarn_mscale_all_dim: float = _field(1.0, lo=0.0)
+    # mixture of experts
+    n_routed_experts: int = _field(8, lo=1)
+    n_shared_experts: int = _field(1, lo=0)
+    moe_d_ff: int = _field(128, lo=1)                        # moe_intermediate_size
+    top_k: int = _field(2, lo=1)                             # num_experts_per_tok
+    score_func: Literal["softmax", "sigmoid"] = "sigmoid"    # scoring_func
+    n_group: int = _field(1, lo=1)
+    topk_group: int = _field(1, lo=1)
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = _field(1.0, lo=0.0)
+    moe_impl: Literal["blocked", "ragged_dot", "pallas"] = "blocked"
+    moe_block_rows: int = _field(64, lo=8)                   # row block of the 'blocked' CPU reference
+    # norms, embeddings, dtypes, init
+    rms_norm_eps: float = _field(1e-6, lo=0.0)
+    norm_param: Literal["scale", "one_plus"] = "scale"       # scale: w*x_hat (w=1 init); one_plus: (1+w)*x_hat (w=0 init)
+    tie_embeddings: bool = False
+    dtype: Literal["float32", "bfloat16"] = "float32"        # activation / matmul dtype
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    init_std: float = _field(0.02, lo=0.0)
+    # compilation
+    scan_layers: bool = True
+    remat_policy: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+
+    def __post_init__(self):
+        _check(self.first_k_dense <= self.n_layers, "model.first_k_dense",
+               f"must be <= model.n_layers={self.n_layers}, got {self.first_k_dense}")
+        _check(self.top_k <= self.n_routed_experts, "model.top_k",
+               f"must be <= model.n_routed_experts={self.n_routed_experts}, got {self.top_k}")
+        _check(self.n_routed_experts % self.n_group == 0, "model.n_group",
+               f"must divide model.n_routed_experts={self.n_routed_experts}, got {self.n_group}")
+        _check(self.topk_group <= self.n_group, "model.topk_group",
+               f"must be <= model.n_group={self.n_group}, got {self.topk_group}")
+        _check(self.top_k <= self.topk_group * (self.n_routed_experts // self.n_group), "model.top_k",
+               "must be <= topk_group * experts per group, so the chosen groups hold enough experts")
+        _check(self.qk_rope_head_dim % 2 == 0, "model.qk_rope_head_dim", "must be even (RoPE rotates pairs)")
+        if self.attention_type == "gqa":
+            _check(self.n_heads % self.n_kv_heads == 0, "model.n_kv_heads",
+                   f"must divide model.n_heads={self.n_heads}, got {self.n_kv_heads}")
+            _check(self.head_dim % 2 == 0, "model.head_dim", "must be even (RoPE rotates pairs)")
+
+    @property
+    def n_moe_layers(self) -> int:
+        return self.n_layers - self.first_k_dense
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim if self.attention_type == "mla" else self.head_dim
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """Optimizer, schedule and per-group rules (AdamW; Muon plugs in through `name`)."""
+    name: Literal["adamw", "muon"] = "adamw"
+    learning_rate: float = _field(3e-3, lo=0.0)
+    schedule: Literal["constant", "cosine", "wsd"] = "wsd"
+    warmup_steps: int = _field(20, lo=0)
+    decay_fraction: float = _field(0.2, lo=0.0, hi=1.0, doc="wsd: share of steps spent decaying")
+    min_lr_ratio: float = _field(0.1, lo=0.0, hi=1.0)
+    b1: float = _field(0.9, lo=0.0, hi=1.0)
+    b2: float = _field(0.95, lo=0.0, hi=1.0)
+    eps: float = _field(1e-8, lo=0.0)
+    weight_decay: float = _field(0.1, lo=0.0)
+    grad_clip_norm: float = _field(1.0, lo=0.0, doc="0 disables clipping")
+    router_bias_update_rate: float = _field(1e-3, lo=0.0, doc="aux-loss-free balancing: bias += rate*sign(mean-load)")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where tokens come from and how they are packed."""
+    source: Literal["embedded", "jsonl", "array_record", "tfds"] = "embedded"
+    path: str = ""                   # file or glob for jsonl / array_record; dataset name for tfds
+    text_key: str = "text"
+    tfds_data_dir: str = ""
+    tokenizer: str = "byte"          # 'byte' or a path to a HuggingFace tokenizer.json
+    seq_len: int = _field(128, lo=2)
+    global_batch_size: int = _field(16, lo=1)
+    shuffle: bool = True
+    on_bad_record: Literal["fail", "skip"] = "fail"
+    mixture: tuple = ()              # ((name, path or 'embedded', weight), ...); empty = the single source above
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Steps, logging, evaluation, checkpointing and loss weights."""
+    stage: Literal["pretrain"] = "pretrain"
+    steps: int = _field(200, lo=1)
+    seed: int = _field(0, lo=0)
+    log_every: int = _field(10, lo=1)
+    eval_every: int = _field(100, lo=0, doc="0 disables evaluation")
+    eval_batches: int = _field(4, lo=1)
+    checkpoint_every: int = _field(100, lo=0, doc="0 saves only at the end")
+    keep_checkpoints: int = _field(2, lo=1)
+    async_checkpoint: bool = True
+    seq_aux_loss_coef: float = _field(0.0, lo=0.0, doc="DeepSeek-V3 sequence-wise balance loss weight")
+    router_z_loss_coef: float = _field(0.0, lo=0.0)
+    peak_tflops_per_device: float = _field(0.0, lo=0.0, doc="0: look up the device kind, else measure")
+    progress_bar: bool = True
+    tensorboard: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh shape per axis; one -1 absorbs the remaining devices."""
+    data: int = _field(-1, lo=-1)
+    fsdp: int = _field(1, lo=-1)
+    expert: int = _field(1, lo=-1)
+    tensor: int = _field(1, lo=-1)
+    rules: Literal["fsdp", "fsdp_ep", "fsdp_tp_ep"] = "fsdp"
+
+    def __post_init__(self):
+        sizes = {"data": self.data, "fsdp": self.fsdp, "expert": self.expert, "tensor": self.tensor}
+        for k, v in sizes.items():
+            _check(v != 0, f"mesh.{k}", "must be a positive size or -1")
+        _check(sum(v == -1 for v in sizes.values()) <= 1, "mesh", "at most one axis may be -1")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """One experiment: everything a run needs, validated."""
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value, tp, key: str):
+    """Checks (and for int->float, widens) one value against a field type; raises ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"config key '{key}': {value!r} is not allowed; allowed values: "
+                              f"{', '.join(repr(a) for a in allowed)}{hint}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected a bool (True/False), got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}': expected an int, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}': expected a float, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}': expected a string, got {type(value).__name__} {value!r}")
+        return value
+    if tp is tuple:
+        if not isinstance(value, (tuple, list)):
+            raise ConfigError(f"config key '{key}': expected a tuple, got {type(value).__name__} {value!r}")
+        return tuple(tuple(v) if isinstance(v, list) else v for v in value)
+    raise TypeError(f"unsupported field type {tp} for {key}")
+
+
+def build(cls, values: dict | None, prefix: str = ""):
+    """Builds dataclass `cls` from a plain nested dict, validating every key; `prefix` names the section."""
+    values = dict(values or {})
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        k = unknown[0]
+        close = difflib.get_close_matches(k, list(fields), n=1)
+        hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown config key '{prefix}{k}'.{hint} Allowed keys in "
+                          f"'{prefix.rstrip('.') or 'the top level'}': {', '.join(fields)}")
+    kwargs = {}
+    for name, value in values.items():
+        key, tp = prefix + name, hints[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{key}': expected a section (dict), got {value!r}")
+            kwargs[name] = build(tp, value, key + ".")
+            continue
+        value = _coerce(value, tp, key)
+        meta = fields[name].metadata
+        lo, hi = meta.get("lo"), meta.get("hi")
+        if value is not None and lo is not None and value < lo:
+            raise ConfigError(f"config key '{key}': {value!r} is below the minimum {lo}"
+                              + (f" ({meta['doc']})" if meta.get("doc") else ""))
+        if value is not None and hi is not None and value > hi:
+            raise ConfigError(f"config key '{key}': {value!r} is above the maximum {hi}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def load(config: Any) -> ExperimentConfig:
+    """Validates an experiment ConfigDict (or nested dict) into an `ExperimentConfig`."""
+    values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return build(ExperimentConfig, values)
+
+
+def to_dict(cfg) -> dict:
+    """A JSON-serialisable nested dict of a (validated) config dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+def parse_value(text: str, current: Any, key: str):
+    """Parses a command-line override `text` for `key` using the type of its current value."""
+    lowered = text.strip().lower()
+    if lowered in ("none", "null"):
+        return None
+    if isinstance(current, bool):
+        if lowered not in ("true", "false", "1", "0"):
+            raise ConfigError(f"config key '{key}': expected true/false, got {text!r}")
+        return lowered in ("true", "1")
+    if isinstance(current, int) or current is None:
+        try:
+            return int(text)
+        except ValueError:
+            if current is not None:
+                raise ConfigError(f"config key '{key}': expected an int, got {text!r}") from None
+    if isinstance(current, float) or current is None:
+        try:
+            return float(text)
+        except ValueError:
+            if current is not None:
+                raise ConfigError(f"config key '{key}': expected a float, got {text!r}") from None
+    if isinstance(current, (tuple, list)):
+        import json
+        try:
+            return tuple(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config key '{key}': expected a JSON list, got {text!r}") from e
+    return text
+
+
+def apply_overrides(config, overrides: dict[str, Any]):
+    """Sets dotted keys on a ConfigDict in place; an unknown key raises ConfigError naming it."""
+    for dotted, value in overrides.items():
+        node = config
+        parts = dotted.split(".")
+        for i, part in enumerate(parts):
+            where = ".".join(parts[:i + 1])
+            if part not in node:
+                keys = list(node.keys())
+                close = difflib.get_close_matches(part, keys, n=1)
+                hint = f" Did you mean '{'.'.join(parts[:i] + [close[0]])}'?" if close else ""
+                raise ConfigError(f"unknown config key '{where}'.{hint} Allowed here: {', '.join(keys)}")
+            if i < len(parts) - 1:
+                node = node[part]
+        current = node[parts[-1]]
+        if isinstance(value, str) and not isinstance(current, str):
+            value = parse_value(value, current, dotted)
+        try:
+            node[parts[-1]] = value
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"config key '{dotted}': cannot set {value!r}: {e}") from e
+    return config

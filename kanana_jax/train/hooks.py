@@ -1,0 +1,51 @@
+"""Parameter updates that happen after the optimizer, inside the jitted step: the router balancing bias."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from kanana_jax.config import ExperimentConfig
+
+
+def _expert_loads(intermediates) -> dict:
+    """{stack name: load[L,E]} from the sown 'expert_load' of each MoE stack."""
+    out = {}
+    for stack, tree in intermediates.items():
+        if "moe" in tree and "expert_load" in tree["moe"]:
+            out[stack] = tree["moe"]["expert_load"][0]
+    return out
+
+
+def update_router_bias(params, intermediates, rate: float):
+    """Aux-loss-free balancing (DeepSeek-V3): bias_e += rate * sign(mean load - load_e), per layer."""
+    if rate == 0.0:
+        return params
+    params = dict(params)
+    for stack, load_LxE in _expert_loads(intermediates).items():
+        layer = dict(params[stack])
+        moe = dict(layer["moe"])
+        router = dict(moe["router"])
+        mean_Lx1 = jnp.mean(load_LxE, axis=-1, keepdims=True)
+        router["bias"] = router["bias"] + rate * jnp.sign(mean_Lx1 - load_LxE)
+        moe["router"], layer["moe"] = router, moe
+        params[stack] = layer
+    return params
+
+
+def post_update(params, intermediates, cfg: ExperimentConfig):
+    """All post-optimizer parameter rules, in order; returns (params, metrics)."""
+    params = update_router_bias(params, intermediates, cfg.optimizer.router_bias_update_rate)
+    return params, {}
+
+
+def routing_metrics(intermediates) -> dict:
+    """Expert load balance (max/mean tokens per expert, worst layer) and the max attention logit."""
+    metrics = {}
+    loads = list(_expert_loads(intermediates).values())
+    if loads:
+        ratios = [jnp.max(l, axis=-1) / jnp.maximum(jnp.mean(l, axis=-1), 1e-9) for l in loads]
+        metrics["expert_load_max_over_mean"] = jnp.max(jnp.concatenate(ratios))
+    max_logits = [tree["attn"]["max_logits"][0] for tree in intermediates.values() if "attn" in tree]
+    if max_logits:
+        metrics["max_attention_logit"] = jnp.max(jnp.stack([jnp.max(m) for m in max_logits]))
+    return metrics

@@ -1,0 +1,104 @@
+"""The one training loop shared by every stage: init or resume, jitted steps, eval, checkpoints, metrics."""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import time
+
+import jax
+import numpy as np
+
+from kanana_jax import config as config_lib
+from kanana_jax.config import ExperimentConfig
+from kanana_jax.data import pipeline
+from kanana_jax.data.tokenizer import make_tokenizer
+from kanana_jax.model import Transformer
+from kanana_jax.model.flops import flops_per_token
+from kanana_jax.optim.factory import make_optimizer
+from kanana_jax.train import step as step_lib
+from kanana_jax.train.checkpoint import Checkpointer
+from kanana_jax.train.metrics import MetricsWriter, peak_flops_per_device
+from kanana_jax.train.stages import get_stage
+
+log = logging.getLogger("kanana_jax.train")
+
+
+def check_vocab(cfg: ExperimentConfig, tokenizer):
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise config_lib.ConfigError(
+            f"config key 'model.vocab_size': {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+            f"({tokenizer.vocab_size} ids from data.tokenizer={cfg.data.tokenizer!r}); raise it to at least that")
+
+
+def evaluate(eval_fn, params, cfg: ExperimentConfig) -> dict:
+    """Mean eval loss over the first `train.eval_batches` batches of the eval split (token-weighted)."""
+    it = pipeline.make_iterator(cfg.data, split="eval", seed=cfg.train.seed)
+    total, tokens = 0.0, 0.0
+    for _, batch in zip(range(cfg.train.eval_batches), it):
+        out = jax.device_get(eval_fn(params, batch))
+        total += float(out["eval_loss"]) * float(out["eval_tokens"])
+        tokens += float(out["eval_tokens"])
+    return {"eval_loss": total / max(tokens, 1.0)}
+
+
+def run(cfg: ExperimentConfig, workdir: str) -> dict:
+    """Trains `cfg` in `workdir`, resuming from its latest checkpoint; returns the last logged metrics."""
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(config_lib.to_dict(cfg), f, indent=1)
+    tokenizer = make_tokenizer(cfg.data.tokenizer)
+    check_vocab(cfg, tokenizer)
+    model, stage = Transformer(cfg.model), get_stage(cfg.train.stage)
+    optimizer, schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
+    rng = jax.random.PRNGKey(cfg.train.seed)
+
+    init = jax.jit(functools.partial(step_lib.init_state, model, optimizer, cfg=cfg))
+    train_step = jax.jit(functools.partial(step_lib.train_step, model=model, optimizer=optimizer, stage=stage,
+                                           cfg=cfg), donate_argnums=0)
+    eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=model, stage=stage, cfg=cfg))
+
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints,
+                                async_save=cfg.train.async_checkpoint)
+    data = pipeline.make_iterator(cfg.data, split="train", seed=cfg.train.seed,
+                                  shard_index=jax.process_index(), shard_count=jax.process_count())
+    latest = checkpointer.latest_step()
+    if latest is None:
+        state = init(rng)
+    else:
+        abstract = jax.eval_shape(init, rng)
+        state, data_state = checkpointer.restore(latest, abstract)
+        data.set_state(data_state)
+        log.warning("resumed from %s at step %d", checkpointer.directory, latest)
+    start = int(state.step)
+
+    writer = MetricsWriter(workdir, resume_step=start, tensorboard=cfg.train.tensorboard,
+                           progress_bar=cfg.train.progress_bar, total_steps=cfg.train.steps)
+    flops_token = flops_per_token(cfg.model, cfg.data.seq_len)
+    peak = peak_flops_per_device(cfg.train.peak_tflops_per_device) * jax.device_count()
+    tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
+    last_row, window_start, window_steps = {}, time.perf_counter(), 0
+    for step in range(start, cfg.train.steps):
+        batch = next(data)
+        state, metrics = train_step(state, batch)
+        window_steps += 1
+        writer.advance()
+        done = step + 1
+        if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+            metrics = jax.device_get(metrics)
+            elapsed = time.perf_counter() - window_start
+            tokens_per_s = window_steps * tokens_per_step / elapsed
+            metrics.update(learning_rate=schedule(step), tokens_per_s=tokens_per_s,
+                           mfu=tokens_per_s * flops_token / peak)
+            if not np.isfinite(metrics["loss"]):
+                raise FloatingPointError(f"non-finite loss {metrics['loss']} at step {done}")
+            if cfg.train.eval_every and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
+                metrics.update(evaluate(eval_fn, state.params, cfg))
+            last_row = writer.write(done, metrics)
+            window_start, window_steps = time.perf_counter(), 0
+        if (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or done == cfg.train.steps:
+            checkpointer.save(done, state, data.get_state())
+    checkpointer.close()
+    writer.close()
+    return last_row
