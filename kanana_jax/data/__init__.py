@@ -1,0 +1,11 @@
+"""Data: embedded corpus, tokenizers, document sources and the packed, resumable batch iterator."""
+from kanana_jax.data.pipeline import TokenBatchIterator, batch_shapes, chunk_bounds, make_iterator
+from kanana_jax.data.sources import (ArrayRecordSource, BadRecordError, EmbeddedSource, HeldOutView,
+                                     JsonlSource, TfdsSource, embedded_domains, open_source)
+from kanana_jax.data.tokenizer import ByteTokenizer, HFTokenizer, make_tokenizer
+
+__all__ = [
+    "ArrayRecordSource", "BadRecordError", "ByteTokenizer", "EmbeddedSource", "HFTokenizer",
+    "HeldOutView", "JsonlSource", "TfdsSource", "TokenBatchIterator", "batch_shapes", "chunk_bounds",
+    "embedded_domains", "make_iterator", "make_tokenizer", "open_source",
+]

@@ -1,0 +1,354 @@
+"""Packed, resumable token batches: sources -> documents -> chunks -> packed rows -> host batches.
+
+Each document becomes `[BOS] + ids + [EOS]`. A document longer than `seq_len` tokens is split
+into chunks of at most `seq_len` tokens that overlap by one token, so every next-token target of
+the document is trained exactly once; it is counted in `stats()['split_documents']`, never dropped.
+Chunks are packed into rows of `seq_len` tokens by best fit over a window of `PACK_WINDOW`
+pending chunks (longest chunk that fits first). A chunk is never split across rows.
+
+Batch (this host's rows, B = global_batch_size // shard_count, T = seq_len):
+  inputs_BxT int32      token ids (pad_id on padding)
+  targets_BxT int32     the next token of the same segment (pad_id where loss_mask is 0)
+  segment_ids_BxT int32 1, 2, 3... per packed chunk in a row, 0 on padding
+  positions_BxT int32   0, 1, 2... restarting at every chunk
+  loss_mask_BxT float32 1 where the target is the next token of the same chunk, else 0
+
+Order: split='train' is infinite; each source is shuffled per epoch with a permutation drawn from
+(seed, source index, epoch). split='eval' is one pass over every source in order, then
+StopIteration (the last batch is filled with padding rows). Every host builds the same global
+batch and keeps its rows, so the iterator state is identical on all hosts and does not depend on
+shard_count. Mixtures choose each next document's source by weight from (seed, position).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import numpy as np
+
+from kanana_jax.data import sources as sources_lib
+from kanana_jax.data import tokenizer as tokenizer_lib
+
+PACK_WINDOW = 32
+STATE_VERSION = 1
+MIX_BLOCK = 4096
+_MIX_SALT = 0x6D6978
+_LOG_SKIPS = 10
+BAD_RECORD_MODES = ("fail", "skip")
+
+log = logging.getLogger(__name__)
+
+
+def _perm(seed: int, source_index: int, epoch: int, n: int, shuffle: bool) -> np.ndarray:
+  """The order of a source's documents in one epoch."""
+  if not shuffle:
+    return np.arange(n, dtype=np.int64)
+  return np.random.default_rng([seed, source_index, epoch]).permutation(n)
+
+
+def chunk_bounds(length: int, seq_len: int) -> list[tuple[int, int]]:
+  """[start, end) of the chunks of a document of `length` tokens (BOS/EOS included); overlap 1."""
+  if length <= seq_len:
+    return [(0, length)]
+  stride = seq_len - 1
+  return [(s, min(s + seq_len, length)) for s in range(0, length - 1, stride)]
+
+
+class TokenBatchIterator:
+  """Yields dicts of numpy arrays (see module docstring); `get_state`/`set_state` resume exactly."""
+
+  def __init__(self, sources: Sequence[tuple[str, sources_lib.DocumentSource, float]],
+               tokenizer: tokenizer_lib.Tokenizer, *, seq_len: int, global_batch_size: int,
+               split: str, seed: int, shuffle: bool = True, on_bad_record: str = "fail",
+               shard_index: int = 0, shard_count: int = 1, pack_window: int = PACK_WINDOW):
+    if split not in sources_lib.SPLITS:
+      raise ValueError(f"split must be one of {sources_lib.SPLITS}, got {split!r}")
+    if on_bad_record not in BAD_RECORD_MODES:
+      raise ValueError(f"data.on_bad_record must be one of {BAD_RECORD_MODES}, got {on_bad_record!r}")
+    if seq_len < 2:
+      raise ValueError(f"data.seq_len must be >= 2 (a target needs two tokens), got {seq_len}")
+    if shard_count < 1 or not 0 <= shard_index < shard_count:
+      raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index} and {shard_count}")
+    if global_batch_size < 1 or global_batch_size % shard_count:
+      raise ValueError(f"data.global_batch_size={global_batch_size} must be a positive multiple of "
+                       f"the number of data shards (hosts) {shard_count}")
+    if not sources:
+      raise ValueError("no data source given")
+    for name, src, weight in sources:
+      if len(src) == 0:
+        raise ValueError(f"data source {name!r} ({src.name}) holds no documents for split {split!r}")
+      if not weight > 0:
+        raise ValueError(f"data.mixture weight of {name!r} must be > 0, got {weight}")
+    self.names = [name for name, _, _ in sources]
+    self._sources = [src for _, src, _ in sources]
+    weights = np.array([w for _, _, w in sources], dtype=np.float64)
+    self.weights = weights / weights.sum()
+    self.tokenizer = tokenizer
+    self.seq_len, self.global_batch_size = seq_len, global_batch_size
+    self.split, self.seed, self.shuffle = split, int(seed), bool(shuffle)
+    self.on_bad_record = on_bad_record
+    self.shard_index, self.shard_count = shard_index, shard_count
+    self.local_batch_size = global_batch_size // shard_count
+    self.pack_window = pack_window
+    self._positions_T = np.arange(seq_len, dtype=np.int32)
+    self._perm_cache: dict[int, tuple[int, np.ndarray]] = {}
+    self._mix_cache: tuple[int, np.ndarray] | None = None
+    self._reset()
+
+  # --------------------------------------------------------------------------- stream of chunks
+
+  def _reset(self) -> None:
+    n = len(self._sources)
+    self._epoch = [0] * n
+    self._pos = [0] * n
+    self._mix_pos = 0
+    self._eval_source = 0
+    self._cur: tuple[int, int, int, np.ndarray, list[tuple[int, int]]] | None = None
+    self._buffer: list[tuple[int, int, int, np.ndarray]] = []
+    self._exhausted = False
+    self._stats = {"batches": 0, "documents": 0, "skipped_records": 0, "split_documents": 0,
+                   "chunks": 0, "tokens": 0, "padding_tokens": 0, "target_tokens": 0,
+                   "documents_per_source": {name: 0 for name in self.names}}
+
+  def _order(self, s: int) -> np.ndarray:
+    cached = self._perm_cache.get(s)
+    if cached is None or cached[0] != self._epoch[s]:
+      shuffle = self.shuffle and self.split == "train"
+      cached = (self._epoch[s], _perm(self.seed, s, self._epoch[s], len(self._sources[s]), shuffle))
+      self._perm_cache[s] = cached
+    return cached[1]
+
+  def _choose_source(self) -> int:
+    if len(self._sources) == 1:
+      return 0
+    block = self._mix_pos // MIX_BLOCK
+    if self._mix_cache is None or self._mix_cache[0] != block:
+      rng = np.random.default_rng([self.seed, _MIX_SALT, block])
+      self._mix_cache = (block, rng.choice(len(self._sources), size=MIX_BLOCK, p=self.weights))
+    return int(self._mix_cache[1][self._mix_pos % MIX_BLOCK])
+
+  def _tokens(self, s: int, doc: int) -> np.ndarray | None:
+    """[BOS] + ids + [EOS] of document `doc` of source `s`; None when skipped as bad."""
+    src = self._sources[s]
+    try:
+      if hasattr(src, "token_ids"):
+        ids = src.token_ids(doc, self.tokenizer)
+      elif hasattr(self.tokenizer, "encode_np"):
+        ids = self.tokenizer.encode_np(src[doc])
+      else:
+        ids = np.asarray(self.tokenizer.encode(src[doc]), dtype=np.int32)
+    except sources_lib.BadRecordError as e:
+      if self.on_bad_record == "fail":
+        raise
+      self._stats["skipped_records"] += 1
+      if self._stats["skipped_records"] <= _LOG_SKIPS:
+        log.warning("skipping bad record (%d so far): %s", self._stats["skipped_records"], e)
+      return None
+    tok = self.tokenizer
+    return np.concatenate([[tok.bos_id], ids, [tok.eos_id]]).astype(np.int32)
+
+  def _next_document(self) -> tuple[int, int, np.ndarray] | None:
+    """The next readable document (source, index, tokens), or None at the end of an eval pass."""
+    bad_in_a_row = 0
+    while True:
+      if self.split == "train":
+        s = self._choose_source()
+        self._mix_pos += 1
+      else:
+        s = self._eval_source
+        if s >= len(self._sources):
+          return None
+        if self._pos[s] >= len(self._sources[s]):
+          self._eval_source += 1
+          continue
+      doc = int(self._order(s)[self._pos[s]])
+      self._pos[s] += 1
+      if self.split == "train" and self._pos[s] == len(self._sources[s]):
+        self._epoch[s] += 1
+        self._pos[s] = 0
+      tokens = self._tokens(s, doc)
+      if tokens is not None:
+        self._stats["documents"] += 1
+        self._stats["documents_per_source"][self.names[s]] += 1
+        return s, doc, tokens
+      bad_in_a_row += 1
+      if bad_in_a_row > sum(len(x) for x in self._sources):
+        raise ValueError(f"every record of data source(s) {self.names} is bad; nothing to train on")
+
+  def _next_chunk(self) -> tuple[int, int, int, np.ndarray] | None:
+    if self._cur is None:
+      got = self._next_document()
+      if got is None:
+        return None
+      s, doc, tokens = got
+      bounds = chunk_bounds(len(tokens), self.seq_len)
+      if len(bounds) > 1:
+        self._stats["split_documents"] += 1
+      self._cur = (s, doc, 0, tokens, bounds)
+    s, doc, c, tokens, bounds = self._cur
+    lo, hi = bounds[c]
+    self._cur = (s, doc, c + 1, tokens, bounds) if c + 1 < len(bounds) else None
+    self._stats["chunks"] += 1
+    return s, doc, c, tokens[lo:hi]
+
+  def _fill_buffer(self) -> None:
+    while not self._exhausted and len(self._buffer) < self.pack_window:
+      chunk = self._next_chunk()
+      if chunk is None:
+        self._exhausted = True
+      else:
+        self._buffer.append(chunk)
+
+  def _build_row(self) -> list[np.ndarray]:
+    """Best fit: repeatedly take the longest pending chunk that fits the space left in the row."""
+    space, parts = self.seq_len, []
+    while space >= 2:
+      self._fill_buffer()
+      best, best_len = -1, 0
+      for j, chunk in enumerate(self._buffer):
+        n = len(chunk[3])
+        if best_len < n <= space:
+          best, best_len = j, n
+      if best < 0:
+        break
+      parts.append(self._buffer.pop(best)[3])
+      space -= best_len
+    return parts
+
+  # --------------------------------------------------------------------------- batches
+
+  def __iter__(self) -> "TokenBatchIterator":
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    rows = [self._build_row() for _ in range(self.global_batch_size)]
+    if not any(rows):
+      raise StopIteration
+    b, t = self.local_batch_size, self.seq_len
+    mine = rows[self.shard_index * b:(self.shard_index + 1) * b]
+    pad = self.tokenizer.pad_id
+    inputs = np.full((b, t), pad, np.int32)
+    segments = np.zeros((b, t), np.int32)
+    positions = np.zeros((b, t), np.int32)
+    for r, parts in enumerate(mine):
+      o = 0
+      for k, chunk in enumerate(parts):
+        n = len(chunk)
+        inputs[r, o:o + n] = chunk
+        segments[r, o:o + n] = k + 1
+        positions[r, o:o + n] = self._positions_T[:n]
+        o += n
+    mask = np.zeros((b, t), np.float32)
+    mask[:, :-1] = (segments[:, 1:] == segments[:, :-1]) & (segments[:, :-1] > 0)
+    targets = np.full((b, t), pad, np.int32)
+    targets[:, :-1] = inputs[:, 1:]
+    targets[mask == 0] = pad
+    used = sum(len(c) for parts in rows for c in parts)
+    st = self._stats
+    st["batches"] += 1
+    st["tokens"] += used
+    st["padding_tokens"] += self.global_batch_size * t - used
+    st["target_tokens"] += used - sum(len(parts) for parts in rows)
+    return {"inputs_BxT": inputs, "targets_BxT": targets, "segment_ids_BxT": segments,
+            "positions_BxT": positions, "loss_mask_BxT": mask}
+
+  # --------------------------------------------------------------------------- state
+
+  def stats(self) -> dict[str, Any]:
+    """Counters over the whole run (global, all hosts): documents, skipped_records, split_documents..."""
+    out = dict(self._stats)
+    out["documents_per_source"] = dict(self._stats["documents_per_source"])
+    out["epochs"] = {name: e for name, e in zip(self.names, self._epoch)}
+    total = self._stats["tokens"] + self._stats["padding_tokens"]
+    out["padding_fraction"] = self._stats["padding_tokens"] / total if total else 0.0
+    return out
+
+  def _fingerprint(self) -> dict[str, Any]:
+    return {"split": self.split, "seed": self.seed, "seq_len": self.seq_len, "shuffle": self.shuffle,
+            "pack_window": self.pack_window, "sources": self.names,
+            "sizes": [len(s) for s in self._sources],
+            "weights": [round(float(w), 12) for w in self.weights],
+            "tokenizer": tokenizer_lib.tokenizer_fingerprint(self.tokenizer)}
+
+  def get_state(self) -> dict[str, Any]:
+    """A small JSON-serialisable dict; identical on every host (it does not depend on the shard)."""
+    cur = None if self._cur is None else [self._cur[0], self._cur[1], self._cur[2]]
+    return {"version": STATE_VERSION, "config": self._fingerprint(),
+            "epoch": list(self._epoch), "pos": list(self._pos), "mix_pos": self._mix_pos,
+            "eval_source": self._eval_source, "exhausted": self._exhausted, "cur": cur,
+            "buffer": [[s, doc, c] for s, doc, c, _ in self._buffer], "stats": self.stats()}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    """Continues exactly where the iterator that produced `state` (via get_state) stood."""
+    if state.get("version") != STATE_VERSION:
+      raise ValueError(f"data iterator state version {state.get('version')!r} is not {STATE_VERSION}")
+    want, have = self._fingerprint(), state["config"]
+    diff = {k: (have.get(k), want[k]) for k in want if have.get(k) != want[k]}
+    if diff:
+      raise ValueError("data iterator state was saved with a different data setup "
+                       f"(key: (saved, now)): {diff}; restore with the same data config and seed")
+    self._reset()
+    self._epoch, self._pos = list(state["epoch"]), list(state["pos"])
+    self._mix_pos, self._eval_source = int(state["mix_pos"]), int(state["eval_source"])
+    self._exhausted = bool(state["exhausted"])
+    docs: dict[tuple[int, int], tuple[np.ndarray, list[tuple[int, int]]]] = {}
+
+    def chunks_of(s: int, doc: int):
+      if (s, doc) not in docs:
+        tokens = self._tokens(s, doc)
+        if tokens is None:
+          raise ValueError(f"document {doc} of data source {self.names[s]!r} was readable when the "
+                           "state was saved but is bad now: the data changed since the checkpoint")
+        docs[s, doc] = (tokens, chunk_bounds(len(tokens), self.seq_len))
+      return docs[s, doc]
+
+    for s, doc, c in state["buffer"]:
+      tokens, bounds = chunks_of(s, doc)
+      lo, hi = bounds[c]
+      self._buffer.append((s, doc, c, tokens[lo:hi]))
+    if state["cur"] is not None:
+      s, doc, c = state["cur"]
+      tokens, bounds = chunks_of(s, doc)
+      self._cur = (s, doc, c, tokens, bounds)
+    saved = state["stats"]
+    for key in self._stats:
+      if key == "documents_per_source":
+        self._stats[key] = {name: int(saved[key].get(name, 0)) for name in self.names}
+      else:
+        self._stats[key] = saved[key]
+
+
+def _sources_for(data_cfg, split: str) -> list[tuple[str, sources_lib.DocumentSource, float]]:
+  common = dict(split=split, text_key=data_cfg.text_key, tfds_data_dir=data_cfg.tfds_data_dir)
+  mixture = tuple(data_cfg.mixture or ())
+  if not mixture:
+    return [(data_cfg.source, sources_lib.open_source(data_cfg.source, data_cfg.path, **common), 1.0)]
+  out, seen = [], set()
+  for entry in mixture:
+    if len(entry) != 3:
+      raise ValueError(f"data.mixture entries are (name, path_or_'embedded', weight), got {entry!r}")
+    name, path, weight = entry
+    if name in seen:
+      raise ValueError(f"data.mixture names must be unique; {name!r} appears twice")
+    seen.add(name)
+    kind = sources_lib.infer_kind(str(path), data_cfg.source)
+    out.append((str(name), sources_lib.open_source(kind, str(path), **common), float(weight)))
+  return out
+
+
+def make_iterator(data_cfg, *, split: str, seed: int, shard_index: int = 0,
+                  shard_count: int = 1) -> TokenBatchIterator:
+  """The packed batch iterator of `split` ('train'|'eval') for this host, from a DataConfig."""
+  return TokenBatchIterator(
+      _sources_for(data_cfg, split), tokenizer_lib.make_tokenizer(data_cfg.tokenizer),
+      seq_len=data_cfg.seq_len, global_batch_size=data_cfg.global_batch_size, split=split,
+      seed=seed, shuffle=data_cfg.shuffle, on_bad_record=data_cfg.on_bad_record,
+      shard_index=shard_index, shard_count=shard_count)
+
+
+def batch_shapes(data_cfg, shard_count: int = 1) -> dict[str, tuple[tuple[int, int], np.dtype]]:
+  """Shape and dtype of each array of one host's batch."""
+  bt = (data_cfg.global_batch_size // shard_count, data_cfg.seq_len)
+  return {"inputs_BxT": (bt, np.dtype(np.int32)), "targets_BxT": (bt, np.dtype(np.int32)),
+          "segment_ids_BxT": (bt, np.dtype(np.int32)), "positions_BxT": (bt, np.dtype(np.int32)),
+          "loss_mask_BxT": (bt, np.dtype(np.float32))}
