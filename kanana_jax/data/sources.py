@@ -78,7 +78,7 @@ def _record_text(obj, text_key: str, path: str, where: str) -> str:
     raise BadRecordError(path, where, f"no key {text_key!r} (keys: {keys}); set data.text_key")
   text = obj[text_key]
   if not isinstance(text, str):
-    raise BadRecordError(path, where, f"{text_key!r} is a {type(text).__name__}, not a string")
+    raise BadRecordError(path, where, f"{text_key!r} must be a string, got {type(text).__name__}")
   return text
 
 
@@ -260,6 +260,9 @@ class ArrayRecordSource:
       except Exception as e:  # the C++ reader raises RuntimeError/ValueError on corrupt headers
         raise ValueError(f"ArrayRecord file {path!r} cannot be opened ({e}); the whole file is "
                          "unreadable, remove it from data.path or regenerate it") from e
+      if not reader.ok():  # e.g. a truncated file: its footer (the record index) is missing
+        raise ValueError(f"ArrayRecord file {path!r} is unreadable (truncated or not ArrayRecord); "
+                         "remove it from data.path or regenerate it")
       self._readers.append(reader)
       counts.append(reader.num_records())
     self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)

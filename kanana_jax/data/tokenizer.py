@@ -6,6 +6,7 @@ that `make_tokenizer` accepts to rebuild it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Protocol, Sequence
@@ -78,6 +79,8 @@ class HFTokenizer:
     except Exception as e:  # tokenizers raises a bare Exception on malformed JSON.
       raise ValueError(f"cannot load tokenizer file {path!r}: {e}") from e
     self.spec = path
+    with open(path, "rb") as f:
+      self.content_hash = hashlib.sha256(f.read()).hexdigest()[:16]
     self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
     bos = self._find(BOS_NAMES)
     eos = self._find(EOS_NAMES)
@@ -140,4 +143,5 @@ def tokenizer_fingerprint(tok: Tokenizer) -> str:
   """A short string identifying the tokenizer's vocabulary (for cache keys and state checks)."""
   if isinstance(tok, ByteTokenizer):
     return "byte"
-  return json.dumps([type(tok).__name__, tok.spec, tok.vocab_size, tok.bos_id, tok.eos_id])
+  ident = getattr(tok, "content_hash", tok.spec)  # the file's content, not where it lies
+  return json.dumps([type(tok).__name__, ident, tok.vocab_size, tok.bos_id, tok.eos_id])

@@ -4,7 +4,7 @@ Inputs: hand-written text in src/ (encyclopedia paragraphs in English and Korean
 and the fact tables in facts.py; generators expand them deterministically (fixed seeds) into
 math word problems, dialogues, fact paragraphs, quizzes and code. Output: one JSONL file per
 domain and split, `<domain>_{train,eval}.jsonl`, one {"text": ...} document per line; about 4%
-of each domain's documents (at least 2) are held out for eval. Re-running gives identical bytes.
+of each domain's distinct documents (at least 2) are held out for eval. Re-running gives identical bytes.
 """
 import argparse
 import json
@@ -163,7 +163,8 @@ def build() -> dict[str, list[str]]:
 
 
 def split(domain: str, docs: list[str]) -> tuple[list[str], list[str]]:
-  """Deterministic held-out eval documents (EVAL_FRACTION of them, at least 2)."""
+  """Deterministic held-out eval documents (EVAL_FRACTION of them, at least 2); duplicates dropped."""
+  docs = list(dict.fromkeys(docs))
   k = max(2, round(EVAL_FRACTION * len(docs)))
   held = set(random.Random(f"eval:{domain}").sample(range(len(docs)), k))
   return ([d for i, d in enumerate(docs) if i not in held], [d for i, d in enumerate(docs) if i in held])
