@@ -31,11 +31,12 @@ SIZES = {
         yarn_beta_fast=32.0, yarn_beta_slow=1.0, yarn_mscale=1.0, yarn_mscale_all_dim=1.0,
         dtype="bfloat16", remat_policy="full",
     ),
-    # Our reconstruction (no public config): hidden 4096, 60 layers (first dense), 256 experts top-8, 2 shared.
+    # Our reconstruction (no public config): hidden 4096, 60 layers (first dense), 128 experts of width 1600,
+    # top-8, 4 shared experts; chosen so that total ~ 155B and active ~ 17B (`kanana-jax params`).
     "kanana2_155b_a17b": dict(
         vocab_size=128256, d_model=4096, n_layers=60, first_k_dense=1, d_ff=16384,
         n_heads=32, q_lora_rank=1024, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
-        n_routed_experts=256, n_shared_experts=2, moe_d_ff=768, top_k=8, n_group=8, topk_group=4,
+        n_routed_experts=128, n_shared_experts=4, moe_d_ff=1600, top_k=8, n_group=8, topk_group=4,
         score_func="sigmoid", norm_topk_prob=True, routed_scaling_factor=2.5,
         rope_theta=10000.0, rope_scaling="yarn", yarn_factor=4.0, yarn_original_max_position=32768,
         yarn_beta_fast=32.0, yarn_beta_slow=1.0, yarn_mscale=1.0, yarn_mscale_all_dim=1.0,

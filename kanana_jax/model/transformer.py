@@ -56,14 +56,16 @@ class Transformer(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None, return_hidden=False):
+    def __call__(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None, return_hidden=False,
+                 input_embeddings_BxTxD=None):
+        """`input_embeddings_BxTxD`, when given, replaces the token embeddings (e.g. for projected image features)."""
         cfg = self.cfg
         dt, pdt = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
         B, T = tokens_BxT.shape
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         embed = Embed(cfg.vocab_size, cfg.d_model, cfg.init_std, dt, pdt, name="embed")
-        x_BxTxD = embed(tokens_BxT)
+        x_BxTxD = embed(tokens_BxT) if input_embeddings_BxTxD is None else input_embeddings_BxTxD.astype(dt)
         block = _block_class(cfg)
         for name, moe, n in layer_stacks(cfg):
             if cfg.scan_layers:
