@@ -111,9 +111,14 @@ def parse_tool_calls(text: str) -> ParsedTurn:
     return ParsedTurn(content, tuple(calls), tuple(errors))
 
 
+def _dumps(obj: Any) -> str:
+    """UTF-8 JSON whose strings cannot close a block ('</' is written as the JSON escape '<\\/')."""
+    return json.dumps(obj, ensure_ascii=False).replace("</", "<\\/")
+
+
 def render_tool_call(call: ToolCall) -> str:
     """`<tool_call>` block for one call (UTF-8 JSON, Korean kept readable)."""
-    return f"{CALL_OPEN}\n{json.dumps(call.to_json(), ensure_ascii=False)}\n{CALL_CLOSE}"
+    return f"{CALL_OPEN}\n{_dumps(call.to_json())}\n{CALL_CLOSE}"
 
 
 def render_assistant_turn(content: str, calls: Sequence[ToolCall] = ()) -> str:
@@ -126,7 +131,7 @@ def render_assistant_turn(content: str, calls: Sequence[ToolCall] = ()) -> str:
 def render_tool_response(response: ToolResponse) -> str:
     """`<tool_response>` block for one result."""
     payload = {"name": response.name, "content": response.content}
-    return f"{RESPONSE_OPEN}\n{json.dumps(payload, ensure_ascii=False)}\n{RESPONSE_CLOSE}"
+    return f"{RESPONSE_OPEN}\n{_dumps(payload)}\n{RESPONSE_CLOSE}"
 
 
 def render_tool_responses(responses: Sequence[ToolResponse]) -> str:

@@ -61,6 +61,12 @@ def extract_boxed(text: str) -> str | None:
     return found
 
 
+def _strip_markdown(s: str) -> str:
+    """Remove bold/italic markers ('**Answer:**', '*x*') but keep '**' and '*' between operands (2**10, 2*3)."""
+    s = re.sub(r"(?<![\w)*])\*\*?(?![\s*])|(?<![\s*])\*\*?(?![\w(*])", "", s)
+    return re.sub(r"(?<![\w\\])__|__(?!\w)", "", s)
+
+
 def extract_answer(text: str) -> str | None:
     """The final-answer string of a response (see module docstring for the order), or None."""
     text = strip_confidence(text)
@@ -72,7 +78,7 @@ def extract_answer(text: str) -> str | None:
         return hashes[-1]
     best = None  # (line index, start) of the last answer-line match
     for li, line in enumerate(text.splitlines()):
-        clean = line.replace("*", "").replace("_", " ") if "\\" not in line else line.replace("*", "")
+        clean = _strip_markdown(line)
         for pat in _ANSWER_RES:
             for m in pat.finditer(clean):
                 if m.group(1).strip() and (best is None or (li, m.start()) >= best[:2]):
@@ -109,7 +115,7 @@ def _latex_to_plain(s: str) -> str:
 
 def _clean(ans: str) -> str:
     """Strip markdown, math delimiters, currency, Korean copulas, 'x =' prefixes and end punctuation."""
-    s = ans.strip().replace("**", "").replace("`", "")
+    s = _strip_markdown(ans.strip()).replace("`", "")
     s = _latex_to_plain(s)
     s = s.replace("−", "-").replace("＄", "").replace("₩", "").replace("€", "").replace("£", "")
     s = re.sub(r"^\s*[A-Za-z]\s*=\s*", "", s)  # "x = 5"
