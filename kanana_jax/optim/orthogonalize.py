@@ -1,0 +1,201 @@
+"""Polar factor of batches of matrices: Polar Express / Newton-Schulz polynomial iterations and exact SVD.
+
+Every matrix is handled on its short side (m = min(rows, cols), n = max): tall matrices are never
+transposed in memory, the einsums contract over the long axis instead. Arithmetic is bf16 with fp32
+accumulation by default. Two equivalent schedules of the same polynomial iteration:
+
+direct  X <- a X + (b A + c A^2) X with A = X X^T:           K (4 m^2 n + 2 m^3) flops.
+gram    keep Q (m x m) with X_k = Q X_0 and iterate on m x m matrices only, A_k = Q A_0 Q;
+        restart (X_b <- Q X_b, A_0 <- X_b X_b^T) every `restart_every` steps, because bf16
+        round-off in A_0 is amplified by |Q|^2 ~ 1/sigma_min^2.  ~ 28 m^3 + 8 m^2 n for K=5:
+        22% fewer flops than direct at the MoE expert shape 768 x 2048.
+`algorithm='auto'` picks the cheaper one from `flops`.
+
+Scalars are folded so that every step is `alpha * (L @ R) + C` with a compile-time alpha, which
+XLA GPU fuses into the GEMM epilogue: P = a (I + B') with B' = (b/a) A + (c/a) A^2, Q and X are
+stored divided by the running product of the a's, and the Frobenius norm (from trace(X X^T)) is
+folded into the first Q, so no elementwise pass ever touches an m x n matrix.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from kanana_jax.optim import polar_express
+
+Quintic = polar_express.Quintic
+F32 = jnp.float32
+
+
+def flops(m: int, n: int, steps: int, algorithm: str, restart_every: int = 3) -> int:
+    """Matmul flops of one m x n (m <= n) orthogonalization under `algorithm` in {direct, gram}."""
+    if algorithm == "direct":
+        return steps * (4 * m * m * n + 2 * m**3)
+    restarts = set(range(restart_every, steps, restart_every)) if restart_every else set()
+    mm3 = 0
+    for k in range(steps):
+        first_of_segment = k == 0 or k in restarts
+        mm3 += 1 + (0 if first_of_segment else 1)          # A^2, Q update
+        if k < steps - 1 and (k + 1) not in restarts:
+            mm3 += 2                                       # A_{k+1} = Q A_b Q
+    mmn = 2 + 2 * len(restarts)                            # first gram, final apply, 2 per restart
+    return 2 * m**3 * mm3 + 2 * m * m * n * mmn
+
+
+def choose_algorithm(m: int, n: int, steps: int, restart_every: int = 3) -> str:
+    return "gram" if flops(m, n, steps, "gram", restart_every) < flops(m, n, steps, "direct") else "direct"
+
+
+def _mm(spec: str, lhs, rhs, ep):
+    """einsum with fp32 accumulation, result in the epilogue dtype `ep` (bf16: cuBLAS writes bf16 directly)."""
+    return jnp.einsum(spec, lhs, rhs, preferred_element_type=ep)
+
+
+def _gram(x, tall: bool, ep, alpha: float = 1.0):
+    """alpha * x x^T on the short side: [B, m, m]."""
+    out = _mm("bji,bjk->bik" if tall else "bij,bkj->bik", x, x, ep)
+    return out if alpha == 1.0 else alpha * out
+
+
+def _apply_left(q_BxMxM, x, tall: bool, ep, alpha: float = 1.0):
+    """alpha * Q X on the short side, returned in x's layout."""
+    out = _mm("brj,bij->bri", x, q_BxMxM, ep) if tall else _mm("bij,bjc->bic", q_BxMxM, x, ep)
+    return out if alpha == 1.0 else alpha * out
+
+
+def _check_coeffs(coeffs: Sequence[Quintic]):
+    for a, b, _ in coeffs:
+        if a == 0 or b == 0:
+            raise ValueError(f"polynomial (a={a}, b={b}) has a zero linear or cubic term; the folded "
+                             "iteration divides by both (use method='svd' for exact polar factors)")
+
+
+def _poly_bprime(at, kappa: float, ep, dtype):
+    """B' = A~ + kappa A~^2 with A~ = (b/a) A, so that P = a (I + B')."""
+    return (kappa * _mm("bij,bjk->bik", at, at, ep) + at.astype(ep)).astype(dtype)
+
+
+def _gram_iteration(xs, talls, coeffs, safety, dtype, ep, restart_every, out_scales, out_dtypes, eps):
+    """Gram-space schedule for members xs[i] [B_i, r, c] sharing (m, n); returns their polar factors."""
+    steps = len(coeffs)
+    sizes = [x.shape[0] for x in xs]
+    splits = [sum(sizes[:i + 1]) for i in range(len(sizes) - 1)]
+    cat = (lambda arrs: arrs[0]) if len(xs) == 1 else (lambda arrs: jnp.concatenate(arrs, axis=0))
+    split = (lambda a: [a]) if len(xs) == 1 else (lambda a: jnp.split(a, splits, axis=0))
+    m = min(xs[0].shape[1:])
+    eye = jnp.eye(m, dtype=F32)
+    restarts = set(range(restart_every, steps, restart_every)) if restart_every else set()
+
+    base = list(xs)                                   # X_b per member; true X_T = rho * X_b
+    a_base = cat([_gram(x, t, ep).astype(dtype) for x, t in zip(base, talls)])   # A_b_true = f_base * a_base
+    nu2 = jnp.trace(a_base.astype(F32), axis1=1, axis2=2) * safety**2 + eps
+    rho = jax.lax.rsqrt(nu2)[:, None, None]           # runtime 1/||X||_F, folded into the first segment's Q
+    f_base = 1.0
+    q, sigma, at = None, 1.0, None                    # rho Q_T = sigma Q~ (sigma: product of the a's)
+    for k, (a, b, c) in enumerate(coeffs):
+        if k in restarts:
+            base = [_apply_left(qi, x, t, ep, sigma).astype(dtype) for qi, x, t in zip(split(q), base, talls)]
+            # Store (b/a) X X^T directly so the segment needs no elementwise pass on A.
+            a_base = cat([_gram(x, t, ep, b / a).astype(dtype) for x, t in zip(base, talls)])
+            f_base, q, sigma, rho = a / b, None, 1.0, None
+            at = a_base
+        elif q is None:
+            at = ((b / a) * a_base.astype(F32) * (rho * rho)).astype(dtype)
+        bp = _poly_bprime(at, c * a / (b * b), ep, dtype)
+        if q is None:
+            q = ((eye + bp.astype(F32)) * (rho if rho is not None else 1.0)).astype(dtype)
+        else:
+            q = (_mm("bij,bjk->bik", bp, q, ep) + q.astype(ep)).astype(dtype)
+        sigma *= a
+        if k < steps - 1 and (k + 1) not in restarts:
+            a1, b1, _ = coeffs[k + 1]
+            w = _mm("bij,bjk->bik", a_base, q, ep).astype(dtype)
+            at = ((b1 / a1) * sigma * sigma * f_base * _mm("bij,bjk->bik", q, w, ep)).astype(dtype)
+    return [_apply_left(qi, x, t, F32, sigma * s).astype(od)
+            for qi, x, t, od, s in zip(split(q), base, talls, out_dtypes, out_scales)]
+
+
+def _direct_iteration(x, tall, coeffs, safety, dtype, ep, out_scale, out_dtype, eps):
+    """X-space schedule for one member [B, r, c]."""
+    x32 = x.astype(F32)
+    nu = jnp.sqrt(jnp.sum(x32 * x32, axis=(1, 2), keepdims=True)) * safety + eps
+    xt, sigma = (x32 / nu).astype(dtype), 1.0          # X_true = sigma * xt
+    for a, b, c in coeffs:
+        at = _gram(xt, tall, ep, (b / a) * sigma * sigma).astype(dtype)
+        bp = _poly_bprime(at, c * a / (b * b), ep, dtype)
+        xt = (_apply_left(bp, xt, tall, ep) + xt.astype(ep)).astype(dtype)
+        sigma *= a
+    return ((sigma * out_scale) * xt.astype(F32)).astype(out_dtype)
+
+
+def svd_polar(x, out_dtype=None):
+    """Exact polar factor U V^T of [..., r, c] via fp32 SVD (rank-deficient directions map to 0)."""
+    u, _, vh = jnp.linalg.svd(x.astype(F32), full_matrices=False)
+    return (u @ vh).astype(out_dtype or x.dtype)
+
+
+def orthogonalize_group(xs: Sequence[jax.Array], *, method: str = "polar_express",
+                        coeffs: str | Sequence[Quintic] | None = None, steps: int | None = None,
+                        safety: float | None = None, dtype=jnp.bfloat16, algorithm: str = "auto",
+                        restart_every: int = 3, out_scales: Sequence[float] | None = None,
+                        out_dtypes: Sequence | None = None, epilogue_dtype=None,
+                        eps: float = 1e-30) -> list[jax.Array]:
+    """Polar factors of xs[i] [B_i, r_i, c_i] sharing (min, max) of (r, c), as one batched einsum chain.
+
+    out_scales[i] (python floats) multiply member i's result inside the last GEMM. epilogue_dtype (default:
+    dtype) is the GEMM output type in which `alpha * L @ R + C` is formed.
+    """
+    if not xs:
+        return []
+    shapes = {(min(x.shape[1:]), max(x.shape[1:])) for x in xs}
+    if len(shapes) != 1 or any(x.ndim != 3 for x in xs):
+        raise ValueError(f"orthogonalize_group needs [B, r, c] members with one (min, max) side pair, got "
+                         f"{[x.shape for x in xs]}")
+    (m, n), = shapes
+    out_scales = list(out_scales) if out_scales is not None else [1.0] * len(xs)
+    out_dtypes = list(out_dtypes) if out_dtypes is not None else [x.dtype for x in xs]
+    if method == "svd":
+        return [(s * svd_polar(x, F32)).astype(od) for x, s, od in zip(xs, out_scales, out_dtypes)]
+    if method not in ("polar_express", "newton_schulz"):
+        raise ValueError(f"method={method!r}; allowed: 'polar_express', 'newton_schulz', 'svd'")
+    if coeffs is None:
+        coeffs = "polar_express_5" if method == "polar_express" else "newton_schulz_5"
+    sched, preset_safety = polar_express.resolve(coeffs, steps)
+    safety = preset_safety if safety is None else safety
+    _check_coeffs(sched)
+    if algorithm == "auto":
+        algorithm = choose_algorithm(m, n, len(sched), restart_every)
+    talls = [x.shape[1] > x.shape[2] for x in xs]
+    xs = [x.astype(dtype) for x in xs]
+    ep = dtype if epilogue_dtype is None else epilogue_dtype
+    if algorithm == "gram":
+        return _gram_iteration(xs, talls, sched, safety, dtype, ep, restart_every, out_scales, out_dtypes, eps)
+    if algorithm == "direct":
+        return [_direct_iteration(x, t, sched, safety, dtype, ep, s, od, eps)
+                for x, t, s, od in zip(xs, talls, out_scales, out_dtypes)]
+    raise ValueError(f"algorithm={algorithm!r}; allowed: 'auto', 'gram', 'direct'")
+
+
+def _batched(fn, x, **kw):
+    if x.ndim < 2:
+        raise ValueError(f"orthogonalization needs a matrix or a batch of matrices, got shape {x.shape}")
+    lead = x.shape[:-2]
+    out, = fn([x.reshape((-1,) + x.shape[-2:])], **kw)
+    return out.reshape(lead + x.shape[-2:])
+
+
+def polar(x, coeffs: str | Sequence[Quintic] = "polar_express_5", *, steps: int | None = None,
+          safety: float | None = None, dtype=jnp.bfloat16, algorithm: str = "auto", restart_every: int = 3,
+          out_dtype=None):
+    """Approximate polar factor of x [..., r, c] by the Polar Express iteration (batched over leading axes)."""
+    return _batched(orthogonalize_group, x, method="polar_express", coeffs=coeffs, steps=steps, safety=safety,
+                    dtype=dtype, algorithm=algorithm, restart_every=restart_every,
+                    out_dtypes=[out_dtype or x.dtype])
+
+
+def newton_schulz(x, steps: int = 5, *, dtype=jnp.bfloat16, algorithm: str = "direct", out_dtype=None):
+    """Keller Jordan's quintic Newton-Schulz (3.4445, -4.7750, 2.0315) on x [..., r, c]."""
+    return _batched(orthogonalize_group, x, method="newton_schulz", steps=steps, dtype=dtype,
+                    algorithm=algorithm, out_dtypes=[out_dtype or x.dtype])
