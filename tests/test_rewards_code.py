@@ -13,7 +13,8 @@ FAST = SandboxLimits(timeout_s=1.5, memory_mb=256)
 
 
 def test_correct_program_passes_and_wrong_fails():
-    ok = run_python("def add(a, b):\n    return a + b\n", "assert add(2, 3) == 5\nassert add(-1, 1) == 0\n", limits=FAST)
+    tests = "assert add(2, 3) == 5\nassert add(-1, 1) == 0\n"
+    ok = run_python("def add(a, b):\n    return a + b\n", tests, limits=FAST)
     assert ok.passed and ok.reason == "passed"
     bad = run_python("def add(a, b):\n    return a - b\n", "assert add(2, 3) == 5\n", limits=FAST)
     assert not bad.passed and bad.reason == "failed"
@@ -129,9 +130,30 @@ def test_early_exit_and_forged_verdict_do_not_pass():
     assert not run_python("import sys\nsys.exit(0)\n", "assert False\n", limits=FAST).passed
 
 
+WRONG = "def f():\n    return [3, 1]\n"  # the tests below fail on it unless the harness is subverted
+
+
+@pytest.mark.parametrize("program,reason", [
+    ("import builtins\nbuiltins.exec = lambda *a, **k: None\n" + WRONG, "failed"),  # would skip the tests
+    ("import builtins\nbuiltins.compile = lambda *a, **k: compile('pass', 'x', 'exec')\n" + WRONG, "failed"),
+    ("import json\njson.dumps = lambda *a, **k: '{\"reason\": \"ok\"}'\n" + WRONG, "failed"),
+    ("import builtins\nbuiltins.sorted = lambda x: [1, 2, 3]\n" + WRONG, "failed"),  # builtins restored
+    ("import sys\ndef f():\n    sys.exit(0)\n", "runtime_error"),  # exiting from inside the tests
+    ("import builtins\nclass Stop(BaseException):\n    code = None\nbuiltins.SystemExit = Stop\n"
+     "def f():\n    raise Stop()\n", "runtime_error"),
+    ("import sys\nsys.settrace(lambda *a: None)\n" + WRONG, "runtime_error"),
+    ("import os.path\nos.path.realpath = lambda p: '/tmp/inside'\nopen('/tmp/kj_realpath_escape', 'w')\n",
+     "forbidden_write"),
+])
+def test_monkeypatching_the_harness_does_not_pass(program, reason):
+    res = run_python(program, "assert sorted(f()) == [1, 2, 3]\n", limits=FAST)
+    assert res.reason == reason, res
+    assert not os.path.exists("/tmp/kj_realpath_escape")
+
+
 def test_rlimit_raise_and_ctypes_are_refused():
     res = run_python("import resource\nresource.setrlimit(resource.RLIMIT_AS, (-1, -1))\n", limits=FAST)
-    assert res.reason == "runtime_error" and "resource limits" in res.details
+    assert res.reason == "runtime_error" and "resource.setrlimit is disabled" in res.details
     assert "ctypes is disabled" in run_python("import ctypes\n", limits=FAST).details
 
 

@@ -101,7 +101,8 @@ def test_evaluator_exact_arithmetic_random():
     for _ in range(200):
         a, b, c = (Fraction(rng.randint(-50, 50), rng.randint(1, 9)) for _ in range(3))
         n = rng.randint(0, 4)
-        text = f"({a.numerator}/{a.denominator}) * ({b.numerator}/{b.denominator}) - ({c.numerator}/{c.denominator})^{n}"
+        frac = [f"({x.numerator}/{x.denominator})" for x in (a, b, c)]
+        text = f"{frac[0]} * {frac[1]} - {frac[2]}^{n}"
         assert evaluate(text) == a * b - c ** n
 
 

@@ -85,7 +85,8 @@ def _score_code(items, responses, limits: SandboxLimits, max_workers: int | None
     for res_list in per_item:
         first_bad = next((r for r in res_list if not r.passed), None)
         reasons[first_bad.reason if first_bad else "passed"] += 1
-        out.append((first_bad is None, "passed" if first_bad is None else f"{first_bad.reason}: {first_bad.details[-300:]}"))
+        detail = "passed" if first_bad is None else f"{first_bad.reason}: {first_bad.details[-300:]}"
+        out.append((first_bad is None, detail))
     n = max(len(items), 1)
     return out, {f"reason_{k}": v / n for k, v in sorted(reasons.items())}
 
@@ -101,7 +102,8 @@ def _score_ifeval(items, responses):
         n_loose += loose.all_passed
         failed = [c["id"] for c, ok in zip(item["constraints"], strict.per_constraint) if not ok]
         out.append((strict.all_passed, f"failed constraints {failed}" if failed else "all constraints hold"))
-    return out, {"instruction_accuracy": n_ok / max(n_constraints, 1), "prompt_accuracy_loose": n_loose / max(len(items), 1)}
+    return out, {"instruction_accuracy": n_ok / max(n_constraints, 1),
+                 "prompt_accuracy_loose": n_loose / max(len(items), 1)}
 
 
 def _score_tools(items, responses):

@@ -5,13 +5,16 @@ process count, file size, no core files), a wall timeout that kills the whole pr
 and (where `unshare -n` works, e.g. as root) an empty network namespace. Inside, a bootstrap
 installs an audit hook before any candidate code runs; it stops the process at the first
 process spawn (fork/exec/subprocess/os.system: RLIMIT_NPROC does not bind root), socket use,
-or write outside the sandbox dir, and forbids raising rlimits and loading ctypes.
+or write outside the sandbox dir, and refuses raising rlimits, ctypes, tracing and gc introspection.
 The pass verdict travels over a private pipe tagged with a per-run random nonce, so a program
-that exits early or prints a fake verdict does not pass.
+that exits early or prints a fake verdict does not pass; the verdict path binds its builtins
+before the program runs and builtins are restored before the tests, so monkeypatching `exec`,
+`json`, `SystemExit` or `sorted` does not pass either.
 
 Threat model: this stops accidents and the shortcuts a policy finds first during RL; it is
-not a boundary against code that introspects the interpreter (frames, gc) to read the nonce.
-Run large untrusted workloads inside a container as well.
+not a boundary against code that walks interpreter frames (`sys._getframe().f_back`) to read
+the nonce, nor against objects whose `__eq__` always returns True. Run large untrusted
+workloads inside a container as well.
 """
 
 from __future__ import annotations
@@ -71,24 +74,60 @@ def _main():
     import builtins, io, json, linecache, os, resource, socket, sys, traceback
     cfg = json.loads(sys.stdin.buffer.read().decode("utf-8"))
     nonce, status_fd = cfg.pop("nonce"), cfg["status_fd"]
-    root = os.path.realpath(cfg["sandbox_dir"])
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
     sys.stdin = io.TextIOWrapper(io.BytesIO(cfg["stdin"].encode("utf-8")), encoding="utf-8")
+    # Everything the verdict path and the hook use is bound here, before candidate code can
+    # monkeypatch builtins or modules (json, os.path, builtins.exec, ...).
+    _exec, _compile, _isinstance, _str, _bytes, _int = exec, compile, isinstance, str, bytes, int
+    _write, _exit, _lstat, _readlink = os.write, os._exit, os.lstat, os.readlink
+    _getcwd, _fsdecode = os.getcwd, os.fsdecode
+    _pathlike, _getpid, _sys = os.PathLike, os.getpid, sys
+    _SystemExit, _MemoryError, _BaseException, _AssertionError, _OSError = (
+        SystemExit, MemoryError, BaseException, AssertionError, OSError)
+    _format_exc, _format_only = traceback.format_exception, traceback.format_exception_only
 
     def report(reason, details=""):
-        for stream in (sys.stdout, sys.stderr):
+        for stream in (_sys.stdout, _sys.stderr):
             try:
                 stream.flush()
-            except BaseException:
+            except _BaseException:
                 pass
-        msg = json.dumps({"nonce": nonce, "reason": reason, "details": str(details)[-3000:]})
         try:
-            os.write(status_fd, msg.encode("utf-8"))
+            text = details if _isinstance(details, _str) else "unprintable details"
+            _write(status_fd, f"{nonce}\n{reason}\n{text[-3000:]}".encode("utf-8", "replace"))
         finally:
-            os._exit(0 if reason == "ok" else 3)
+            _exit(0 if reason == "ok" else 3)
 
+    def resolve(path):
+        """Absolute path with every symlink resolved (missing tail components kept as they are)."""
+        parts = (path if path.startswith("/") else _getcwd() + "/" + path).split("/")
+        done, hops = [], 0
+        while parts:
+            part = parts.pop(0)
+            if part in ("", "."):
+                continue
+            if part == "..":
+                if done:
+                    done.pop()
+                continue
+            cand = "/" + "/".join(done + [part])
+            try:
+                is_link = (_lstat(cand).st_mode & 0o170000) == 0o120000
+            except OSError:
+                is_link = False
+            if is_link and hops < 40:
+                hops += 1
+                target = _readlink(cand)
+                parts = target.split("/") + parts
+                if target.startswith("/"):
+                    done = []
+                continue
+            done.append(part)
+        return "/" + "/".join(done)
+
+    root = resolve(cfg["sandbox_dir"])
     for res, soft, hard in ((resource.RLIMIT_CPU, cfg["cpu_s"], cfg["cpu_s"] + 1),
                             (resource.RLIMIT_AS, cfg["mem_bytes"], cfg["mem_bytes"]),
                             (resource.RLIMIT_FSIZE, cfg["fsize"], cfg["fsize"]),
@@ -97,6 +136,7 @@ def _main():
         resource.setrlimit(res, (soft, hard))
 
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+    af_unix = socket.AF_UNIX
     proc_events = {"os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.exec", "os.system",
                    "subprocess.Popen", "pty.spawn", "os.startfile"}
     net_events = {"socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg", "socket.getaddrinfo",
@@ -106,72 +146,87 @@ def _main():
                  "os.truncate", "os.utime", "os.setxattr", "os.removexattr", "os.chflags", "os.lchflags",
                  "os.mkfifo", "os.mknod", "shutil.rmtree", "shutil.move", "shutil.chown", "shutil.make_archive"}
     dst_events = {"os.symlink", "shutil.copyfile", "shutil.copymode", "shutil.copystat"}
+    refused = {"resource.setrlimit", "resource.prlimit", "sys.settrace", "sys.setprofile",
+               "sys.monitoring.register_callback", "sys._current_frames", "gc.get_objects", "gc.get_referrers",
+               "gc.get_referents"}
 
     def outside(path):
-        if isinstance(path, int) or path is None:
+        if path is None or _isinstance(path, _int):
             return False
         try:
-            full = os.path.realpath(os.fsdecode(path))
+            full = resolve(_fsdecode(path))
         except (TypeError, ValueError):
             return False
-        return not (full == root or full.startswith(root + os.sep) or full == os.devnull)
+        return not (full == root or full.startswith(root + "/") or full == "/dev/null")
 
     def hook(event, args):
         if event == "open":
             path, mode, flags = args
-            writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
-                isinstance(flags, int) and flags > 0 and flags & write_flags)
+            writing = (_isinstance(mode, _str) and ("w" in mode or "a" in mode or "x" in mode or "+" in mode)) or (
+                _isinstance(flags, _int) and flags > 0 and flags & write_flags)
             if writing and outside(path):
                 report("forbidden_write", f"open({path!r}, {mode or flags!r}) outside the sandbox dir")
         elif event in proc_events:
             report("fork", f"{event} is not allowed in the sandbox")
         elif event == "socket.__new__":
-            if args[1] != socket.AF_UNIX:
+            if args[1] != af_unix:
                 report("network", f"socket(family={args[1]}) is not allowed in the sandbox")
         elif event in net_events:
-            report("network", f"{event}{args[1:]!r} is not allowed in the sandbox")
+            report("network", f"{event} is not allowed in the sandbox")
         elif event in fs_events or event in dst_events:
-            paths = args[1:2] if event in dst_events else args
-            bad = [p for p in paths if isinstance(p, (str, bytes, os.PathLike)) and outside(p)]
-            if bad:
-                report("forbidden_write", f"{event}({bad[0]!r}) outside the sandbox dir")
+            for p in (args[1:2] if event in dst_events else args):
+                if _isinstance(p, (_str, _bytes, _pathlike)) and outside(p):
+                    report("forbidden_write", f"{event}({p!r}) outside the sandbox dir")
         elif event == "import":
             if args[0] == "_posixsubprocess":
                 report("fork", "subprocess is not allowed in the sandbox")
-            if args[0] in ("_ctypes", "ctypes"):
-                raise ImportError("ctypes is disabled in the sandbox")
-        elif event in ("resource.setrlimit", "resource.prlimit"):
-            raise PermissionError("changing resource limits is disabled in the sandbox")
+            if args[0] in ("_ctypes", "ctypes") or args[0].startswith("_test"):
+                raise ImportError(f"{args[0]} is disabled in the sandbox")
+        elif event in refused:
+            raise PermissionError(f"{event} is disabled in the sandbox (resource limits, tracing, gc introspection)")
         elif event in ("os.kill", "os.killpg"):
-            if args[0] not in (0, os.getpid()):
+            if args[0] not in (0, _getpid()):
                 raise PermissionError("signalling other processes is disabled in the sandbox")
 
     namespace = {"__name__": cfg["module_name"], "__builtins__": builtins}
+    builtins_dict = vars(builtins)
+    builtins_snapshot = dict(builtins_dict)
+
+    def restore_builtins():
+        """Undo the program's monkeypatching of builtins before the tests run."""
+        builtins_dict.update(builtins_snapshot)
+        for extra in [k for k in builtins_dict if k not in builtins_snapshot]:
+            del builtins_dict[extra]
+        namespace["__builtins__"] = builtins
 
     def run(src, name):
         linecache.cache[name] = (len(src), None, src.splitlines(True), name)
         try:
-            code = compile(src, name, "exec")
+            code = _compile(src, name, "exec")
         except (SyntaxError, ValueError) as err:
-            report("syntax_error", "".join(traceback.format_exception_only(err)))
+            report("syntax_error", "".join(_format_only(err)))
         try:
-            exec(code, namespace)
-        except SystemExit as err:
-            if err.code not in (None, 0):
-                report("runtime_error", f"SystemExit({err.code!r}) raised in {name}")
-        except MemoryError:
+            _exec(code, namespace)
+        except _SystemExit as err:  # exiting is a normal end of the program, never of the tests
+            if name == "<tests>" or err.code not in (None, 0):
+                report("runtime_error", f"SystemExit raised in {name}")
+        except _MemoryError:
             report("memory", f"MemoryError in {name}")
-        except BaseException as err:
-            if isinstance(err, OSError) and err.errno == 27:  # EFBIG: RLIMIT_FSIZE hit
-                report("output_limit", f"file size limit hit in {name}: {err}")
-            text = "".join(traceback.format_exception(type(err), err, err.__traceback__.tb_next))
-            failed = isinstance(err, AssertionError) and name == "<tests>"
+        except _BaseException as err:
+            if _isinstance(err, _OSError) and err.errno == 27:  # EFBIG: RLIMIT_FSIZE hit
+                report("output_limit", f"file size limit hit in {name}")
+            try:
+                text = "".join(_format_exc(type(err), err, err.__traceback__.tb_next))
+            except _BaseException:
+                text = f"exception in {name}"
+            failed = _isinstance(err, _AssertionError) and name == "<tests>"
             report("failed" if failed else "runtime_error", text)
 
     os.chdir(root)
     sys.addaudithook(hook)
     run(cfg["program"], "<candidate>")
     if cfg["tests"]:
+        restore_builtins()
         run(cfg["tests"], "<tests>")
     report("ok")
 
@@ -299,14 +354,11 @@ def _classify(raw: bytes, nonce: str, rc: int | None, timed_out: bool, wall_s: f
     """Reason and details from the status message, the exit status and the timing."""
     if timed_out:
         return "timeout", f"wall-clock limit of {limits.timeout_s} s exceeded"
-    status = None
-    try:
-        status = json.loads(raw.decode("utf-8")) if raw else None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        status = None
-    if isinstance(status, dict) and status.get("nonce") == nonce:
-        reason = "passed" if status.get("reason") == "ok" else str(status.get("reason"))
-        return (reason if reason in REASONS else "runtime_error"), str(status.get("details", ""))
+    got_nonce, _, rest = raw.decode("utf-8", errors="replace").partition("\n")
+    if raw and got_nonce == nonce:  # status message: nonce, reason, details (one write by the bootstrap)
+        reason, _, details = rest.partition("\n")
+        reason = "passed" if reason == "ok" else reason
+        return (reason if reason in REASONS else "runtime_error"), details
     if rc is not None and rc < 0:
         sig = -rc
         if sig == signal.SIGXCPU or (sig == signal.SIGKILL and wall_s >= cpu_s):

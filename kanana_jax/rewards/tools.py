@@ -53,7 +53,8 @@ _ALIASES = {
     "milliliters": "ml", "gallon": "gal", "gallons": "gal", "sec": "s", "second": "s", "seconds": "s",
     "minute": "min", "minutes": "min", "hour": "h", "hours": "h", "hr": "h", "days": "day", "weeks": "week",
     "kph": "km/h", "kmh": "km/h", "celsius": "c", "°c": "c", "fahrenheit": "f", "°f": "f", "kelvin": "k",
-    "미터": "m", "킬로미터": "km", "센티미터": "cm", "킬로그램": "kg", "그램": "g", "리터": "l", "섭씨": "c", "화씨": "f",
+    "미터": "m", "킬로미터": "km", "센티미터": "cm", "킬로그램": "kg", "그램": "g", "리터": "l",
+    "섭씨": "c", "화씨": "f",
 }
 
 
@@ -119,10 +120,12 @@ TABLES: dict[str, dict[str, dict[str, Any]]] = {
 }
 _TABLE_ALIASES = {"korea": "south korea", "republic of korea": "south korea", "대한민국": "south korea",
                   "한국": "south korea", "일본": "japan", "중국": "china", "인도": "india", "베트남": "vietnam",
-                  "프랑스": "france", "독일": "germany", "이탈리아": "italy", "스페인": "spain", "영국": "united kingdom",
-                  "uk": "united kingdom", "usa": "united states", "us": "united states", "미국": "united states",
+                  "프랑스": "france", "독일": "germany", "이탈리아": "italy", "스페인": "spain",
+                  "영국": "united kingdom", "uk": "united kingdom", "usa": "united states", "us": "united states",
+                  "미국": "united states",
                   "united states of america": "united states", "캐나다": "canada", "멕시코": "mexico",
-                  "브라질": "brazil", "아르헨티나": "argentina", "호주": "australia", "이집트": "egypt", "케냐": "kenya"}
+                  "브라질": "brazil", "아르헨티나": "argentina", "호주": "australia", "이집트": "egypt",
+                  "케냐": "kenya"}
 
 
 # ---------------------------------------------------------------- tools
