@@ -11,7 +11,7 @@ setup(
     packages=find_packages(include=["kanana_jax", "kanana_jax.*", "pallas_kernels", "pallas_kernels.*",
                                     "experiments", "experiments.*", "launch", "launch.*"]),
     package_data={
-        "kanana_jax.data": ["corpus/*.jsonl", "corpus/*.txt"],
+        "kanana_jax.data": ["corpus/*.jsonl"],
         "kanana_jax.evals": ["suites/*.jsonl"],
     },
     install_requires=[
@@ -32,7 +32,8 @@ setup(
         "gpu": ["jax[cuda13]==0.11.2"],
         "data": ["grain>=0.2", "array-record>=0.7", "tensorflow-datasets>=4.9"],
         "dev": ["pytest>=8", "pytest-xdist>=3.6", "hypothesis>=6.100", "pandas>=2.2", "matplotlib>=3.8",
-                "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "grain>=0.2"],
+                "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "grain>=0.2",
+                "array-record>=0.7"],
     },
     entry_points={"console_scripts": ["kanana-jax=kanana_jax.cli:main"]},
 )

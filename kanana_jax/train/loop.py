@@ -10,7 +10,10 @@ import time
 import jax
 import numpy as np
 
+import flax.linen as nn
+
 from kanana_jax import config as config_lib
+from kanana_jax import sharding
 from kanana_jax.config import ExperimentConfig
 from kanana_jax.data import pipeline
 from kanana_jax.data.tokenizer import make_tokenizer
@@ -32,19 +35,20 @@ def check_vocab(cfg: ExperimentConfig, tokenizer):
             f"({tokenizer.vocab_size} ids from data.tokenizer={cfg.data.tokenizer!r}); raise it to at least that")
 
 
-def evaluate(eval_fn, params, cfg: ExperimentConfig) -> dict:
+def evaluate(eval_fn, params, cfg: ExperimentConfig, batch_sharding) -> dict:
     """Mean eval loss over the first `train.eval_batches` batches of the eval split (token-weighted)."""
     it = pipeline.make_iterator(cfg.data, split="eval", seed=cfg.train.seed)
     total, tokens = 0.0, 0.0
     for _, batch in zip(range(cfg.train.eval_batches), it):
-        out = jax.device_get(eval_fn(params, batch))
+        out = jax.device_get(eval_fn(params, sharding.put_batch(batch, batch_sharding)))
         total += float(out["eval_loss"]) * float(out["eval_tokens"])
         tokens += float(out["eval_tokens"])
     return {"eval_loss": total / max(tokens, 1.0)}
 
 
-def run(cfg: ExperimentConfig, workdir: str) -> dict:
-    """Trains `cfg` in `workdir`, resuming from its latest checkpoint; returns the last logged metrics."""
+def run(cfg: ExperimentConfig, workdir: str, *, stop_after: int | None = None) -> dict:
+    """Trains `cfg` in `workdir`, resuming from its latest checkpoint; returns the last logged metrics.
+    `stop_after` ends this invocation after that step (with a checkpoint), as a preempted run would."""
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         json.dump(config_lib.to_dict(cfg), f, indent=1)
@@ -52,12 +56,22 @@ def run(cfg: ExperimentConfig, workdir: str) -> dict:
     check_vocab(cfg, tokenizer)
     model, stage = Transformer(cfg.model), get_stage(cfg.train.stage)
     optimizer, schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
-    rng = jax.random.PRNGKey(cfg.train.seed)
 
-    init = jax.jit(functools.partial(step_lib.init_state, model, optimizer, cfg=cfg))
+    mesh, rules = sharding.make_mesh(cfg.mesh), sharding.logical_rules(cfg.mesh.rules)
+    state_sharding = step_lib.state_shardings(model, optimizer, cfg, mesh, rules)
+    batch_sharding = sharding.batch_sharding(mesh, rules)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        return _train(cfg, workdir, model, stage, optimizer, schedule, state_sharding, batch_sharding, stop_after)
+
+
+def _train(cfg, workdir, model, stage, optimizer, schedule, state_sharding, batch_sharding, stop_after):
+    rng = jax.random.PRNGKey(cfg.train.seed)
+    init = jax.jit(functools.partial(step_lib.init_state, model, optimizer, cfg=cfg), out_shardings=state_sharding)
     train_step = jax.jit(functools.partial(step_lib.train_step, model=model, optimizer=optimizer, stage=stage,
-                                           cfg=cfg), donate_argnums=0)
-    eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=model, stage=stage, cfg=cfg))
+                                           cfg=cfg), in_shardings=(state_sharding, batch_sharding),
+                         out_shardings=(state_sharding, None), donate_argnums=0)
+    eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=model, stage=stage, cfg=cfg),
+                      in_shardings=(state_sharding.params, batch_sharding))
 
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints,
                                 async_save=cfg.train.async_checkpoint)
@@ -67,7 +81,8 @@ def run(cfg: ExperimentConfig, workdir: str) -> dict:
     if latest is None:
         state = init(rng)
     else:
-        abstract = jax.eval_shape(init, rng)
+        abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                jax.eval_shape(init, rng), state_sharding)
         state, data_state = checkpointer.restore(latest, abstract)
         data.set_state(data_state)
         log.warning("resumed from %s at step %d", checkpointer.directory, latest)
@@ -79,8 +94,9 @@ def run(cfg: ExperimentConfig, workdir: str) -> dict:
     peak = peak_flops_per_device(cfg.train.peak_tflops_per_device) * jax.device_count()
     tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
     last_row, window_start, window_steps = {}, time.perf_counter(), 0
-    for step in range(start, cfg.train.steps):
-        batch = next(data)
+    end = cfg.train.steps if stop_after is None else min(stop_after, cfg.train.steps)
+    for step in range(start, end):
+        batch = sharding.put_batch(next(data), batch_sharding)
         state, metrics = train_step(state, batch)
         window_steps += 1
         writer.advance()
@@ -94,10 +110,10 @@ def run(cfg: ExperimentConfig, workdir: str) -> dict:
             if not np.isfinite(metrics["loss"]):
                 raise FloatingPointError(f"non-finite loss {metrics['loss']} at step {done}")
             if cfg.train.eval_every and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
-                metrics.update(evaluate(eval_fn, state.params, cfg))
+                metrics.update(evaluate(eval_fn, state.params, cfg, batch_sharding))
             last_row = writer.write(done, metrics)
             window_start, window_steps = time.perf_counter(), 0
-        if (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or done == cfg.train.steps:
+        if (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or done == end:
             checkpointer.save(done, state, data.get_state())
     checkpointer.close()
     writer.close()

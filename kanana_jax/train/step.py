@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from kanana_jax import sharding
 from kanana_jax.config import ExperimentConfig
 from kanana_jax.train import hooks
 
@@ -19,11 +20,28 @@ class TrainState:
     opt_state: optax.OptState
 
 
-def init_state(model, optimizer, rng, cfg: ExperimentConfig) -> TrainState:
-    """Fresh parameters (unboxed from their logical-axis metadata) and optimizer state at step 0."""
+def init_params(model, rng, cfg: ExperimentConfig, boxed: bool = False):
+    """Fresh parameters; `boxed` keeps flax's logical-axis metadata (for computing shardings)."""
     tokens = jnp.zeros((1, min(cfg.data.seq_len, 8)), jnp.int32)
-    params = flax.linen.unbox(model.init(rng, tokens)["params"])
+    params = model.init(rng, tokens)["params"]
+    return params if boxed else flax.linen.unbox(params)
+
+
+def init_state(model, optimizer, rng, cfg: ExperimentConfig) -> TrainState:
+    """Fresh parameters and optimizer state at step 0."""
+    params = init_params(model, rng, cfg)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+
+
+def state_shardings(model, optimizer, cfg: ExperimentConfig, mesh, rules) -> TrainState:
+    """NamedShardings of every leaf of the train state, from the parameters' logical axis names."""
+    rng = jax.random.PRNGKey(0)
+    boxed = jax.eval_shape(functools.partial(init_params, model, cfg=cfg, boxed=True), rng)
+    params_sharding = sharding.param_shardings(boxed, mesh, rules)
+    abstract_params = flax.linen.unbox(boxed)
+    abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+    return TrainState(step=sharding.replicated(mesh), params=params_sharding,
+                      opt_state=sharding.opt_state_shardings(abstract_opt, abstract_params, params_sharding, mesh))
 
 
 def train_step(state: TrainState, batch, *, model, optimizer, stage, cfg: ExperimentConfig):
@@ -33,7 +51,7 @@ def train_step(state: TrainState, batch, *, model, optimizer, stage, cfg: Experi
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     params, hook_metrics = hooks.post_update(params, aux["intermediates"], cfg)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux["metrics"], **hook_metrics,
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux["metrics"], **hook_metrics,
                **hooks.routing_metrics(aux["intermediates"])}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
