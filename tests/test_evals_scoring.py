@@ -38,7 +38,7 @@ def test_code_scoring_uses_the_sandbox():
     items = load_suite("code")[:3] + [it for it in load_suite("code") if it.get("io")][:1]
     good = [f"Here you go:\n```python\n{it['reference']}```" for it in items]
     bad = ["```python\nwhile True:\n    pass\n```"] + good[1:]
-    limits = SandboxLimits(timeout_s=1.0)
+    limits = SandboxLimits(timeout_s=2.0)
     assert score_suite("code", items, good, sandbox_limits=limits).accuracy == 1.0
     score = score_suite("code", items, bad, sandbox_limits=limits)
     assert [s.correct for s in score.items] == [False, True, True, True]
