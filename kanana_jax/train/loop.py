@@ -60,7 +60,7 @@ def run(cfg: ExperimentConfig, workdir: str, *, stop_after: int | None = None) -
     mesh, rules = sharding.make_mesh(cfg.mesh), sharding.logical_rules(cfg.mesh.rules)
     state_sharding = step_lib.state_shardings(model, optimizer, cfg, mesh, rules)
     batch_sharding = sharding.batch_sharding(mesh, rules)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    with mesh, nn.logical_axis_rules(rules):  # flax logical constraints resolve against this mesh
         return _train(cfg, workdir, model, stage, optimizer, schedule, state_sharding, batch_sharding, stop_after)
 
 
