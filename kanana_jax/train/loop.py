@@ -1,7 +1,6 @@
 """The one training loop shared by every stage: init or resume, jitted steps, eval, checkpoints, metrics."""
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -10,20 +9,15 @@ import time
 import jax
 import numpy as np
 
-import flax.linen as nn
-
 from kanana_jax import config as config_lib
 from kanana_jax import sharding
 from kanana_jax.config import ExperimentConfig
 from kanana_jax.data import pipeline
 from kanana_jax.data.tokenizer import make_tokenizer
-from kanana_jax.model import Transformer
 from kanana_jax.model.flops import flops_per_token
-from kanana_jax.optim.factory import make_optimizer
-from kanana_jax.train import step as step_lib
+from kanana_jax.train.builder import Trainer, build_trainer
 from kanana_jax.train.checkpoint import Checkpointer
 from kanana_jax.train.metrics import MetricsWriter, peak_flops_per_device
-from kanana_jax.train.stages import get_stage
 
 log = logging.getLogger("kanana_jax.train")
 
@@ -35,12 +29,13 @@ def check_vocab(cfg: ExperimentConfig, tokenizer):
             f"({tokenizer.vocab_size} ids from data.tokenizer={cfg.data.tokenizer!r}); raise it to at least that")
 
 
-def evaluate(eval_fn, params, cfg: ExperimentConfig, batch_sharding) -> dict:
+def evaluate(trainer: Trainer, params) -> dict:
     """Mean eval loss over the first `train.eval_batches` batches of the eval split (token-weighted)."""
+    cfg = trainer.cfg
     it = pipeline.make_iterator(cfg.data, split="eval", seed=cfg.train.seed)
     total, tokens = 0.0, 0.0
     for _, batch in zip(range(cfg.train.eval_batches), it):
-        out = jax.device_get(eval_fn(params, sharding.put_batch(batch, batch_sharding)))
+        out = jax.device_get(trainer.eval_step(params, sharding.put_batch(batch, trainer.batch_sharding)))
         total += float(out["eval_loss"]) * float(out["eval_tokens"])
         tokens += float(out["eval_tokens"])
     return {"eval_loss": total / max(tokens, 1.0)}
@@ -52,38 +47,23 @@ def run(cfg: ExperimentConfig, workdir: str, *, stop_after: int | None = None) -
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         json.dump(config_lib.to_dict(cfg), f, indent=1)
-    tokenizer = make_tokenizer(cfg.data.tokenizer)
-    check_vocab(cfg, tokenizer)
-    model, stage = Transformer(cfg.model), get_stage(cfg.train.stage)
-    optimizer, schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
-
-    mesh, rules = sharding.make_mesh(cfg.mesh), sharding.logical_rules(cfg.mesh.rules)
-    state_sharding = step_lib.state_shardings(model, optimizer, cfg, mesh, rules)
-    batch_sharding = sharding.batch_sharding(mesh, rules)
-    with mesh, nn.logical_axis_rules(rules):  # flax logical constraints resolve against this mesh
-        return _train(cfg, workdir, model, stage, optimizer, schedule, state_sharding, batch_sharding, stop_after)
+    check_vocab(cfg, make_tokenizer(cfg.data.tokenizer))
+    trainer = build_trainer(cfg)
+    with trainer.context():
+        return _train(trainer, workdir, stop_after)
 
 
-def _train(cfg, workdir, model, stage, optimizer, schedule, state_sharding, batch_sharding, stop_after):
-    rng = jax.random.PRNGKey(cfg.train.seed)
-    init = jax.jit(functools.partial(step_lib.init_state, model, optimizer, cfg=cfg), out_shardings=state_sharding)
-    train_step = jax.jit(functools.partial(step_lib.train_step, model=model, optimizer=optimizer, stage=stage,
-                                           cfg=cfg), in_shardings=(state_sharding, batch_sharding),
-                         out_shardings=(state_sharding, None), donate_argnums=0)
-    eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=model, stage=stage, cfg=cfg),
-                      in_shardings=(state_sharding.params, batch_sharding))
-
+def _train(trainer: Trainer, workdir: str, stop_after: int | None) -> dict:
+    cfg = trainer.cfg
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints,
                                 async_save=cfg.train.async_checkpoint)
     data = pipeline.make_iterator(cfg.data, split="train", seed=cfg.train.seed,
                                   shard_index=jax.process_index(), shard_count=jax.process_count())
     latest = checkpointer.latest_step()
     if latest is None:
-        state = init(rng)
+        state = trainer.init(jax.random.PRNGKey(cfg.train.seed))
     else:
-        abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                jax.eval_shape(init, rng), state_sharding)
-        state, data_state = checkpointer.restore(latest, abstract)
+        state, data_state = checkpointer.restore(latest, trainer.abstract_state())
         data.set_state(data_state)
         log.warning("resumed from %s at step %d", checkpointer.directory, latest)
     start = int(state.step)
@@ -96,8 +76,8 @@ def _train(cfg, workdir, model, stage, optimizer, schedule, state_sharding, batc
     last_row, window_start, window_steps = {}, time.perf_counter(), 0
     end = cfg.train.steps if stop_after is None else min(stop_after, cfg.train.steps)
     for step in range(start, end):
-        batch = sharding.put_batch(next(data), batch_sharding)
-        state, metrics = train_step(state, batch)
+        batch = sharding.put_batch(next(data), trainer.batch_sharding)
+        state, metrics = trainer.train_step(state, batch)
         window_steps += 1
         writer.advance()
         done = step + 1
@@ -105,12 +85,12 @@ def _train(cfg, workdir, model, stage, optimizer, schedule, state_sharding, batc
             metrics = jax.device_get(metrics)
             elapsed = time.perf_counter() - window_start
             tokens_per_s = window_steps * tokens_per_step / elapsed
-            metrics.update(learning_rate=schedule(step), tokens_per_s=tokens_per_s,
+            metrics.update(learning_rate=trainer.schedule(step), tokens_per_s=tokens_per_s,
                            mfu=tokens_per_s * flops_token / peak)
             if not np.isfinite(metrics["loss"]):
                 raise FloatingPointError(f"non-finite loss {metrics['loss']} at step {done}")
             if cfg.train.eval_every and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
-                metrics.update(evaluate(eval_fn, state.params, cfg, batch_sharding))
+                metrics.update(evaluate(trainer, state.params))
             last_row = writer.write(done, metrics)
             window_start, window_steps = time.perf_counter(), 0
         if (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or done == end:

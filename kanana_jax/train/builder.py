@@ -1,0 +1,79 @@
+"""Everything a run compiles, built once from a validated config: model, optimizer, mesh, shardings and the
+jitted init / train / eval functions. The training loop, ahead-of-time TPU compilation and the benchmarks
+all use this, so they compile the same step."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+from jax.sharding import Mesh
+
+from kanana_jax import sharding
+from kanana_jax.config import ExperimentConfig
+from kanana_jax.model import Transformer
+from kanana_jax.optim.factory import make_optimizer
+from kanana_jax.train import step as step_lib
+from kanana_jax.train.stages import get_stage
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+    cfg: ExperimentConfig
+    model: Transformer
+    stage: Any
+    optimizer: Any
+    schedule: Callable
+    mesh: Mesh
+    rules: list
+    state_sharding: step_lib.TrainState
+    batch_sharding: Any
+    init: Callable        # rng -> TrainState (sharded)
+    train_step: Callable  # (TrainState, batch) -> (TrainState, metrics); donates the state
+    eval_step: Callable   # (params, batch) -> metrics
+
+    def context(self):
+        """The mesh + logical-rules context every call of the jitted functions must run under."""
+        return _Context(self.mesh, self.rules)
+
+    def abstract_state(self):
+        """ShapeDtypeStructs (with shardings) of the train state, for restores and AOT lowering."""
+        with self.context():
+            shapes = jax.eval_shape(self.init, jax.random.PRNGKey(0))
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            shapes, self.state_sharding)
+
+
+class _Context:
+    def __init__(self, mesh, rules):
+        self.mesh, self.rules, self._rules_ctx = mesh, rules, None
+
+    def __enter__(self):
+        self.mesh.__enter__()  # flax logical constraints resolve against this mesh
+        self._rules_ctx = nn.logical_axis_rules(self.rules)
+        self._rules_ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._rules_ctx.__exit__(*exc)
+        self.mesh.__exit__(*exc)
+
+
+def build_trainer(cfg: ExperimentConfig, devices=None) -> Trainer:
+    """Builds the model, optimizer, mesh over `devices` (default: all), shardings and jitted step functions."""
+    model, stage = Transformer(cfg.model), get_stage(cfg.train.stage)
+    optimizer, schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
+    mesh, rules = sharding.make_mesh(cfg.mesh, devices), sharding.logical_rules(cfg.mesh.rules)
+    with _Context(mesh, rules):
+        state_sharding = step_lib.state_shardings(model, optimizer, cfg, mesh, rules)
+    batch_sharding = sharding.batch_sharding(mesh, rules)
+    init = jax.jit(functools.partial(step_lib.init_state, model, optimizer, cfg=cfg), out_shardings=state_sharding)
+    train_step = jax.jit(functools.partial(step_lib.train_step, model=model, optimizer=optimizer, stage=stage,
+                                           cfg=cfg), in_shardings=(state_sharding, batch_sharding),
+                         out_shardings=(state_sharding, None), donate_argnums=0)
+    eval_step = jax.jit(functools.partial(step_lib.eval_step, model=model, stage=stage, cfg=cfg),
+                        in_shardings=(state_sharding.params, batch_sharding))
+    return Trainer(cfg, model, stage, optimizer, schedule, mesh, rules, state_sharding, batch_sharding, init,
+                   train_step, eval_step)
