@@ -32,7 +32,6 @@ LR = 1e-3
 VARIANTS = {  # name -> scale_by_muon keyword arguments
     "pe_gram_restart3": dict(algorithm="gram", restart_every=3),
     "pe_gram_restart3_grouped": dict(algorithm="gram", restart_every=3, group=True),
-    "pe_gram_restart3_f32_epilogue": dict(algorithm="gram", restart_every=3, epilogue_dtype=jnp.float32),
     "pe_gram_norestart": dict(algorithm="gram", restart_every=0),
     "pe_direct": dict(algorithm="direct"),
     "pe_gram_restart3_mu_bf16": dict(algorithm="gram", restart_every=3, mu_dtype=jnp.bfloat16),
@@ -139,6 +138,20 @@ def main():
         fl = update_flops(params, alg, re_)
         res[f"orthogonalize_only_{alg}_r{re_}"] = {"ms": ms, "tflops": fl / ms / 1e9}
         print(f"orthogonalize only ({alg}, restart_every={re_}): {ms:.2f} ms {fl / ms / 1e9:.0f} TFLOP/s", flush=True)
+
+    # Calibration of the cost model: one batched m^3 GEMM, one m^2 n GEMM and one m x m elementwise pass.
+    a = xs[1][:, :, :768] if not args.small else xs[1][:, :, :xs[1].shape[1]]
+    mm3 = jax.jit(lambda a: jnp.einsum("bij,bjk->bik", a, a, preferred_element_type=jnp.bfloat16))
+    mmn = jax.jit(lambda x: jnp.einsum("bij,bkj->bik", x, x, preferred_element_type=jnp.bfloat16))
+    ew = jax.jit(lambda a, b: (jnp.eye(a.shape[-1]) + a.astype(jnp.float32) + 0.3 * b.astype(jnp.float32)
+                                ).astype(jnp.bfloat16))
+    a = jnp.asarray(a)
+    t3, tn, te = (1e3 * peers.bench(mm3, a, reps=args.reps), 1e3 * peers.bench(mmn, xs[1], reps=args.reps),
+                  1e3 * peers.bench(ew, a, a, reps=args.reps))
+    B, m, n = xs[1].shape
+    res["calibration"] = {"bmm_m3_ms": t3, "bmm_m3_tflops": 2 * B * a.shape[1]**3 / t3 / 1e9,
+                          "gram_m2n_ms": tn, "gram_m2n_tflops": 2 * B * m * m * n / tn / 1e9, "mxm_pass_ms": te}
+    print("calibration", res["calibration"], flush=True)
 
     best = min(VARIANTS, key=lambda k: res[k]["ms"])
     print("\n| implementation | ms | vs optax | TFLOP/s | orth err rms / max |\n|---|---|---|---|---|")

@@ -11,10 +11,11 @@ gram    keep Q (m x m) with X_k = Q X_0 and iterate on m x m matrices only, A_k 
         22% fewer flops than direct at the MoE expert shape 768 x 2048.
 `algorithm='auto'` picks the cheaper one from `flops`.
 
-Scalars are folded so that every step is `alpha * (L @ R) + C` with a compile-time alpha, which
-XLA GPU fuses into the GEMM epilogue: P = a (I + B') with B' = (b/a) A + (c/a) A^2, Q and X are
-stored divided by the running product of the a's, and the Frobenius norm (from trace(X X^T)) is
-folded into the first Q, so no elementwise pass ever touches an m x n matrix.
+Scalars are folded into compile-time GEMM alphas, which XLA GPU fuses into the cuBLAS call:
+P = a P~ with P~ = I + A~ + kappa A~^2, A~ = (b/a) A, kappa = c a / b^2; Q and X are stored
+divided by the running product of the a's, and the Frobenius norm (from trace(X X^T)) is folded
+into the first Q. Per step that leaves one elementwise pass over an m x m matrix (forming P~) and
+none over the m x n matrices.
 """
 from __future__ import annotations
 
@@ -72,9 +73,15 @@ def _check_coeffs(coeffs: Sequence[Quintic]):
                              "iteration divides by both (use method='svd' for exact polar factors)")
 
 
-def _poly_bprime(at, kappa: float, ep, dtype):
-    """B' = A~ + kappa A~^2 with A~ = (b/a) A, so that P = a (I + B')."""
-    return (kappa * _mm("bij,bjk->bik", at, at, ep) + at.astype(ep)).astype(dtype)
+def _poly(at, kappa: float, eye, ep, dtype, scale=None):
+    """P~ = (I + A~ + kappa A~^2) * scale, with A~ = (b/a) A: the step polynomial is P = a P~.
+
+    One GEMM (alpha = kappa) and one elementwise pass over m x m; XLA does not fuse matrix-bias adds into
+    batched cuBLAS GEMMs, so the identity and A~ terms are added here rather than as GEMM biases.
+    """
+    sq = kappa * _mm("bij,bjk->bik", at, at, ep)
+    out = eye + at.astype(F32) + sq.astype(F32)
+    return (out if scale is None else out * scale).astype(dtype)
 
 
 def _gram_iteration(xs, talls, coeffs, safety, dtype, ep, restart_every, out_scales, out_dtypes, eps):
@@ -103,11 +110,11 @@ def _gram_iteration(xs, talls, coeffs, safety, dtype, ep, restart_every, out_sca
             at = a_base
         elif q is None:
             at = ((b / a) * a_base.astype(F32) * (rho * rho)).astype(dtype)
-        bp = _poly_bprime(at, c * a / (b * b), ep, dtype)
+        kappa = c * a / (b * b)
         if q is None:
-            q = ((eye + bp.astype(F32)) * (rho if rho is not None else 1.0)).astype(dtype)
+            q = _poly(at, kappa, eye, ep, dtype, rho)
         else:
-            q = (_mm("bij,bjk->bik", bp, q, ep) + q.astype(ep)).astype(dtype)
+            q = _mm("bij,bjk->bik", _poly(at, kappa, eye, ep, dtype), q, ep).astype(dtype)
         sigma *= a
         if k < steps - 1 and (k + 1) not in restarts:
             a1, b1, _ = coeffs[k + 1]
@@ -119,15 +126,18 @@ def _gram_iteration(xs, talls, coeffs, safety, dtype, ep, restart_every, out_sca
 
 def _direct_iteration(x, tall, coeffs, safety, dtype, ep, out_scale, out_dtype, eps):
     """X-space schedule for one member [B, r, c]."""
+    m = min(x.shape[1:])
+    eye = jnp.eye(m, dtype=F32)
     x32 = x.astype(F32)
     nu = jnp.sqrt(jnp.sum(x32 * x32, axis=(1, 2), keepdims=True)) * safety + eps
     xt, sigma = (x32 / nu).astype(dtype), 1.0          # X_true = sigma * xt
-    for a, b, c in coeffs:
+    for k, (a, b, c) in enumerate(coeffs):
         at = _gram(xt, tall, ep, (b / a) * sigma * sigma).astype(dtype)
-        bp = _poly_bprime(at, c * a / (b * b), ep, dtype)
-        xt = (_apply_left(bp, xt, tall, ep) + xt.astype(ep)).astype(dtype)
         sigma *= a
-    return ((sigma * out_scale) * xt.astype(F32)).astype(out_dtype)
+        alpha = sigma * out_scale if k == len(coeffs) - 1 else 1.0
+        xt = _apply_left(_poly(at, c * a / (b * b), eye, ep, dtype), xt, tall,
+                         F32 if k == len(coeffs) - 1 else ep, alpha)
+    return xt.astype(out_dtype)
 
 
 def svd_polar(x, out_dtype=None):
