@@ -1,0 +1,176 @@
+"""H200 benchmark of the Pallas flash attention (causal + soft-cap 50 + max logits) against cuDNN and tokamax.
+
+Run on the GPU machine (tokamax travels as a wheel, see .notes/PREAMBLE.md):
+    PYTHONUNBUFFERED=1 python3 benchmarks/attention.py --out $OUT            # check, then time all shapes
+    python3 benchmarks/attention.py --sweep --shapes mha,gqa                   # also time block-size variants
+It first asserts that forward output, max logits and dq/dk/dv match the float32 reference on the device, then
+times forward and forward+backward (TFLOP/s as in benchmarks/peers.py: causal forward FLOPs = 2*B*H*T^2*(Dqk+Dv)/2,
+fwd+bwd counted as 3.5x), prints a table and writes attention.json.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import peers  # noqa: E402
+from pallas_kernels.attention import BlockSizes, flash_attention  # noqa: E402
+from pallas_kernels.attention.reference import attention_reference  # noqa: E402
+
+CAP = 50.0
+SHAPES = {  # name: (B, T, H, KVH, Dqk, Dv)
+    "mha": (4, 4096, 16, 16, 128, 128),
+    "gqa": (2, 8192, 16, 4, 128, 128),
+    "d64": (4, 4096, 32, 8, 64, 64),
+    "mla": (4, 4096, 16, 16, 192, 128),
+}
+SWEEP = [
+    BlockSizes(block_kv=128, block_q_dkv=64, block_kv_dq=64, num_stages=2),
+    BlockSizes(block_kv=128, block_q_dkv=64, block_kv_dq=128, num_stages=2),
+    BlockSizes(block_kv=64, block_q_dkv=64, block_kv_dq=64, num_stages=3),
+    BlockSizes(block_kv=128, block_q_dkv=128, block_kv_dq=64, num_stages=2),
+]
+
+
+def rel_err(a, b):
+    """Relative Frobenius error ||a - b|| / ||b|| in float32 (inf where a has a NaN)."""
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    if not np.all(np.isfinite(a[np.isfinite(b)])):
+        return float("inf")
+    a, b = np.where(np.isfinite(b), a, 0), np.where(np.isfinite(b), b, 0)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+INTERPRET = False   # --cpu-dry-run: Mosaic GPU interpret mode on tiny shapes, to test this script without a GPU
+
+
+def check(B, T, H, KVH, Dqk, Dv, *, causal=True, cap=CAP, seg=False, S=None, block_sizes=None, seed=0):
+    """Assert kernel == float32 reference on the device for out, max_logits, dq, dk, dv; return the errors."""
+    S = T if S is None else S
+    ks = jax.random.split(jax.random.PRNGKey(seed), 5)
+    q = jax.random.normal(ks[0], (B, T, H, Dqk), jnp.bfloat16)
+    k = jax.random.normal(ks[1], (B, S, KVH, Dqk), jnp.bfloat16)
+    v = jax.random.normal(ks[2], (B, S, KVH, Dv), jnp.bfloat16)
+    do = jax.random.normal(ks[3], (B, T, H, Dv), jnp.bfloat16)
+    segs = jnp.sort(jax.random.randint(ks[4], (B, T), 0, 4), axis=1) if seg else None
+
+    def ours(q, k, v):
+        return flash_attention(q, k, v, causal=causal, logit_soft_cap=cap, segment_ids=segs, return_max_logits=True,
+                               backend="gpu", block_sizes=block_sizes, interpret=INTERPRET)
+
+    def ref(q, k, v):
+        o, ml, _ = attention_reference(q, k, v, causal=causal, logit_soft_cap=cap, q_segment_ids_BxT=segs,
+                                       kv_segment_ids_BxS=segs)
+        return o, ml
+
+    def with_grads(fn, *args):
+        (o, ml), vjp = jax.vjp(fn, *args)
+        return o, ml, vjp((do.astype(o.dtype), jnp.zeros_like(ml)))
+
+    o, ml, g = jax.jit(functools.partial(with_grads, ours))(q, k, v)
+    f32 = lambda x: x.astype(jnp.float32)
+    ro, rml, rg = jax.jit(functools.partial(with_grads, ref))(f32(q), f32(k), f32(v))
+    errs = {"out": rel_err(o, ro), "max_logits": rel_err(ml, rml), "dq": rel_err(g[0], rg[0]),
+            "dk": rel_err(g[1], rg[1]), "dv": rel_err(g[2], rg[2])}
+    tol = {"out": 2e-2, "max_logits": 1e-3, "dq": 3e-2, "dk": 3e-2, "dv": 3e-2}
+    bad = {n: e for n, e in errs.items() if not e <= tol[n]}
+    if bad:
+        raise AssertionError(f"kernel != reference for {(B, T, H, KVH, Dqk, Dv, causal, cap, seg, S)}: {bad}")
+    return errs
+
+
+def time_fn(fn, q, k, v):
+    """(fwd_tflops, fwdbwd_tflops) of fn(q, k, v) -> out or (out, extras) on causal FLOPs."""
+    B, T, H, Dqk = q.shape
+    flops = peers.causal_attention_flops(B, T, H, Dqk, v.shape[-1])
+    first = lambda r: r[0] if isinstance(r, tuple) else r
+    fwd = jax.jit(fn)
+    fb = jax.jit(jax.value_and_grad(lambda q, k, v: first(fn(q, k, v)).astype(jnp.float32).sum(), argnums=(0, 1, 2)))
+    return flops / peers.bench(fwd, q, k, v) / 1e12, 3.5 * flops / peers.bench(fb, q, k, v) / 1e12
+
+
+def ours_fn(cap, block_sizes=None):
+    """Our kernel: causal, optional soft-cap, max logits returned."""
+    return lambda q, k, v: flash_attention(q, k, v, causal=True, logit_soft_cap=cap, return_max_logits=True,
+                                           backend="gpu", block_sizes=block_sizes, interpret=INTERPRET)
+
+
+def safe(f):
+    """Call f(); return its value or the error text (a peer that cannot serve a shape is reported, not hidden)."""
+    try:
+        return f()
+    except Exception as e:  # noqa: BLE001
+        return f"error: {type(e).__name__}: {str(e)[:160]}"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--cpu-dry-run", action="store_true")
+    args = ap.parse_args()
+    if args.cpu_dry_run:
+        global INTERPRET
+        INTERPRET = True
+        for n, (B, T, H, KVH, Dqk, Dv) in SHAPES.items():
+            SHAPES[n] = (1, 256, 2, 2 * KVH // H, Dqk, Dv)
+        args.no_peers = True
+        peers.bench = functools.partial(peers.bench, reps=1, warm=1)
+    names = args.shapes.split(",")
+    res = {"jax": jax.__version__, "device": str(jax.devices()[0]), "checks": {}, "timings": {}}
+    t0 = time.time()
+    if not args.no_check:
+        small = [dict(B=2, T=1000, H=8, KVH=2, Dqk=128, Dv=128, seg=True), dict(B=1, T=333, H=4, KVH=4, Dqk=64,
+                 Dv=64, causal=False, cap=None, S=520), dict(B=1, T=640, H=8, KVH=1, Dqk=192, Dv=128, seg=True)]
+        if args.cpu_dry_run:
+            small = [dict(kw, B=1, H=2, KVH=1, T=200, S=kw.get("S") and 260) for kw in small]
+        for i, kw in enumerate(small):
+            res["checks"][f"small{i}"] = check(**kw, seed=i)
+        for n in names:
+            B, T, H, KVH, Dqk, Dv = SHAPES[n]
+            res["checks"][n] = check(1, T, H, KVH, Dqk, Dv, seed=7)
+        print(f"checks passed in {time.time() - t0:.0f}s:", json.dumps(res["checks"]), flush=True)
+    for n in names:
+        B, T, H, KVH, Dqk, Dv = SHAPES[n]
+        q, k, v = peers.attention_inputs(B, T, H, KVH, Dqk, Dv)
+        r = {"ours_cap_maxlogits": time_fn(ours_fn(CAP), q, k, v), "ours_nocap": safe(lambda: time_fn(ours_fn(None), q, k, v))}
+        if not args.no_peers:
+            r["cudnn"] = safe(lambda: peers.time_attention(peers.peer_attention("cudnn"), q, k, v))
+            tok = safe(lambda: peers.peer_attention("tokamax_mosaic"))
+            if not isinstance(tok, str):
+                r["tokamax_cap"] = safe(lambda: peers.time_attention(functools.partial(tok, cap=CAP), q, k, v))
+                r["tokamax"] = safe(lambda: peers.time_attention(tok, q, k, v))
+            else:
+                r["tokamax_cap"] = tok
+        if args.sweep:
+            for bs in SWEEP:
+                key = f"sweep kv{bs.block_kv} qdkv{bs.block_q_dkv} kvdq{bs.block_kv_dq} st{bs.num_stages}"
+                r[key] = safe(lambda: time_fn(ours_fn(CAP, bs), q, k, v))
+        res["timings"][n] = r
+        print(n, json.dumps(r), f"t={time.time() - t0:.0f}s", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "attention.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    print("\nTFLOP/s fwd / fwd+bwd (causal; ours: soft-cap 50 + max logits)")
+    print(f"{'shape':5} {'ours':>13} {'cuDNN':>13} {'tokamax cap':>13} {'vs cuDNN':>9} {'vs tokamax':>10}")
+    for n, r in res["timings"].items():
+        fmt = lambda x: f"{x[0]:5.0f} / {x[1]:5.0f}" if isinstance(x, (tuple, list)) else f"{'n/a':>13}"
+        ratio = lambda a, b: f"{a[1] / b[1]:.2f}x" if isinstance(b, (tuple, list)) else "n/a"
+        o = r["ours_cap_maxlogits"]
+        print(f"{n:5} {fmt(o):>13} {fmt(r.get('cudnn')):>13} {fmt(r.get('tokamax_cap')):>13} "
+              f"{ratio(o, r.get('cudnn')):>9} {ratio(o, r.get('tokamax_cap')):>10}")
+
+
+if __name__ == "__main__":
+    main()

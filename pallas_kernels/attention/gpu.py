@@ -1,0 +1,240 @@
+"""Mosaic GPU (Hopper, wgmma + TMA) flash-attention forward with soft-cap, segment ids and returned max logits.
+
+Layout per CTA: 128 query rows (two compute warpgroups of 64, ping-ponging softmax against the tensor core through
+a shared "schedule" barrier) and one memory warpgroup streaming K/V blocks. Causal CTAs stop at the diagonal; the
+blocks left of it run without masks. Backward kernels live in gpu_bwd.py.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.attention import gpu_common as gc
+from pallas_kernels.attention.block_sizes import BlockSizes
+
+CTA_ROWS = gc.COMPUTE_WGS * gc.WG_ROWS
+
+
+def check_gpu_shapes(q, k, v, block_sizes: BlockSizes):
+    """Raise ValueError naming the constraint the Mosaic GPU kernels need that these inputs break."""
+    if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"gpu attention needs q, k, v all bfloat16 or all float16 (wgmma operands); got "
+                         f"{q.dtype}, {k.dtype}, {v.dtype}: cast them, or use backend='reference'")
+    for name, d in (("Dqk", q.shape[-1]), ("Dv", v.shape[-1])):
+        if d % 64 or d > 256:
+            raise ValueError(f"gpu attention needs {name} a multiple of 64 and <= 256 (swizzled tiles); got {d}")
+    for name in ("block_kv", "block_q_dkv", "block_kv_dq"):
+        b = getattr(block_sizes, name)
+        if b % 64 or b > 256:
+            raise ValueError(f"gpu attention needs BlockSizes.{name} a multiple of 64 and <= 256 (wgmma K tiles of "
+                             f"the 128-byte swizzle); got {b}")
+
+
+def _fwd_kernel(*refs, B, H, G, nq, nkv, bk, stages, has_seg, causal_offset, kv_len, kv_padded, scale, cap,
+                interpret):
+    """Kernel body; refs = inputs, outputs, scratch (see _forward for the order)."""
+    if has_seg:
+        q_ref, k_ref, v_ref, qs_ref, ks_ref, out_ref, lse_ref, ml_ref, *scratch = refs
+    else:
+        q_ref, k_ref, v_ref, out_ref, lse_ref, ml_ref, *scratch = refs
+        qs_ref = ks_ref = None
+    (q_smem, o_smem, k_smem, v_smem, qs_smem, ks_smem, lse_smem, ml_smem, p_stage,
+     q_bar, qs_bar, k_bar, v_bar, s_bar, k_cons, v_cons, sched) = scratch
+    bq = gc.WG_ROWS
+    h = lax.axis_index("h")
+    b = lax.axis_index("b")
+    tile = (nq - 1) - lax.axis_index("q")          # heaviest causal tiles launch first
+    wg = lax.axis_index("wg")
+    q0_cta = tile * CTA_ROWS
+    if causal_offset is None:
+        cta_steps = jnp.int32(nkv)
+    else:
+        cta_steps = gc.clamp(gc.cdiv(q0_cta + CTA_ROWS + causal_offset, bk), 0, nkv)
+
+    def sched_sync():
+        plgpu.barrier_arrive(sched)
+        plgpu.barrier_wait(sched)
+
+    @pl.when(wg < gc.COMPUTE_WGS)
+    def _compute():
+        plgpu.set_max_registers(232, action="increase")
+        q0 = q0_cta + wg * bq
+        qw, ow = q_smem.at[wg], o_smem.at[wg]
+        plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q0, bq), h], qw, q_bar.at[wg])
+        if has_seg:
+            plgpu.copy_gmem_to_smem(qs_ref.at[b, pl.ds(q0, bq)], qs_smem.at[wg], qs_bar.at[wg])
+        if causal_offset is None:
+            wg_steps = jnp.int32(nkv)
+            full = wg_steps
+        else:
+            wg_steps = gc.clamp(gc.cdiv(q0 + bq + causal_offset, bk), 0, nkv)
+            full = gc.clamp(lax.div(q0 + causal_offset + 1, jnp.int32(bk)), 0, wg_steps)
+            full = jnp.minimum(full, wg_steps)
+        if has_seg:
+            full = jnp.int32(0)
+        elif kv_padded:
+            full = jnp.minimum(full, jnp.int32(nkv - 1))
+        plgpu.barrier_wait(q_bar.at[wg])
+        q_seg = None
+        if has_seg:
+            plgpu.barrier_wait(qs_bar.at[wg])
+            q_seg = plgpu.load(qs_smem.at[wg], layout=gc.ROW)
+
+        def step(i, carry, masked):
+            acc, m_raw, m2, l = carry
+            slot = lax.rem(i, jnp.int32(stages))
+            plgpu.barrier_wait(k_bar.at[slot])
+            s = gc.mm_new(qw, k_smem.at[slot].T, between=sched_sync)
+            plgpu.barrier_arrive(k_cons.at[slot])
+            logit2, _ = gc.softcap_logits2(s, scale, cap)
+            if masked and (causal_offset is not None or kv_padded or has_seg):
+                kv_seg = None
+                if has_seg:
+                    plgpu.barrier_wait(s_bar.at[slot])
+                    kv_seg = plgpu.load(ks_smem.at[slot], layout=gc.COL)
+                mask = gc.visible(s.shape, q0, i * bk, rows_are_q=True, causal_offset=causal_offset,
+                                  kv_len=kv_len, kv_padded=kv_padded, seg_rows=q_seg, seg_cols=kv_seg)
+                s = jnp.where(mask, s, gc.MASK_S)
+                logit2 = jnp.where(mask, logit2, -jnp.inf)
+            elif has_seg:
+                plgpu.barrier_wait(s_bar.at[slot])
+            m_raw_new = jnp.maximum(m_raw, s.max(axis=1))
+            if cap is None:
+                m2_new = m_raw_new * (scale * gc.LOG2E)
+            else:
+                m2_new = jnp.tanh(m_raw_new * (scale / cap)) * (cap * gc.LOG2E)
+            alpha = jnp.exp2(m2 - m2_new)
+            p = jnp.exp2(logit2 - gc.bcast_rows(m2_new, logit2.shape))
+            l = l * alpha + p.sum(axis=1)
+            acc = acc * gc.bcast_rows(alpha, acc.shape)
+            plgpu.barrier_arrive(sched)
+            plgpu.barrier_wait(v_bar.at[slot])
+            plgpu.barrier_wait(sched)
+            acc = gc.mm_acc(acc, p, v_smem.at[slot], p_stage.at[wg] if interpret else None, interpret)
+            plgpu.barrier_arrive(v_cons.at[slot])
+            return acc, m_raw_new, m2_new, l
+
+        def drain(i, _):
+            slot = lax.rem(i, jnp.int32(stages))
+            plgpu.barrier_wait(k_bar.at[slot])
+            plgpu.barrier_arrive(k_cons.at[slot])
+            sched_sync()
+            if has_seg:
+                plgpu.barrier_wait(s_bar.at[slot])
+            plgpu.barrier_wait(v_bar.at[slot])
+            sched_sync()
+            plgpu.barrier_arrive(v_cons.at[slot])
+
+        carry = (gc.zeros((bq, v_smem.shape[-1])), gc.row_full(bq, gc.MASK_S), gc.row_full(bq, -jnp.inf),
+                 gc.row_full(bq, 0.0))
+        pl.when(wg == 1)(sched_sync)
+        carry = lax.fori_loop(0, full, functools.partial(step, masked=False), carry)
+        carry = lax.fori_loop(full, wg_steps, functools.partial(step, masked=True), carry)
+        lax.fori_loop(wg_steps, cta_steps, drain, None)
+        pl.when(wg == 0)(sched_sync)
+
+        acc, m_raw, m2, l = carry
+        seen = l > 0.0
+        inv_l = jnp.where(seen, 1.0 / jnp.where(seen, l, 1.0), 0.0)
+        ow[...] = (acc * gc.bcast_rows(inv_l, acc.shape)).astype(ow.dtype)
+        lse_smem.at[wg][...] = jnp.where(seen, m2 + jnp.log2(jnp.where(seen, l, 1.0)), jnp.inf)
+        ml_smem.at[wg][...] = jnp.where(m_raw > 0.5 * gc.MASK_S, m_raw * scale, -jnp.inf)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(ow, out_ref.at[b, pl.ds(q0, bq), h], commit_group=False)
+        plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(q0, bq)], commit_group=False)
+        plgpu.copy_smem_to_gmem(ml_smem.at[wg], ml_ref.at[b, h, pl.ds(q0, bq)], commit_group=False)
+        plgpu.commit_smem_to_gmem_group()
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == gc.COMPUTE_WGS)
+    def _memory():
+        plgpu.set_max_registers(40, action="decrease")
+        kvh = lax.div(h, jnp.int32(G))
+
+        def issue(i, slot):
+            rows = pl.ds(i * bk, bk)
+            plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kvh], k_smem.at[slot], k_bar.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kvh], v_smem.at[slot], v_bar.at[slot])
+            if has_seg:
+                plgpu.copy_gmem_to_smem(ks_ref.at[b, rows], ks_smem.at[slot], s_bar.at[slot])
+
+        for i in range(stages):
+            pl.when(i < cta_steps)(functools.partial(issue, i, i))
+
+        @pl.loop(stages, jnp.maximum(cta_steps, stages))
+        def _(i):
+            slot = lax.rem(i, jnp.int32(stages))
+            plgpu.barrier_wait(k_cons.at[slot])
+            plgpu.barrier_wait(v_cons.at[slot])
+            issue(i, slot)
+
+        @pl.loop(jnp.maximum(cta_steps - stages, 0), cta_steps)
+        def _(i):   # observe the last consumptions so that no barrier phase is left unobserved at exit
+            slot = lax.rem(i, jnp.int32(stages))
+            plgpu.barrier_wait(k_cons.at[slot])
+            plgpu.barrier_wait(v_cons.at[slot])
+
+
+def forward(q, k, v, q_seg, kv_seg, *, causal, scale, cap, kv_len, q_len, block_sizes: BlockSizes, interpret):
+    """Padded inputs (T, S multiples of 128 / block_kv) -> (out[B,T,H,Dv], lse2[B,H,T] (log2 units), max_logits[B,H,T])."""
+    B, Tp, H, Dqk = q.shape
+    Sp, KVH, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    bk, stages = block_sizes.block_kv, block_sizes.num_stages
+    nq, nkv = Tp // CTA_ROWS, Sp // bk
+    has_seg = q_seg is not None
+    dtype = q.dtype
+    bq = gc.WG_ROWS
+    kernel = functools.partial(
+        _fwd_kernel, B=B, H=H, G=H // KVH, nq=nq, nkv=nkv, bk=bk, stages=stages, has_seg=has_seg,
+        causal_offset=(kv_len - q_len) if causal else None, kv_len=kv_len, kv_padded=Sp != kv_len,
+        scale=scale, cap=cap, interpret=interpret)
+    f32 = jnp.float32
+    q_smem = gc.smem_tiles((gc.COMPUTE_WGS, bq, Dqk), dtype)
+    o_smem = q_smem if Dqk == Dv else gc.smem_tiles((gc.COMPUTE_WGS, bq, Dv), dtype)
+    scratch = [
+        q_smem, o_smem,
+        gc.smem_tiles((stages, bk, Dqk), dtype),
+        gc.smem_tiles((stages, bk, Dv), dtype),
+        plgpu.SMEM((gc.COMPUTE_WGS, bq), jnp.int32) if has_seg else None,
+        plgpu.SMEM((stages, bk), jnp.int32) if has_seg else None,
+        plgpu.SMEM((gc.COMPUTE_WGS, bq), f32),
+        plgpu.SMEM((gc.COMPUTE_WGS, bq), f32),
+        gc.smem_tiles((gc.COMPUTE_WGS, bq, bk), dtype) if interpret else None,
+        plgpu.Barrier(num_barriers=gc.COMPUTE_WGS),
+        plgpu.Barrier(num_barriers=gc.COMPUTE_WGS) if has_seg else None,
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_barriers=stages) if has_seg else None,
+        plgpu.Barrier(num_arrivals=gc.COMPUTE_WGS, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=gc.COMPUTE_WGS, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=gc.COMPUTE_WGS),
+    ]
+    if Dqk == Dv:
+        scratch[1] = None
+    out_type = (jax.ShapeDtypeStruct((B, Tp, H, Dv), dtype), jax.ShapeDtypeStruct((B, H, Tp), f32),
+                jax.ShapeDtypeStruct((B, H, Tp), f32))
+
+    def entry(*refs):
+        n_in = 5 if has_seg else 3
+        ins, outs, scr = refs[:n_in], refs[n_in:n_in + 3], list(refs[n_in + 3:])
+        full = []
+        it = iter(scr)
+        for s in scratch:
+            full.append(None if s is None else next(it))
+        if Dqk == Dv:
+            full[1] = full[0]
+        _fwd_kernel_entry = kernel
+        _fwd_kernel_entry(*ins, *outs, *full)
+
+    call = plgpu.kernel(
+        entry, out_type=out_type, scratch_types=[s for s in scratch if s is not None],
+        grid=(H, B, nq), grid_names=("h", "b", "q"), num_threads=gc.COMPUTE_WGS + 1, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=plgpu.InterpretGPUParams() if interpret else None)
+    args = (q, k, v, q_seg, kv_seg) if has_seg else (q, k, v)
+    return call(*args)

@@ -1,0 +1,120 @@
+"""Shared pieces of the Mosaic GPU (Hopper) attention kernels: matmul helpers, masks, loop ranges, soft-cap math.
+
+Each kernel runs 3 warpgroups per CTA: two compute warpgroups (64 rows each of the stationary block) and one
+memory warpgroup that streams the other operand through a ring of `num_stages` shared-memory slots with TMA.
+
+Interpret mode (Mosaic GPU's CPU simulator) cannot yet take a matmul operand from registers nor an accumulator
+carried through `pl.run_state`; with `interpret=True` the helpers below stage the register operand through a
+shared-memory buffer and add a fresh accumulator instead. Everything else (TMA, barriers, masks, softmax) is the
+same code on both paths.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+LOG2E = math.log2(math.e)
+MASK_S = -1e30        # stands in for a hidden key in the running max of raw logits (finite: keeps alpha NaN-free)
+WG_ROWS = 64          # rows of the stationary block per compute warpgroup (one wgmma M tile)
+COMPUTE_WGS = 2
+TILING = plgpu.TilingTransform((8, 64))
+SWIZZLE = plgpu.SwizzleTransform(128)
+ROW = plgpu.Layout.WGMMA.reduce(1)   # layout of a per-row vector of a WGMMA-layout matrix
+COL = plgpu.Layout.WGMMA.reduce(0)   # layout of a per-column vector
+
+
+def smem_tiles(shape, dtype):
+    """A swizzled shared-memory buffer for a matmul operand (last two dims are the tile)."""
+    return plgpu.SMEM(shape, dtype, transforms=(TILING, SWIZZLE))
+
+
+def zeros(shape):
+    """f32 zeros in the WGMMA accumulator layout."""
+    return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
+
+
+def row_full(n, value):
+    """f32 per-row vector filled with value."""
+    return plgpu.layout_cast(jnp.full((n,), value, jnp.float32), ROW)
+
+
+def mm_new(a_smem, b_smem, between=None):
+    """a @ b with both operands in shared memory -> f32 [M, N] registers; `between` runs while the MMA is in flight."""
+    shape = (a_smem.shape[0], b_smem.shape[1])
+
+    def body(acc_ref):
+        plgpu.wgmma(acc_ref, a_smem, b_smem)
+        if between is not None:
+            between()
+        return acc_ref[...]
+
+    return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
+def mm_acc(acc, a, b_smem, stage_smem, interpret, after_issue=None):
+    """acc + a @ b where a is in registers (cast to b's dtype) and b in shared memory -> f32 [M, N]."""
+    a = a.astype(b_smem.dtype)
+    if interpret:
+        stage_smem[...] = a
+        plgpu.commit_smem()
+        return acc + mm_new(stage_smem, b_smem, after_issue)
+
+    def body(acc_ref):
+        plgpu.wgmma(acc_ref, a, b_smem)
+        if after_issue is not None:
+            after_issue()
+
+    return pl.run_state(body)(plgpu.ACC.init(acc))
+
+
+def bcast_rows(x_M, shape):
+    """Per-row vector -> [M, N]."""
+    return lax.broadcast_in_dim(x_M, shape, [0])
+
+
+def bcast_cols(x_N, shape):
+    """Per-column vector -> [M, N]."""
+    return lax.broadcast_in_dim(x_N, shape, [1])
+
+
+def visible(shape, row0, col0, *, rows_are_q, causal_offset, kv_len, kv_padded, seg_rows=None, seg_cols=None):
+    """Boolean [M, N] block mask: causal (key <= query + offset), key < kv_len, equal segment ids.
+
+    rows_are_q says whether matrix rows index queries (forward, dq) or keys (dk/dv transposed blocks).
+    """
+    r = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA) + row0
+    c = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA) + col0
+    q_idx, kv_idx = (r, c) if rows_are_q else (c, r)
+    mask = None
+    if causal_offset is not None:
+        mask = kv_idx <= q_idx + causal_offset
+    if kv_padded:
+        m = kv_idx < kv_len
+        mask = m if mask is None else mask & m
+    if seg_rows is not None:
+        m = bcast_rows(seg_rows, shape) == bcast_cols(seg_cols, shape)
+        mask = m if mask is None else mask & m
+    return mask
+
+
+def softcap_logits2(s, scale, cap):
+    """Raw q.k -> (soft-capped logit * log2(e), tanh term or None); the tanh term feeds the backward's derivative."""
+    if cap is None:
+        return s * (scale * LOG2E), None
+    t = jnp.tanh(s * (scale / cap))
+    return t * (cap * LOG2E), t
+
+
+def cdiv(a, b):
+    """Ceiling division of int32 scalars (non-negative a)."""
+    return lax.div(a + (b - 1), jnp.int32(b))
+
+
+def clamp(x, lo, hi):
+    """Clamp an int32 scalar."""
+    return jnp.minimum(jnp.maximum(x, jnp.int32(lo)), jnp.int32(hi) if isinstance(hi, int) else hi)
