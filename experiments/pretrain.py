@@ -24,5 +24,6 @@ def get_config(arg: str | None = None):
 
 
 def sweep():
-    """Learning-rate sweep over the tiny model (override dicts applied to get_config)."""
-    return [{"optimizer.learning_rate": lr} for lr in (1e-3, 3e-3, 1e-2)]
+    """Learning-rate sweep (3 points); run it with `kanana-jax sweep experiments/pretrain.py --workdir DIR`."""
+    from experiments.sweep_dsl import param
+    return param("optimizer.learning_rate", [1e-3, 3e-3, 1e-2])
