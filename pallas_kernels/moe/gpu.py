@@ -1,0 +1,282 @@
+"""Mosaic GPU (Hopper wgmma) grouped matmul kernels: gmm (rows grouped) and tgmm (per-group weight gradient).
+
+Both are persistent kernels (one CTA per SM) with three warpgroups: one issues TMA loads, two run wgmma on
+halves of the output tile. gmm tiles start at group starts, so no tile mixes two groups; a partial last tile is
+stored with a ladder of power-of-two TMA stores. Rows beyond sum(group_sizes) are written as zeros.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.moe import tiling as tiling_lib
+from pallas_kernels.moe.tiling import Tiling
+
+DEFAULT_GMM = Tiling(tm=128, tk=64, tn=256, stages=3)
+DEFAULT_TGMM = Tiling(tm=64, tk=256, tn=128, stages=3)
+_INTERPRET_SMS = 3  # CTAs in interpret mode: small, but > 1 so the persistent loop strides
+_MEMORY_REGISTERS = 40
+
+
+def _num_sms(interpret) -> int:
+    if interpret:
+        return _INTERPRET_SMS
+    return jax.devices()[0].core_count
+
+
+def _interpret_params(interpret):
+    if not interpret:
+        return None
+    return interpret if isinstance(interpret, plgpu.InterpretGPUParams) else plgpu.InterpretGPUParams()
+
+
+def _transforms(dtype):
+    """Swizzled 128-byte layout for bf16 tiles whose minor dimension is a multiple of 64."""
+    swizzle = 128
+    elems = swizzle // jnp.dtype(dtype).itemsize
+    return (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(swizzle)), elems
+
+
+def _check_dtypes(lhs, rhs, name):
+    if lhs.dtype != rhs.dtype or jnp.dtype(lhs.dtype).itemsize != 2:
+        raise ValueError(
+            f"{name} on GPU takes bf16/fp16 operands of one dtype (wgmma), got {lhs.dtype} and {rhs.dtype}; "
+            "cast them to bfloat16 or pass backend='reference'")
+
+
+def _store_rows(src_smem, dst_gmem_rows, rows, max_rows):
+    """TMA-store the first `rows` (dynamic, <= max_rows) rows of src_smem [R, C]; dst_gmem_rows(off, p) is the target."""
+    off = jnp.int32(0)
+    p = 1 << (max_rows.bit_length() - 1)
+    while p >= 1:
+        @pl.when((rows & p) != 0)
+        def _(off=off, p=p):
+            plgpu.copy_smem_to_gmem(src_smem.at[pl.ds(off, p)], dst_gmem_rows(off, p))
+        off = off + (rows & p)
+        p //= 2
+
+
+def gmm(lhs_MxK, rhs, group_sizes_E, *, transpose_rhs=False, out_dtype=None, tiling: Tiling | None = None,
+        interpret=False):
+    """out[M,N] = lhs rows of group g @ rhs[g] ([E,K,N], or [E,N,K] when transpose_rhs); rows past the groups are 0."""
+    _check_dtypes(lhs_MxK, rhs, "gmm")
+    t = tiling or DEFAULT_GMM
+    out_dtype = jnp.dtype(out_dtype or lhs_MxK.dtype)
+    m, k = lhs_MxK.shape
+    num_experts = rhs.shape[0]
+    n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    if (rhs.shape[2] if transpose_rhs else rhs.shape[1]) != k:
+        raise ValueError(f"gmm: lhs is [M={m}, K={k}] but rhs is {rhs.shape} (transpose_rhs={transpose_rhs})")
+    tm, tk, tn = t.tm, t.tk, t.tn
+    if tm % 64 or tk % 64 or tn % 128 or k % tk or n % tn:
+        raise ValueError(
+            f"gmm GPU tiling {t} needs tm % 64 == 0, tk % 64 == 0, tn % 128 == 0, K={k} % tk == 0 and "
+            f"N={n} % tn == 0; pass a Tiling that divides the shape")
+    if m < tm:  # TMA boxes may not exceed the array: pad tiny inputs
+        out = gmm(jnp.pad(lhs_MxK, ((0, tm - m), (0, 0))), rhs, group_sizes_E, transpose_rhs=transpose_rhs,
+                  out_dtype=out_dtype, tiling=t, interpret=interpret)
+        return out[:m]
+    sizes = tiling_lib.with_tail_group(group_sizes_E, m)
+    max_tiles = tiling_lib.max_group_tiles(m, tm, num_experts + 1)
+    meta = tiling_lib.group_tiles(sizes, tm, max_tiles)
+    grid_n = n // tn
+    half_n = tn // 2
+    transforms, _ = _transforms(lhs_MxK.dtype)
+    stages = max(2, min(t.stages, k // tk))
+
+    def mma(_, lhs_smem, rhs_smem, acc_ref):
+        wg = lax.axis_index("wg")
+        if transpose_rhs:
+            b = rhs_smem.at[pl.ds(wg * half_n, half_n)].T
+        else:
+            b = rhs_smem.at[:, pl.ds(wg * half_n, half_n)]
+        plgpu.wgmma(acc_ref, lhs_smem, b)
+        plgpu.wgmma_wait(0)
+        return acc_ref
+
+    rhs_block = (tn, tk) if transpose_rhs else (tk, tn)
+
+    def make_pipeline(row0, ni, epilogue):
+        def compute_context(run):
+            @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tm, half_n), jnp.float32))
+            def _(acc_ref):
+                run(acc_ref)
+                epilogue(acc_ref)
+
+        return plgpu.emit_pipeline_warp_specialized(
+            mma,
+            grid=(k // tk,),
+            memory_registers=_MEMORY_REGISTERS,
+            in_specs=[
+                plgpu.BlockSpec((pl.Element(tm), tk), lambda kk: (row0, kk), transforms=transforms),
+                plgpu.BlockSpec(rhs_block, (lambda kk: (ni, kk)) if transpose_rhs else (lambda kk: (kk, ni)),
+                                transforms=transforms),
+            ],
+            wg_axis="wg",
+            num_compute_wgs=2,
+            max_concurrent_steps=stages,
+            compute_context=compute_context,
+        )
+
+    def body(gid_ref, start_ref, rows_ref, lhs_gmem, rhs_gmem, out_gmem):
+        ignore = lambda *_, **__: None
+        allocs = make_pipeline(0, 0, ignore).get_allocations(lhs_gmem, rhs_gmem.at[0])
+
+        @functools.partial(
+            pl.run_scoped, allocs=allocs, out_smem=plgpu.SMEM((2, tm, half_n), out_dtype), collective_axes="wg")
+        def _(allocs, out_smem):
+            wg = lax.axis_index("wg")
+
+            @plgpu.nd_loop((max_tiles * grid_n,), collective_axes="sm")
+            def _(info):
+                (lin,) = info.index
+                tile, ni = lin // grid_n, lin % grid_n
+                g, row0, rows = gid_ref[tile], start_ref[tile], rows_ref[tile]
+
+                def epilogue(acc_ref):
+                    acc = acc_ref[...].astype(out_dtype)
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # previous tile's stores have read out_smem
+                    out_smem.at[wg][...] = acc
+                    plgpu.commit_smem()
+                    cols = pl.ds(ni * tn + wg * half_n, half_n)
+                    _store_rows(out_smem.at[wg], lambda off, p: out_gmem.at[pl.ds(row0 + off, p), cols], rows,
+                                min(tm, m))
+
+                @pl.when((rows > 0) & (g < num_experts))
+                def _():
+                    make_pipeline(row0, ni, epilogue)(lhs_gmem, rhs_gmem.at[g], allocations=allocs)
+
+                @pl.when((rows > 0) & (g == num_experts) & (wg < 2))
+                def _():
+                    pl.run_scoped(epilogue, plgpu.ACC((tm, half_n), jnp.float32))  # zero accumulator
+
+            @pl.when(wg < 2)
+            def _():
+                plgpu.wait_smem_to_gmem(0)
+
+    kernel = plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
+        grid=(_num_sms(interpret),),
+        grid_names=("sm",),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=_interpret_params(interpret),
+    )
+    return kernel(meta.group_ids, meta.row_start, meta.rows, lhs_MxK, rhs)
+
+
+def tgmm(lhs_MxK, rhs_MxN, group_sizes_E, *, out_dtype=None, tiling: Tiling | None = None, interpret=False):
+    """out[E,K,N] = lhs[rows of g].T @ rhs[rows of g]; empty groups give zeros. Note lhs is row-major [M,K]."""
+    _check_dtypes(lhs_MxK, rhs_MxN, "tgmm")
+    t = tiling or DEFAULT_TGMM
+    out_dtype = jnp.dtype(out_dtype or lhs_MxK.dtype)
+    m, k = lhs_MxK.shape
+    m2, n = rhs_MxN.shape
+    if m != m2:
+        raise ValueError(f"tgmm: lhs has {m} rows, rhs has {m2}")
+    num_experts = group_sizes_E.shape[0]
+    tm, tk, tn = t.tm, t.tk, t.tn
+    if tm % 64 or tk % 128 or tn % 64 or k % tk or n % tn:
+        raise ValueError(
+            f"tgmm GPU tiling {t} needs tm % 64 == 0, tk % 128 == 0, tn % 64 == 0, K={k} % tk == 0 and "
+            f"N={n} % tn == 0; pass a Tiling that divides the shape")
+    if m < tm:
+        pad = ((0, tm - m), (0, 0))
+        return tgmm(jnp.pad(lhs_MxK, pad), jnp.pad(rhs_MxN, pad), group_sizes_E, out_dtype=out_dtype, tiling=t,
+                    interpret=interpret)
+    sizes = group_sizes_E.astype(jnp.int32)
+    starts = tiling_lib.group_offsets(sizes)[:-1]
+    grid_k, grid_n = k // tk, n // tn
+    half_k = tk // 2
+    transforms, _ = _transforms(lhs_MxK.dtype)
+
+    def body(sizes_ref, starts_ref, lhs_gmem, rhs_gmem, out_gmem):
+        wg = lax.axis_index("wg")
+
+        @functools.partial(
+            pl.run_scoped, out_smem=plgpu.SMEM((2, half_k, tn), out_dtype, transforms=transforms),
+            collective_axes="wg")
+        def _(out_smem):
+            @plgpu.nd_loop((num_experts * grid_k * grid_n,), collective_axes="sm")
+            def _(info):
+                (lin,) = info.index
+                g = lin // (grid_k * grid_n)
+                ki = (lin // grid_n) % grid_k
+                ni = lin % grid_n
+                size, row0 = sizes_ref[g], starts_ref[g]
+                steps = (size + tm - 1) // tm
+
+                def epilogue(acc_ref):
+                    acc = acc_ref[...].astype(out_dtype)
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    out_smem.at[wg][...] = acc
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(
+                        out_smem.at[wg], out_gmem.at[g, pl.ds(ki * tk + wg * half_k, half_k), pl.ds(ni * tn, tn)])
+
+                def mma(idx, lhs_smem, rhs_smem, acc_ref):
+                    (step,) = idx
+                    a = lhs_smem.at[:, pl.ds(wg * half_k, half_k)]
+
+                    @pl.when((step == steps - 1) & (size % tm != 0))
+                    def _():  # zero the rows of the last block that belong to the next group
+                        rows = lax.broadcasted_iota(jnp.int32, (tm, half_k), 0)
+                        rows = plgpu.layout_cast(rows, plgpu.Layout.WGMMA)
+                        keep = (rows < size - step * tm).astype(a.dtype)
+                        a[...] = a[...] * keep
+                        plgpu.commit_smem()
+
+                    plgpu.wgmma(acc_ref, a.T, rhs_smem)
+                    plgpu.wgmma_wait(0)
+                    return acc_ref
+
+                def compute_context(run):
+                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((half_k, tn), jnp.float32))
+                    def _(acc_ref):
+                        run(acc_ref)
+                        epilogue(acc_ref)
+
+                @pl.when(size > 0)
+                def _():
+                    plgpu.emit_pipeline_warp_specialized(
+                        mma,
+                        grid=(steps,),
+                        memory_registers=_MEMORY_REGISTERS,
+                        in_specs=[
+                            plgpu.BlockSpec((pl.Element(tm), tk), lambda s: (row0 + s * tm, ki),
+                                            transforms=transforms),
+                            plgpu.BlockSpec((pl.Element(tm), tn), lambda s: (row0 + s * tm, ni),
+                                            transforms=transforms),
+                        ],
+                        wg_axis="wg",
+                        num_compute_wgs=2,
+                        max_concurrent_steps=t.stages,
+                        compute_context=compute_context,
+                    )(lhs_gmem, rhs_gmem)
+
+                @pl.when((size == 0) & (wg < 2))
+                def _():
+                    pl.run_scoped(epilogue, plgpu.ACC((half_k, tn), jnp.float32))
+
+            @pl.when(wg < 2)
+            def _():
+                plgpu.wait_smem_to_gmem(0)
+
+    kernel = plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((num_experts, k, n), out_dtype),
+        grid=(_num_sms(interpret),),
+        grid_names=("sm",),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=_interpret_params(interpret),
+    )
+    return kernel(sizes, starts, lhs_MxK, rhs_MxN)

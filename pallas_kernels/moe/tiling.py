@@ -1,0 +1,127 @@
+"""Block sizes and group metadata shared by the grouped-matmul kernels (computed in jnp, read by the kernels)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    """Block sizes of one kernel call: tm rows of the ragged dim, tk contraction, tn output columns.
+
+    For tgmm (out[E,K,N]) tm is the ragged reduction block, tk the output-row block, tn the output-column block.
+    `stages` is the GPU pipeline depth (ignored on TPU).
+    """
+
+    tm: int = 128
+    tk: int = 64
+    tn: int = 256
+    stages: int = 4
+
+    def __post_init__(self):
+        for name in ("tm", "tk", "tn", "stages"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"Tiling.{name} must be a positive int, got {value!r}")
+
+
+class GmmTilings(NamedTuple):
+    """Tilings of the three calls of one gmm forward+backward: fwd, dlhs (gmm with transposed rhs), drhs (tgmm)."""
+
+    fwd: Tiling | None = None
+    dlhs: Tiling | None = None
+    drhs: Tiling | None = None
+
+
+def as_gmm_tilings(tiling) -> GmmTilings:
+    """Accepts None, one Tiling (forward only) or a GmmTilings / 3-tuple."""
+    if tiling is None:
+        return GmmTilings()
+    if isinstance(tiling, Tiling):
+        return GmmTilings(fwd=tiling)
+    if isinstance(tiling, (tuple, list)) and len(tiling) == 3:
+        return GmmTilings(*tiling)
+    raise TypeError(f"tiling must be None, a Tiling or a (fwd, dlhs, drhs) tuple of Tilings, got {tiling!r}")
+
+
+def group_offsets(group_sizes_E: jax.Array) -> jax.Array:
+    """[E+1] int32 exclusive cumulative sum: rows of group g are [offsets[g], offsets[g+1])."""
+    ends = jnp.cumsum(group_sizes_E.astype(jnp.int32))
+    return jnp.concatenate([jnp.zeros((1,), jnp.int32), ends])
+
+
+def with_tail_group(group_sizes_E: jax.Array, m: int) -> jax.Array:
+    """[E+1] sizes: the E groups plus a pseudo-group E holding the rows beyond sum(group_sizes) (output zeros)."""
+    sizes = group_sizes_E.astype(jnp.int32)
+    return jnp.concatenate([sizes, jnp.maximum(m - jnp.sum(sizes), 0)[None]])
+
+
+class AlignedVisits(NamedTuple):
+    """Grid metadata for kernels whose m tiles are aligned to multiples of tm (the TPU kernels).
+
+    Visit v works on group group_ids[v] and m tile m_tile_ids[v]; visits past num_visits repeat the last valid one.
+    A tile straddling a group boundary is visited once per group it holds rows of, consecutively.
+    """
+
+    offsets: jax.Array  # [G+1] int32
+    group_ids: jax.Array  # [V] int32
+    m_tile_ids: jax.Array  # [V] int32
+    num_visits: jax.Array  # [1] int32
+
+
+def aligned_visits(sizes_G: jax.Array, m: int, tm: int, *, visit_empty: bool) -> AlignedVisits:
+    """Visits for G groups over cdiv(m, tm) aligned tiles; V = tiles + G - 1 (+ G when visit_empty) statically."""
+    num_groups = sizes_G.shape[0]
+    tiles_m = pl_cdiv(m, tm)
+    offsets = group_offsets(sizes_G)
+    starts, ends = offsets[:-1], offsets[1:]
+    first_tile = jnp.minimum(starts // tm, tiles_m - 1)
+    last_tile = jnp.maximum(ends - 1, 0) // tm
+    n_visits = jnp.where(sizes_G > 0, last_tile - first_tile + 1, 1 if visit_empty else 0)
+    cum = jnp.cumsum(n_visits)
+    num_visits = cum[-1]
+    v_max = tiles_m + num_groups - 1 + (num_groups if visit_empty else 0)
+    v = jnp.minimum(jnp.arange(v_max, dtype=jnp.int32), jnp.maximum(num_visits - 1, 0))
+    gid = jnp.searchsorted(cum, v, side="right").astype(jnp.int32)
+    gid = jnp.minimum(gid, num_groups - 1)
+    m_tile = first_tile[gid] + v - (cum[gid] - n_visits[gid])
+    return AlignedVisits(offsets, gid, m_tile.astype(jnp.int32), num_visits.astype(jnp.int32)[None])
+
+
+class GroupTiles(NamedTuple):
+    """Metadata for kernels whose m tiles start at group starts (the GPU kernels): no tile holds two groups.
+
+    Tile t covers rows [row_start[t], row_start[t] + rows[t]) of group group_ids[t]; rows[t] == 0 marks an unused tile.
+    """
+
+    group_ids: jax.Array  # [T] int32
+    row_start: jax.Array  # [T] int32
+    rows: jax.Array  # [T] int32
+
+
+def group_tiles(sizes_G: jax.Array, tm: int, max_tiles: int) -> GroupTiles:
+    """Tiles of at most tm rows, each inside one group, in group order; max_tiles bounds their number statically."""
+    num_groups = sizes_G.shape[0]
+    offsets = group_offsets(sizes_G)
+    n_tiles = (sizes_G + tm - 1) // tm
+    cum = jnp.cumsum(n_tiles)
+    t = jnp.arange(max_tiles, dtype=jnp.int32)
+    gid = jnp.minimum(jnp.searchsorted(cum, t, side="right").astype(jnp.int32), num_groups - 1)
+    j = t - (cum[gid] - n_tiles[gid])
+    row_start = offsets[gid] + j * tm
+    rows = jnp.clip(sizes_G[gid] - j * tm, 0, tm)
+    rows = jnp.where(t < cum[-1], rows, 0)
+    return GroupTiles(gid, row_start.astype(jnp.int32), rows.astype(jnp.int32))
+
+
+def max_group_tiles(m: int, tm: int, num_groups: int) -> int:
+    """Upper bound of sum_g cdiv(size_g, tm) over num_groups groups whose sizes sum to at most m."""
+    return pl_cdiv(m, tm) + num_groups - 1
+
+
+def pl_cdiv(a: int, b: int) -> int:
+    """Ceiling division of Python ints."""
+    return -(-a // b)

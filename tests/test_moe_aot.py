@@ -1,0 +1,33 @@
+"""The TPU grouped-matmul kernels pass the Mosaic compiler for v5p and v6e (AOT on CPU through libtpu).
+
+Interpret mode does not check Mosaic's block-shape rules; this does, at the Kanana-2-30B-A3B MoE shape.
+"""
+import os
+
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other test processes may hold libtpu's lockfile
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import pytest  # noqa: E402
+from jax.experimental import topologies  # noqa: E402
+
+from pallas_kernels.moe import gmm  # noqa: E402
+
+M, K, N, E = 49152, 2048, 768, 128
+
+
+@pytest.mark.parametrize("topology", ["v5p:2x2x1", "v6e:2x2"])
+def test_gmm_forward_and_backward_compile_for_tpu(topology):
+    device = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices[0]
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    spec = lambda shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+    def loss(lhs, rhs, gs, w_down):
+        h = gmm(lhs, rhs, gs, backend="tpu")
+        y = gmm(h, w_down, gs, transpose_rhs=True, backend="tpu")  # [M,N] x [E,K,N]^T -> [M,K]
+        return jnp.sum(y.astype(jnp.float32) ** 2)
+
+    step = jax.jit(jax.grad(loss, argnums=(0, 1, 3)))
+    compiled = step.lower(spec((M, K)), spec((E, K, N)), spec((E,), jnp.int32), spec((E, K, N))).compile()
+    text = compiled.as_text()
+    assert text.count("moe_gmm") >= 3 and "moe_tgmm" in text, "expected the Mosaic kernels in the compiled step"
