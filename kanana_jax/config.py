@@ -68,6 +68,9 @@ class ModelConfig:
     routed_scaling_factor: float = _field(1.0, lo=0.0)
     moe_impl: Literal["blocked", "ragged_dot", "pallas"] = "blocked"
     moe_block_rows: int = _field(64, lo=8)                   # row block of the 'blocked' CPU reference
+    # expert parallelism: used when the mesh rules split 'experts' over a mesh axis of size > 1
+    expert_parallel: Literal["dropless", "capacity", "off"] = "dropless"  # off: leave the dispatch to GSPMD
+    expert_capacity_factor: float = _field(1.25, lo=0.01, doc="capacity mode: slots per expert = factor*copies/E")
     # norms, embeddings, dtypes, init
     rms_norm_eps: float = _field(1e-6, lo=0.0)
     norm_param: Literal["scale", "one_plus"] = "scale"       # scale: w*x_hat (w=1 init); one_plus: (1+w)*x_hat (w=0 init)
@@ -154,6 +157,15 @@ class TrainConfig:
     peak_tflops_per_device: float = _field(0.0, lo=0.0, doc="0: look up the device kind, else measure")
     progress_bar: bool = True
     tensorboard: bool = True
+    # reliability (RELIABILITY.md)
+    nonfinite_policy: Literal["stop", "skip"] = "stop"  # NaN/Inf loss or gradient: stop with a report, or skip the update
+    max_consecutive_skips: int = _field(5, lo=1, doc="skip policy: stop after this many non-finite steps in a row")
+    checkpoint_fallback: bool = True  # an unreadable latest checkpoint: resume from the newest readable one
+    debug_poison_steps: tuple = ()    # test/debug aid: steps (1-based) whose batch gets a NaN loss mask
+
+    def __post_init__(self):
+        bad = [s for s in self.debug_poison_steps if isinstance(s, bool) or not isinstance(s, int) or s < 1]
+        _check(not bad, "train.debug_poison_steps", f"must hold step numbers (ints >= 1), got {bad[:3]}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,11 +176,16 @@ class MeshConfig:
     expert: int = _field(1, lo=-1)
     tensor: int = _field(1, lo=-1)
     rules: Literal["fsdp", "fsdp_ep", "fsdp_tp_ep"] = "fsdp"
+    # multi-slice (DCN) sizes: the axes above are per slice (ICI); each mesh axis spans dcn_* slices in total,
+    # so the product of the dcn_* sizes must equal the number of slices. The tensor axis stays inside a slice.
+    dcn_data: int = _field(1, lo=1)
+    dcn_fsdp: int = _field(1, lo=1)
+    dcn_expert: int = _field(1, lo=1)
 
     def __post_init__(self):
         sizes = {"data": self.data, "fsdp": self.fsdp, "expert": self.expert, "tensor": self.tensor}
         for k, v in sizes.items():
-            _check(v != 0, f"mesh.{k}", "must be a positive size or -1")
+            _check(v != 0 and v >= -1, f"mesh.{k}", "must be a positive size or -1")
         _check(sum(v == -1 for v in sizes.values()) <= 1, "mesh", "at most one axis may be -1")
 
 

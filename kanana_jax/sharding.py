@@ -43,43 +43,111 @@ RULES = {
 }
 
 
+ACTIVATION_NAMES = ("activation_batch", "activation_length", "activation_embed", "activation_kv",
+                    "activation_heads", "activation_mlp", "activation_vocab")
+
+
+def check_rules(rules, names, preset: str = "") -> None:
+    """Raises unless every logical axis name in `names` has a rule and every rule targets known mesh axes."""
+    where = f"rules preset {preset!r}" if preset else "the logical-axis rules"
+    mapped = {name for name, _ in rules}
+    missing = sorted(set(names) - mapped)
+    if missing:
+        raise ValueError(f"logical axis names {missing} used by the model have no entry in {where}; add "
+                         "(name, mesh axis or None) to kanana_jax.sharding.RULES so their sharding is explicit")
+    for name, target in rules:
+        targets = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+        bad = [t for t in targets if t not in MESH_AXES]
+        if bad:
+            raise ValueError(f"{where}: '{name}' maps to unknown mesh axes {bad}; mesh axes are {MESH_AXES}")
+
+
 def logical_rules(preset: str):
+    """The rules table of a preset, checked to map every activation name the model uses."""
     if preset not in RULES:
         raise ValueError(f"mesh.rules={preset!r}; allowed values: {', '.join(RULES)}")
+    check_rules(RULES[preset], ACTIVATION_NAMES, preset)
     return RULES[preset]
 
 
-def mesh_shape(cfg: MeshConfig, n_devices: int) -> dict:
-    """Axis sizes with the one -1 resolved so that their product is `n_devices`."""
-    sizes = {a: getattr(cfg, a) for a in MESH_AXES}
-    fixed = math.prod(v for v in sizes.values() if v != -1)
-    free = [a for a, v in sizes.items() if v == -1]
+def param_logical_names(boxed_params) -> set:
+    """Every logical axis name on a tree of flax LogicallyPartitioned parameters (or their abstract shapes)."""
+    specs = nn.get_partition_spec(boxed_params)
+    names = set()
+    for spec in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P)):
+        names.update(n for n in spec if isinstance(n, str))
+    return names
+
+
+def _device_slices(devices) -> int:
+    """Number of distinct TPU slices among `devices` (1 where devices carry no slice index)."""
+    return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def mesh_axis_sizes(cfg: MeshConfig, n_devices: int, n_slices: int = 1) -> tuple[dict, dict]:
+    """(per-slice ICI sizes, DCN sizes) per mesh axis; the one -1 absorbs the devices left in a slice."""
+    dcn = {"data": cfg.dcn_data, "fsdp": cfg.dcn_fsdp, "expert": cfg.dcn_expert, "tensor": 1}
+    if math.prod(dcn.values()) != n_slices:
+        raise ValueError(f"mesh.dcn_data*dcn_fsdp*dcn_expert = {math.prod(dcn.values())} but the devices form "
+                         f"{n_slices} slice(s); make the product of the dcn_* sizes equal the number of slices")
+    if n_devices % n_slices:
+        raise ValueError(f"{n_devices} devices cannot be split into {n_slices} equal slices")
+    per_slice = n_devices // n_slices
+    ici = {a: getattr(cfg, a) for a in MESH_AXES}
+    fixed = math.prod(v for v in ici.values() if v != -1)
+    free = [a for a, v in ici.items() if v == -1]
     if free:
-        if n_devices % fixed:
-            raise ValueError(f"mesh axes {sizes} cannot fill {n_devices} devices: {n_devices} is not a multiple "
-                             f"of the fixed axes' product {fixed}")
-        sizes[free[0]] = n_devices // fixed
-    if math.prod(sizes.values()) != n_devices:
-        raise ValueError(f"mesh {sizes} has {math.prod(sizes.values())} devices but {n_devices} are available; "
-                         "set one axis to -1 or make the product match")
-    return sizes
+        if per_slice % fixed:
+            raise ValueError(f"mesh axes {ici} cannot fill {per_slice} devices per slice: {per_slice} is not a "
+                             f"multiple of the fixed axes' product {fixed}")
+        ici[free[0]] = per_slice // fixed
+    if math.prod(ici.values()) != per_slice:
+        raise ValueError(f"mesh {ici} has {math.prod(ici.values())} devices but {per_slice} are available per "
+                         "slice; set one axis to -1 or make the product match")
+    return ici, dcn
+
+
+def mesh_shape(cfg: MeshConfig, n_devices: int, n_slices: int = 1) -> dict:
+    """Total axis sizes (ICI x DCN) with the one -1 resolved so that their product is `n_devices`."""
+    ici, dcn = mesh_axis_sizes(cfg, n_devices, n_slices)
+    return {a: ici[a] * dcn[a] for a in MESH_AXES}
+
+
+def _hybrid_by_order(devices, ici: dict, dcn: dict) -> np.ndarray:
+    """Device grid for slices given by device order (consecutive equal groups): axis index = dcn_i * ici + ici_i."""
+    shape = [dcn[a] for a in MESH_AXES] + [ici[a] for a in MESH_AXES]
+    grid = np.asarray(devices, dtype=object).reshape(shape)
+    n = len(MESH_AXES)
+    grid = grid.transpose([j for i in range(n) for j in (i, n + i)])
+    return grid.reshape([dcn[a] * ici[a] for a in MESH_AXES])
 
 
 def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
-    """A Mesh over `devices` (default: all) with axes (data, fsdp, expert, tensor)."""
+    """A Mesh over `devices` (default: all) with axes (data, fsdp, expert, tensor). Devices from several TPU
+    slices (multi-slice) get a hybrid mesh: the dcn_* factor of an axis spans slices, the rest stays on ICI.
+    Devices without slice indices (CPU, GPU) with dcn_* > 1 are split into slices in device order."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = mesh_shape(cfg, len(devices))
-    shape = tuple(sizes[a] for a in MESH_AXES)
-    try:
-        from jax.experimental import mesh_utils
-        grid = mesh_utils.create_device_mesh(shape, devices=devices)
-    except (ValueError, NotImplementedError, AssertionError):
-        grid = np.asarray(devices).reshape(shape)
+    real_slices = _device_slices(devices)
+    dcn_product = cfg.dcn_data * cfg.dcn_fsdp * cfg.dcn_expert
+    n_slices = real_slices if real_slices > 1 else dcn_product
+    ici, dcn = mesh_axis_sizes(cfg, len(devices), n_slices)
+    ici_shape, dcn_shape = tuple(ici[a] for a in MESH_AXES), tuple(dcn[a] for a in MESH_AXES)
+    from jax.experimental import mesh_utils
+    if real_slices > 1:
+        grid = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices, allow_split_physical_axes=True)
+    elif n_slices > 1:
+        grid = _hybrid_by_order(devices, ici, dcn)
+    else:
+        try:
+            grid = mesh_utils.create_device_mesh(ici_shape, devices=devices, allow_split_physical_axes=True)
+        except (ValueError, NotImplementedError, AssertionError):
+            grid = np.asarray(devices).reshape(ici_shape)
     return Mesh(grid, MESH_AXES)
 
 
 def param_shardings(boxed_params, mesh: Mesh, rules):
     """NamedShardings for a tree of flax LogicallyPartitioned (boxed) parameters or their abstract shapes."""
+    check_rules(rules, param_logical_names(boxed_params))
     specs = nn.get_partition_spec(boxed_params)
     return nn.logical_to_mesh_sharding(specs, mesh, rules)
 

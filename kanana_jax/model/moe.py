@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from kanana_jax.config import ModelConfig
 from kanana_jax.model.layers import DTYPES, MLP, constrain, param_with_axes
+from kanana_jax.parallel import expert as expert_parallel
 
 
 def route(logits_NxE, bias_E, *, top_k, score_func, n_group, topk_group, norm_topk_prob, routed_scaling_factor):
@@ -105,8 +106,12 @@ class Experts(nn.Module):
         w_up = param_with_axes(self, "w_up", (E, D, F), ("experts", "embed", "expert_mlp"), init, pdt)
         w_down = param_with_axes(self, "w_down", (E, F, D), ("experts", "expert_mlp", "embed"), init, pdt)
         gmm = grouped_matmul(cfg.moe_impl, cfg.moe_block_rows)
-        return dispatch_experts(x_NxD.astype(dt), expert_ids_Nxk, weights_Nxk, w_gate.astype(dt),
-                                w_up.astype(dt), w_down.astype(dt), gmm)
+        args = (x_NxD.astype(dt), expert_ids_Nxk, weights_Nxk, w_gate.astype(dt), w_up.astype(dt),
+                w_down.astype(dt), gmm)
+        plan = None if self.is_initializing() else expert_parallel.current_plan(cfg)
+        if plan is not None:  # experts split over a mesh axis: all-to-all dispatch in shard_map
+            return expert_parallel.dispatch(plan, *args)
+        return dispatch_experts(*args)
 
 
 def sequence_balance_loss(scores_BxTxE, expert_ids_BxTxk, n_experts: int):
