@@ -57,8 +57,9 @@ def run_reference(spec: dict, out_dir: str, timeout: int = 900):
     proc = subprocess.run([hf_python(), os.path.abspath(__file__), spec_path, out_dir], capture_output=True,
                           text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
+        hint = SETUP_HINT if "ModuleNotFoundError" in proc.stderr or "lacks torch" in proc.stderr else ""
         raise RuntimeError(f"tests/hf_reference.py failed (exit {proc.returncode}) in {hf_python()}: "
-                           f"{proc.stderr[-3000:]}\n{SETUP_HINT}")
+                           f"{proc.stderr[-3000:]}\n{hint}")
 
 
 def reference_outputs(stage: str, spec: dict, prepare=None) -> str:
