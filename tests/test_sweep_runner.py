@@ -143,6 +143,8 @@ def test_dry_run_validates_and_lists_commands_without_running(tmp_path, fake):
     assert not os.path.exists(tmp_path / "dry" / table["point"][0])
     with pytest.raises(ValueError, match="runner='pod'; allowed runners: local, subprocess, tpu"):
         sweeps.run(SPEC, SWEEP, str(tmp_path), runner="pod")
+    with pytest.raises(ValueError, match="workdir 'gs://b/x' is remote; the 'local' runner needs a local"):
+        sweeps.run(SPEC, SWEEP, "gs://b/x")
     with pytest.raises(ValueError, match="resolves to the same config as an earlier point"):
         sweeps.run(SPEC, param("optimizer.learning_rate", [1e-3, 0.001]), str(tmp_path), dry_run=True)
 

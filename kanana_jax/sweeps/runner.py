@@ -47,6 +47,15 @@ def _slug(overrides: Mapping[str, Any]) -> str:
     return text[:80].strip("-")
 
 
+def is_remote(path: str) -> bool:
+    """True for object-store paths (gs://...), which only the pod launcher writes to."""
+    return "://" in path
+
+
+def _join(workdir: str, name: str) -> str:
+    return workdir.rstrip("/") + "/" + name if is_remote(workdir) else os.path.join(workdir, name)
+
+
 def point_name(overrides: Mapping[str, Any], cfg) -> str:
     """'<key=value,...>-<hash of the resolved config>': readable, and unique per distinct config."""
     digest = hashlib.sha1(json.dumps(config_lib.to_dict(cfg), sort_keys=True, default=str).encode()).hexdigest()
@@ -88,7 +97,7 @@ def plan(config: str, sweep=None, workdir: str = ".", overrides: Mapping[str, An
                              "remove the duplicate")
         names.add(name)
         sets = [f"{k}={_format_value(v)}" for k, v in {**dict(overrides or {}), **point}.items()]
-        points.append(dict(index=i, name=name, overrides=point, cfg=cfg, path=os.path.join(workdir, name),
+        points.append(dict(index=i, name=name, overrides=point, cfg=cfg, path=_join(workdir, name),
                            sets=sets))
     return points
 
@@ -213,20 +222,25 @@ def run(config: str, sweep=None, workdir: str = "sweeps", runner: str = "local",
         raise ValueError(f"runner={runner!r}; allowed runners: {', '.join(RUNNERS)}")
     if parallel < 1:
         raise ValueError(f"parallel={parallel}: must be at least 1")
+    remote = is_remote(workdir)
+    if remote and runner != "tpu":
+        raise ValueError(f"workdir {workdir!r} is remote; the {runner!r} runner needs a local directory "
+                         "(remote workdirs are for runner='tpu')")
     points = plan(config, sweep, workdir, overrides)
-    os.makedirs(workdir, exist_ok=True)
+    if not remote:
+        os.makedirs(workdir, exist_ok=True)
     say = print if verbose else (lambda *a, **k: None)
     records, todo = {}, []
     for point in points:
         command = shlex.join(tpu_command(config, point, False) if runner == "tpu" else cli_command(config, point))
-        finished = None if dry_run else _finished_record(point, command)
+        finished = None if dry_run or remote else _finished_record(point, command)
         if finished is not None:
             records[point["index"]] = finished
             say(f"[{point['index'] + 1}/{len(points)}] {point['name']}: finished earlier, skipped")
             continue
         if runner == "tpu":
             records[point["index"]] = _launch_tpu(config, point, dry_run, env)
-            if not dry_run:
+            if not dry_run and not remote:
                 _write_point_file(point, config, command)
             say(f"[{point['index'] + 1}/{len(points)}] {point['name']}: {records[point['index']]['status']}")
         elif dry_run:
@@ -245,7 +259,7 @@ def run(config: str, sweep=None, workdir: str = "sweeps", runner: str = "local",
         for point, command in todo:
             records[point["index"]] = dict(done[point["index"]], command=command)
     table = table_from_records([records[p["index"]] for p in points])
-    if not dry_run:
+    if not dry_run and not remote:
         table.to_csv(os.path.join(workdir, "results.csv"), index=False)
     return table
 
