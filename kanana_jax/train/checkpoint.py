@@ -1,19 +1,107 @@
-"""Orbax checkpoints of the train state and the data iterator state: async saves, keep-last-K, resume latest."""
+"""Orbax checkpoints of the train state, the data iterator state and the loop counters: async saves,
+keep-last-K, integrity checks at restore and fallback to the newest readable checkpoint.
+
+Layout: DIR/<step>/{state, data, meta}; meta holds the loop counters and a checksum per state leaf (orbax
+does not checksum array data, so a flipped bit would otherwise restore silently). Orbax writes a step into DIR/<step>.orbax-checkpoint-tmp-* and renames
+it on commit, so a write cut short (kill, crash, preemption) leaves only a tmp dir, which is ignored and
+removed at the next start. A committed step that cannot be read back is moved to DIR.corrupt/ when an older
+one is restored instead.
+"""
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
+import shutil
+import time
 
+import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+log = logging.getLogger("kanana_jax.train")
+
+ITEMS = ("state", "data", "meta")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint step cannot be restored; the message names the step, its path and the cause."""
+
+    def __init__(self, step: int, path: str, cause: str):
+        super().__init__(f"checkpoint step {step} at {path}: {cause}")
+        self.step, self.path, self.cause = step, path, cause
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The checkpoint's parameter tree differs from the one this config builds (shapes, dtypes or paths)."""
+
+
+@dataclasses.dataclass
+class Restored:
+    step: int
+    state: object        # TrainState laid out like the abstract state
+    data_state: dict     # the data iterator's get_state()
+    loop_state: dict     # loop counters (skipped updates)
+
+
+def _leaf_bits(x):
+    """The raw bits of `x` as unsigned ints, widened to uint32."""
+    unsigned = {4: jnp.uint32, 2: jnp.uint16, 1: jnp.uint8}[jnp.dtype(x.dtype).itemsize]
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+@jax.jit
+def state_checksums(state):
+    """uint32[L]: per leaf of `state`, the sum mod 2**32 of its raw bits (independent of sharding and order)."""
+    return jnp.stack([jnp.sum(_leaf_bits(x), dtype=jnp.uint32) for x in jax.tree.leaves(state)])
+
+
+def _path_str(path) -> str:
+    """'params/embed/embedding' for a jax key path (dict keys, attributes and sequence indices alike)."""
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def leaves_by_path(tree) -> dict:
+    """{'a/b/c': leaf} in jax.tree.leaves order."""
+    return {_path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def tree_diff(saved: dict, expected: dict, limit: int = 30) -> list[str]:
+    """Lines 'path: saved shape dtype, expected shape dtype' for every leaf that differs or exists on one side
+    (parameters first)."""
+    lines = []
+    for path in sorted(set(saved) | set(expected), key=lambda p: (not p.startswith("params/"), p)):
+        s, e = saved.get(path), expected.get(path)
+        if s is None:
+            lines.append(f"{path}: missing in the checkpoint, expected {tuple(e.shape)} {e.dtype}")
+        elif e is None:
+            lines.append(f"{path}: saved {tuple(s.shape)} {s.dtype}, not in this config's state")
+        elif tuple(s.shape) != tuple(e.shape) or str(s.dtype) != str(e.dtype):
+            lines.append(f"{path}: saved {tuple(s.shape)} {s.dtype}, expected {tuple(e.shape)} {e.dtype}")
+    if len(lines) > limit:
+        lines = lines[:limit] + [f"... and {len(lines) - limit} more"]
+    return lines
 
 
 class Checkpointer:
-    """Saves {'state': TrainState pytree, 'data': iterator state (JSON)} under WORKDIR/checkpoints/<step>."""
+    """Saves {'state': TrainState, 'data': iterator state, 'meta': counters and checksums} under DIRECTORY/<step>."""
 
     def __init__(self, directory: str, *, keep: int, async_save: bool):
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                               create=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+                                               create=True, cleanup_tmp_directories=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+    def step_path(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -21,18 +109,90 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def save(self, step: int, state, data_state: dict) -> bool:
-        """Starts a (possibly asynchronous) save of `state` and `data_state` at `step`."""
+    def save(self, step: int, state, data_state: dict, loop_state: dict | None = None) -> bool:
+        """Starts a (possibly asynchronous) save at `step`; it becomes visible only once fully written."""
+        meta = {"loop": dict(loop_state or {}), "state_checksums": [int(c) for c in state_checksums(state)]}
         return self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+            meta=ocp.args.JsonSave(meta)), force=True)
 
-    def restore(self, step: int, abstract_state):
-        """(state, data_state) at `step`, laid out like `abstract_state` (a tree of arrays or ShapeDtypeStructs)."""
+    def verify(self, step: int, abstract_state):
+        """Raises CheckpointError if `step` lacks an item or its metadata is unreadable, and
+        CheckpointMismatchError (with a per-parameter diff) if its tree differs from `abstract_state`."""
+        path = self.step_path(step)
+        for item in ITEMS:
+            if not os.path.isdir(os.path.join(path, item)):
+                raise CheckpointError(step, path, f"item '{item}' is missing (a partial or damaged checkpoint)")
+        try:
+            meta = ocp.StandardCheckpointer().metadata(os.path.join(path, "state")).item_metadata
+        except Exception as e:  # orbax raises many types for damaged metadata
+            raise CheckpointError(step, path, f"unreadable metadata of item 'state': {type(e).__name__}: {e}") from e
+        if meta is None:
+            raise CheckpointError(step, path, "unreadable metadata of item 'state' (orbax cannot parse state/_METADATA)")
+        saved = leaves_by_path(meta.tree)
+        diff = tree_diff(saved, leaves_by_path(abstract_state))
+        if diff:
+            raise CheckpointMismatchError(step, path, "the saved train state does not match this config "
+                                          "(path: saved, expected):\n  " + "\n  ".join(diff))
+
+    def restore(self, step: int, abstract_state) -> Restored:
+        """The checkpoint at `step`, laid out like `abstract_state`; CheckpointError names what is wrong."""
+        path = self.step_path(step)
         if step not in self.manager.all_steps():
-            raise FileNotFoundError(f"no checkpoint for step {step} under {self.directory}")
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-        return restored["state"], restored["data"]
+            raise CheckpointError(step, path, f"no committed checkpoint for this step (have {self.all_steps()})")
+        self.verify(step, abstract_state)
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+                meta=ocp.args.JsonRestore()))
+        except Exception as e:  # truncated or corrupt array files surface as tensorstore errors of many types
+            message = str(e).split("\n")[0][:500]
+            raise CheckpointError(step, path, f"unreadable data: {type(e).__name__}: {message}") from e
+        meta = restored["meta"] or {}
+        saved_sums = meta.get("state_checksums")
+        if saved_sums is not None:
+            sums = [int(c) for c in state_checksums(restored["state"])]
+            bad = [p for p, a, b in zip(leaves_by_path(abstract_state), saved_sums, sums) if a != b]
+            if bad or len(saved_sums) != len(sums):
+                raise CheckpointError(step, path, f"data of {len(bad)} state leaves differ from their checksum "
+                                      f"at save (silent corruption), first: {bad[:1]}")
+        return Restored(step, restored["state"], restored["data"], dict(meta.get("loop", {})))
+
+    def restore_latest(self, abstract_state, *, fallback: bool) -> Restored | None:
+        """The newest checkpoint that restores; None if there is none. An unreadable newer one is moved aside
+        (with `fallback`) or raised (without). If none restores, the newest one's error is raised."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        errors = []
+        for step in steps:
+            try:
+                restored = self.restore(step, abstract_state)
+            except CheckpointError as e:
+                errors.append(e)
+                if not fallback:
+                    raise CheckpointError(e.step, e.path, e.cause + "\n(train.checkpoint_fallback=false; set it "
+                                          "to true to resume from an older readable checkpoint)") from e
+                log.warning("checkpoint step %d is not usable: %s", step, e)
+                continue
+            if errors:
+                for bad in errors:
+                    self.quarantine(bad.step)
+                log.warning("fell back to checkpoint step %d (newer unusable: %s); moved those to %s",
+                            step, ", ".join(str(b.step) for b in errors), self.directory + ".corrupt")
+            return restored
+        if errors:
+            raise errors[0]
+        return None
+
+    def quarantine(self, step: int):
+        """Moves step `step` out of the managed directory (to DIR.corrupt/<step>-<time>) so it can be rewritten."""
+        if jax.process_index() == 0:
+            target_dir = self.directory + ".corrupt"
+            os.makedirs(target_dir, exist_ok=True)
+            shutil.move(self.step_path(step), os.path.join(target_dir, f"{step}-{int(time.time())}"))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"kanana_jax checkpoint quarantine {step}")
+        self.manager.reload()
 
     def wait(self):
         self.manager.wait_until_finished()

@@ -7,7 +7,6 @@ import os
 import time
 
 import jax
-import numpy as np
 
 from kanana_jax import config as config_lib
 from kanana_jax import sharding
@@ -16,8 +15,10 @@ from kanana_jax.data import pipeline
 from kanana_jax.data.tokenizer import make_tokenizer
 from kanana_jax.model.flops import flops_per_token
 from kanana_jax.train.builder import Trainer, build_trainer
-from kanana_jax.train.checkpoint import Checkpointer
+from kanana_jax.train.checkpoint import Checkpointer, leaves_by_path
 from kanana_jax.train.metrics import MetricsWriter, peak_flops_per_device
+from kanana_jax.train.nonfinite import NonFinitePolicy, poison_batch
+from kanana_jax.train.preemption import PreemptionWatcher
 
 log = logging.getLogger("kanana_jax.train")
 
@@ -59,14 +60,18 @@ def _train(trainer: Trainer, workdir: str, stop_after: int | None) -> dict:
                                 async_save=cfg.train.async_checkpoint)
     data = pipeline.make_iterator(cfg.data, split="train", seed=cfg.train.seed,
                                   shard_index=jax.process_index(), shard_count=jax.process_count())
-    latest = checkpointer.latest_step()
-    if latest is None:
-        state = trainer.init(jax.random.PRNGKey(cfg.train.seed))
+    abstract = trainer.abstract_state()
+    restored = checkpointer.restore_latest(abstract, fallback=cfg.train.checkpoint_fallback)
+    if restored is None:
+        state, counters = trainer.init(jax.random.PRNGKey(cfg.train.seed)), {}
     else:
-        state, data_state = checkpointer.restore(latest, trainer.abstract_state())
-        data.set_state(data_state)
-        log.warning("resumed from %s at step %d", checkpointer.directory, latest)
+        state, counters = restored.state, restored.loop_state
+        data.set_state(restored.data_state)
+        log.warning("resumed from %s at step %d", checkpointer.step_path(restored.step), restored.step)
     start = int(state.step)
+    param_paths = list(leaves_by_path(abstract.params))
+    nonfinite = NonFinitePolicy(cfg.train, param_paths, counters)
+    poison = set(cfg.train.debug_poison_steps)
 
     writer = MetricsWriter(workdir, resume_step=start, tensorboard=cfg.train.tensorboard,
                            progress_bar=cfg.train.progress_bar, total_steps=cfg.train.steps)
@@ -75,26 +80,43 @@ def _train(trainer: Trainer, workdir: str, stop_after: int | None) -> dict:
     tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
     last_row, window_start, window_steps = {}, time.perf_counter(), 0
     end = cfg.train.steps if stop_after is None else min(stop_after, cfg.train.steps)
-    for step in range(start, end):
-        batch = sharding.put_batch(next(data), trainer.batch_sharding)
-        state, metrics = trainer.train_step(state, batch)
-        window_steps += 1
-        writer.advance()
-        done = step + 1
-        if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-            metrics = jax.device_get(metrics)
-            elapsed = time.perf_counter() - window_start
-            tokens_per_s = window_steps * tokens_per_step / elapsed
-            metrics.update(learning_rate=trainer.schedule(step), tokens_per_s=tokens_per_s,
-                           mfu=tokens_per_s * flops_token / peak)
-            if not np.isfinite(metrics["loss"]):
-                raise FloatingPointError(f"non-finite loss {metrics['loss']} at step {done}")
-            if cfg.train.eval_every and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
-                metrics.update(evaluate(trainer, state.params))
-            last_row = writer.write(done, metrics)
-            window_start, window_steps = time.perf_counter(), 0
-        if (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or done == end:
-            checkpointer.save(done, state, data.get_state())
+    pending = None  # (step, metrics) not yet checked for non-finite values: read one step late, not to stall
+    with PreemptionWatcher() as preemption:
+        for step in range(start, end):
+            done = step + 1
+            batch = next(data)
+            if done in poison:
+                batch = poison_batch(batch)
+            state, metrics = trainer.train_step(state, sharding.put_batch(batch, trainer.batch_sharding))
+            if pending is not None:
+                nonfinite.check(*pending)
+            pending = (done, metrics)
+            window_steps += 1
+            writer.advance()
+            log_now = done % cfg.train.log_every == 0 or done == cfg.train.steps
+            preempted = preemption.should_stop(done)
+            save_now = (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or done == end
+            if log_now or save_now or preempted:
+                nonfinite.check(*pending)
+                pending = None
+            if log_now:
+                metrics = jax.device_get(metrics)
+                metrics.pop("first_nonfinite_grad_leaf", None)
+                elapsed = time.perf_counter() - window_start
+                tokens_per_s = window_steps * tokens_per_step / elapsed
+                metrics.update(learning_rate=trainer.schedule(step), tokens_per_s=tokens_per_s,
+                               mfu=tokens_per_s * flops_token / peak, skipped_updates=nonfinite.skipped)
+                if cfg.train.eval_every and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
+                    metrics.update(evaluate(trainer, state.params))
+                last_row = writer.write(done, metrics)
+                window_start, window_steps = time.perf_counter(), 0
+            if save_now or preempted:
+                checkpointer.save(done, state, data.get_state(), nonfinite.counters())
+            if preempted:
+                log.warning("%s at step %d: saved checkpoint %s; exiting. Relaunch the same command to resume.",
+                            preemption.reason, done, checkpointer.step_path(done))
+                last_row = dict(last_row, preempted_at_step=done)
+                break
     checkpointer.close()
     writer.close()
     return last_row

@@ -10,7 +10,7 @@ import optax
 
 from kanana_jax import sharding
 from kanana_jax.config import ExperimentConfig
-from kanana_jax.train import hooks
+from kanana_jax.train import hooks, nonfinite
 
 
 @flax.struct.dataclass
@@ -45,15 +45,18 @@ def state_shardings(model, optimizer, cfg: ExperimentConfig, mesh, rules) -> Tra
 
 
 def train_step(state: TrainState, batch, *, model, optimizer, stage, cfg: ExperimentConfig):
-    """One update: loss and grads, optimizer, post-update rules (router bias, MuonClip), metrics."""
+    """One update: loss and grads, optimizer, post-update rules (router bias, MuonClip), metrics; a step with a
+    non-finite loss or gradient keeps the old params and optimizer state (nonfinite.guard)."""
     grad_fn = jax.value_and_grad(functools.partial(stage.loss_fn, model), has_aux=True)
     (loss, aux), grads = grad_fn(state.params, batch, cfg)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     params, hook_metrics = hooks.post_update(params, aux["intermediates"], cfg)
+    new_state, guard_metrics = nonfinite.guard(
+        state, TrainState(step=state.step + 1, params=params, opt_state=opt_state), loss, grads)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux["metrics"], **hook_metrics,
-               **hooks.routing_metrics(aux["intermediates"])}
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+               **hooks.routing_metrics(aux["intermediates"]), **guard_metrics}
+    return new_state, metrics
 
 
 def eval_step(params, batch, *, model, stage, cfg: ExperimentConfig):
