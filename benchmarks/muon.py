@@ -26,15 +26,14 @@ import optax  # noqa: E402
 
 from benchmarks import peers  # noqa: E402
 from kanana_jax.optim import muon as kmuon  # noqa: E402
-from kanana_jax.optim import orthogonalize  # noqa: E402
+from kanana_jax.optim import orthogonalize, polar_express  # noqa: E402
 
 LR = 1e-3
 VARIANTS = {  # name -> scale_by_muon keyword arguments
-    "pe_gram_restart3": dict(algorithm="gram", restart_every=3),
-    "pe_gram_restart3_grouped": dict(algorithm="gram", restart_every=3, group=True),
-    "pe_gram_norestart": dict(algorithm="gram", restart_every=0),
+    "pe_gram": dict(algorithm="gram"),                          # default: restarts at steps 1 and 3
+    "pe_gram_norestart": dict(algorithm="gram", max_segment_gain=float("inf"), max_segment_steps=99),
     "pe_direct": dict(algorithm="direct"),
-    "pe_gram_restart3_mu_bf16": dict(algorithm="gram", restart_every=3, mu_dtype=jnp.bfloat16),
+    "pe_gram_mu_bf16": dict(algorithm="gram", mu_dtype=jnp.bfloat16),
 }
 
 
@@ -68,12 +67,14 @@ def orth_error(updates, n_sample=16):
     return float(np.sqrt(np.mean(d**2))), float(d.max())
 
 
-def update_flops(params, algorithm, restart_every, steps=5):
+def update_flops(params, algorithm, max_segment_gain=16.0, max_segment_steps=2):
+    sched = polar_express.resolve("polar_express_5")[0]
+    restarts = orthogonalize.restart_steps(sched, max_segment_gain, max_segment_steps)
     total = 0
     for p in jax.tree.leaves(params):
         m, n = sorted(p.shape[-2:])
-        alg = orthogonalize.choose_algorithm(m, n, steps, restart_every) if algorithm == "auto" else algorithm
-        total += math.prod(p.shape[:-2]) * orthogonalize.flops(m, n, steps, alg, restart_every)
+        alg = orthogonalize.choose_algorithm(m, n, len(sched), restarts) if algorithm == "auto" else algorithm
+        total += math.prod(p.shape[:-2]) * orthogonalize.flops(m, n, len(sched), alg, restarts)
     return total
 
 
@@ -116,13 +117,13 @@ def main():
         state = tx.init(params)
         ms = 1e3 * peers.bench(upd, grads, state, params, reps=args.reps)
         u, _ = upd(grads, state, params)
-        fl = update_flops(params, kw["algorithm"], kw.get("restart_every", 3))
+        fl = update_flops(params, kw["algorithm"], kw.get("max_segment_gain", 16.0), kw.get("max_segment_steps", 2))
         dist = max(float(jnp.max(jnp.abs(u[k] - u_svd[k])) / (LR * width_scale(u[k]))) for k in u)
         res[name] = {"ms": ms, "ratio_vs_optax": peer_ms / ms, "orth_err_rms_max": orth_error(u),
                      "max_abs_diff_to_svd_polar": dist, "matmul_tflop": fl / 1e12, "tflops": fl / ms / 1e9}
         print(f"{name}: {ms:.2f} ms  {peer_ms / ms:.2f}x  {fl / ms / 1e9:.0f} TFLOP/s  "
               f"orth err {res[name]['orth_err_rms_max']}  |u - svd| {dist:.3f}", flush=True)
-        if args.hlo and name == "pe_gram_restart3":
+        if args.hlo and name == "pe_gram":
             text = upd.lower(grads, state, params).compile().as_text()
             res[name]["hlo"] = hlo_summary(text)
             with open(args.hlo, "w") as f:
@@ -131,13 +132,13 @@ def main():
     # The orthogonalization alone on the bf16 momentum (no momentum/scaling passes), per schedule.
     xs = [jnp.swapaxes(grads["experts_up"], 1, 2).astype(jnp.bfloat16), grads["experts_down"].astype(jnp.bfloat16)]
     wq = [grads["wq"][None].astype(jnp.bfloat16)]
-    for alg, re_ in (("gram", 3), ("direct", 3), ("gram", 0)):
-        f = jax.jit(lambda a, b: (orthogonalize.orthogonalize_group(a, algorithm=alg, restart_every=re_),
-                                  orthogonalize.orthogonalize_group(b, algorithm=alg, restart_every=re_)))
-        ms = 1e3 * peers.bench(f, xs, wq, reps=args.reps)
-        fl = update_flops(params, alg, re_)
-        res[f"orthogonalize_only_{alg}_r{re_}"] = {"ms": ms, "tflops": fl / ms / 1e9}
-        print(f"orthogonalize only ({alg}, restart_every={re_}): {ms:.2f} ms {fl / ms / 1e9:.0f} TFLOP/s", flush=True)
+    for alg in ("gram", "direct"):
+        kw = dict(algorithm=alg, out_dtypes=[jnp.float32])
+        f = jax.jit(lambda x1, x2, w: [orthogonalize.orthogonalize_group([x], **kw) for x in (x1, x2, w)])
+        ms = 1e3 * peers.bench(f, xs[0], xs[1], wq[0], reps=args.reps)
+        fl = update_flops(params, alg)
+        res[f"orthogonalize_only_{alg}"] = {"ms": ms, "tflops": fl / ms / 1e9}
+        print(f"orthogonalize only ({alg}): {ms:.2f} ms {fl / ms / 1e9:.0f} TFLOP/s", flush=True)
 
     # Calibration of the cost model: one batched m^3 GEMM, one m^2 n GEMM and one m x m elementwise pass.
     a = xs[1][:, :, :768] if not args.small else xs[1][:, :, :xs[1].shape[1]]

@@ -92,7 +92,8 @@ def _orthogonalize_sharded(xs, mesh, **kw):
 
 def scale_by_muon(*, beta: float = 0.95, nesterov: bool = True, method: str = "polar_express",
                   coeffs=None, steps: int | None = None, scaling: str = "rms_match", rms: float = 0.2,
-                  dtype=jnp.bfloat16, mu_dtype=None, algorithm: str = "auto", restart_every: int = 3,
+                  dtype=jnp.bfloat16, mu_dtype=None, algorithm: str = "auto", max_segment_gain: float = 16.0,
+                  max_segment_steps: int = 2,
                   per_head: bool = False, group: bool | None = None, epilogue_dtype=None,
                   axes_fn: Callable[[str, int], MatrixAxes] | None = None,
                   mesh: jax.sharding.Mesh | None = None) -> optax.GradientTransformation:
@@ -108,7 +109,8 @@ def scale_by_muon(*, beta: float = 0.95, nesterov: bool = True, method: str = "p
         raise ValueError(f"muon beta={beta} must lie in [0, 1)")
     axes_fn = axes_fn or (lambda path, ndim: partition.matrix_axes(path, ndim, per_head))
     orth_kw = dict(method=method, coeffs=coeffs, steps=steps, dtype=dtype, algorithm=algorithm,
-                   restart_every=restart_every, epilogue_dtype=epilogue_dtype)
+                   max_segment_gain=max_segment_gain,
+                   max_segment_steps=max_segment_steps, epilogue_dtype=epilogue_dtype)
     stack = (mesh is not None) if group is None else group
 
     def init_fn(params):
