@@ -33,6 +33,30 @@ if [ ! -f "$STAMP" ]; then
   "$VENV/bin/python" -m pip install -q -e ".[dev,tpu]"
   touch "$STAMP"
 fi
+# --- HF reference venv (owner: kanana_jax/convert) -------------------------------------------------------------
+# The HuggingFace parity tests (tests/test_convert_*.py) run transformers' DeepseekV3 in a separate Python 3.11
+# venv, .venv-hf, with the CPU build of torch 2.13.0 (found on local disk; never a CUDA build). Built only when
+# the command is pytest, so `kanana-jax run` stays light. If it cannot be built, those tests fail with a message
+# saying how to provide it (KANANA_HF_PYTHON).
+HF_VENV=.venv-hf
+HF_REQS="torch==2.13.0+cpu transformers==5.24.0 safetensors"
+if [[ " $* " == *pytest* ]] && [ -z "${KANANA_HF_PYTHON:-}" ] && \
+   [ ! -f "$HF_VENV/.installed-$(echo "$HF_REQS" | sha1sum | cut -c1-12)" ]; then
+  HF_PY=""
+  if command -v pyenv >/dev/null 2>&1 && [ -x "$(pyenv prefix 3.11.7 2>/dev/null)/bin/python3.11" ]; then
+    HF_PY="$(pyenv prefix 3.11.7)/bin/python3.11"
+  elif command -v python3.11 >/dev/null 2>&1 && python3.11 -c 'import sys' 2>/dev/null; then
+    HF_PY="$(command -v python3.11)"
+  fi
+  if [ -n "$HF_PY" ] && { [ -x "$HF_VENV/bin/python" ] || "$HF_PY" -m venv "$HF_VENV"; } && \
+     "$HF_VENV/bin/python" -m pip install -q --disable-pip-version-check $HF_REQS >"$HF_VENV/pip.log" 2>&1; then
+    touch "$HF_VENV/.installed-$(echo "$HF_REQS" | sha1sum | cut -c1-12)"
+  else
+    [ -f "$HF_VENV/pip.log" ] && tail -n 20 "$HF_VENV/pip.log" >&2
+    echo "launch/local.sh: could not build $HF_VENV (Python 3.11 + $HF_REQS); the HF parity tests will fail" >&2
+  fi
+fi
+# --- end HF reference venv -------------------------------------------------------------------------------------
 # libtpu is installed for ahead-of-time TPU compilation; on a machine with no TPU or GPU, run on the CPU.
 if [ -z "${JAX_PLATFORMS:-}" ] && ! ls /dev/accel* /dev/vfio/* >/dev/null 2>&1 && ! command -v nvidia-smi >/dev/null 2>&1; then
   export JAX_PLATFORMS=cpu

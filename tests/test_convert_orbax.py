@@ -1,0 +1,78 @@
+"""HF checkpoint -> training workdir (step 0) -> `kanana-jax run` resumes from it -> HF export, through the CLI."""
+import json
+import os
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import pretrain
+from kanana_jax import cli
+from kanana_jax import config as config_lib
+from kanana_jax.convert import hf_config
+from kanana_jax.convert.hf_export import export_hf
+from kanana_jax.convert.orbax_hf import restore_params
+from kanana_jax.convert.safetensors_io import SafetensorsCheckpoint
+from kanana_jax.model import Transformer
+
+SPEC = "experiments/pretrain.py:size=tiny,steps=2,batch=4,seq_len=32"
+SETS = ["train.eval_every=0", "train.tensorboard=false", "train.progress_bar=false", "train.async_checkpoint=false",
+        "train.log_every=1"]
+
+
+def _experiment():
+    c = pretrain.get_config("size=tiny,steps=2,batch=4,seq_len=32")
+    config_lib.apply_overrides(c, cli.parse_overrides(SETS))
+    return config_lib.load(c)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A HF checkpoint of random tiny-model params with a non-zero router bias (written by our exporter)."""
+    cfg = _experiment().model
+    params = flax.linen.unbox(jax.jit(Transformer(cfg).init)(jax.random.PRNGKey(7), jnp.zeros((1, 4), jnp.int32)))
+    params = params["params"]
+    bias = params["moe_layers"]["moe"]["router"]["bias"]
+    params["moe_layers"]["moe"]["router"]["bias"] = jax.random.uniform(jax.random.PRNGKey(1), bias.shape) * 0.1
+    out = tmp_path_factory.mktemp("hf") / "tiny"
+    export_hf(params, cfg, str(out), max_shard_bytes=200_000)
+    return out
+
+
+def test_hf_to_orbax_train_and_back(hf_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    workdir = tmp_path / "run"
+    cli.main(["convert", "hf-config", str(hf_dir)])
+    printed = capsys.readouterr().out
+    assert '"n_group": 2' in printed and "--set model.d_model=128" in printed
+
+    set_args = [a for s in SETS for a in ("--set", s)]
+    cli.main(["convert", "hf-to-orbax", str(hf_dir), SPEC, "--workdir", str(workdir), *set_args])
+    # The step-0 checkpoint holds exactly the HF weights: export it back, bit for bit.
+    cli.main(["convert", "orbax-to-hf", str(workdir), str(tmp_path / "back0"), "--step", "0"])
+    original, back = SafetensorsCheckpoint(str(hf_dir)), SafetensorsCheckpoint(str(tmp_path / "back0"))
+    assert original.names() == back.names()
+    assert all(original.get(n).tobytes() == back.get(n).tobytes() for n in original.names())
+
+    # `kanana-jax run` resumes from the imported step 0 and trains; the export of its last step has moved.
+    cli.main(["run", SPEC, "--workdir", str(workdir), *set_args])
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert np.isfinite(row["loss"])
+    cli.main(["convert", "orbax-to-hf", str(workdir), str(tmp_path / "back2"), "--dtype", "bfloat16",
+              "--base", str(hf_dir)])
+    trained = SafetensorsCheckpoint(str(tmp_path / "back2"))
+    assert trained.names() == original.names()
+    name = "model.layers.1.self_attn.kv_b_proj.weight"
+    assert trained.get(name).dtype == jnp.bfloat16
+    assert not np.array_equal(trained.get(name).astype(np.float32), original.get(name).astype(np.float32))
+    step, params = restore_params(str(workdir))
+    assert step == 2 and "opt_state" not in params
+
+
+def test_hf_to_orbax_refuses_a_different_architecture(hf_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with pytest.raises(hf_config.HFConfigError, match=r"--set model.n_heads=4"):
+        cli.main(["convert", "hf-to-orbax", str(hf_dir), SPEC, "--workdir", str(tmp_path / "x"), "--set",
+                  "model.n_heads=8"])
