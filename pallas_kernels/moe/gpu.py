@@ -21,6 +21,7 @@ DEFAULT_GMM = Tiling(tm=128, tk=64, tn=256, stages=3)
 DEFAULT_TGMM = Tiling(tm=64, tk=256, tn=128, stages=3)
 _INTERPRET_SMS = 3  # CTAs in interpret mode: small, but > 1 so the persistent loop strides
 _MEMORY_REGISTERS = 40
+_ALIGN = 8  # TMA into (8, 64)-tiled shared memory needs row offsets that are multiples of 8
 
 
 def _num_sms(interpret) -> int:
@@ -49,15 +50,16 @@ def _check_dtypes(lhs, rhs, name):
             "cast them to bfloat16 or pass backend='reference'")
 
 
-def _store_rows(src_smem, dst_gmem_rows, rows, max_rows):
-    """TMA-store the first `rows` (dynamic, <= max_rows) rows of src_smem [R, C]; dst_gmem_rows(off, p) is the target."""
-    off = jnp.int32(0)
+def _store_rows(src_smem, dst_gmem_rows, start, count, max_rows):
+    """TMA-store rows [start, start+count) (dynamic; count <= max_rows) of src_smem [R, C] with a ladder of
+    power-of-two stores (TMA boxes are static); dst_gmem_rows(off, p) is the target of rows [off, off+p)."""
+    off = start
     p = 1 << (max_rows.bit_length() - 1)
     while p >= 1:
-        @pl.when((rows & p) != 0)
+        @pl.when((count & p) != 0)
         def _(off=off, p=p):
             plgpu.copy_smem_to_gmem(src_smem.at[pl.ds(off, p)], dst_gmem_rows(off, p))
-        off = off + (rows & p)
+        off = off + (count & p)
         p //= 2
 
 
@@ -82,19 +84,16 @@ def gmm(lhs_MxK, rhs, group_sizes_E, *, transpose_rhs=False, out_dtype=None, til
                   out_dtype=out_dtype, tiling=t, interpret=interpret)
         return out[:m]
     sizes = tiling_lib.with_tail_group(group_sizes_E, m)
-    max_tiles = tiling_lib.max_group_tiles(m, tm, num_experts + 1)
-    meta = tiling_lib.group_tiles(sizes, tm, max_tiles)
+    max_tiles = tiling_lib.max_group_tiles(m, tm, num_experts + 1, _ALIGN)
+    meta = tiling_lib.group_tiles(sizes, tm, max_tiles, _ALIGN)
     grid_n = n // tn
     half_n = tn // 2
     transforms, _ = _transforms(lhs_MxK.dtype)
     stages = max(2, min(t.stages, k // tk))
 
     def mma(_, lhs_smem, rhs_smem, acc_ref):
-        wg = lax.axis_index("wg")
-        if transpose_rhs:
-            b = rhs_smem.at[pl.ds(wg * half_n, half_n)].T
-        else:
-            b = rhs_smem.at[:, pl.ds(wg * half_n, half_n)]
+        cols = pl.ds(pl.multiple_of(lax.axis_index("wg") * half_n, half_n), half_n)
+        b = rhs_smem.at[cols].T if transpose_rhs else rhs_smem.at[:, cols]
         plgpu.wgmma(acc_ref, lhs_smem, b)
         plgpu.wgmma_wait(0)
         return acc_ref
@@ -123,7 +122,7 @@ def gmm(lhs_MxK, rhs, group_sizes_E, *, transpose_rhs=False, out_dtype=None, til
             compute_context=compute_context,
         )
 
-    def body(gid_ref, start_ref, rows_ref, lhs_gmem, rhs_gmem, out_gmem):
+    def body(gid_ref, start_ref, lo_ref, hi_ref, lhs_gmem, rhs_gmem, out_gmem):
         ignore = lambda *_, **__: None
         allocs = make_pipeline(0, 0, ignore).get_allocations(lhs_gmem, rhs_gmem.at[0])
 
@@ -136,7 +135,8 @@ def gmm(lhs_MxK, rhs, group_sizes_E, *, transpose_rhs=False, out_dtype=None, til
             def _(info):
                 (lin,) = info.index
                 tile, ni = lin // grid_n, lin % grid_n
-                g, row0, rows = gid_ref[tile], start_ref[tile], rows_ref[tile]
+                g, lo, hi = gid_ref[tile], lo_ref[tile], hi_ref[tile]
+                row0 = pl.multiple_of(start_ref[tile], _ALIGN)
 
                 def epilogue(acc_ref):
                     acc = acc_ref[...].astype(out_dtype)
@@ -144,14 +144,14 @@ def gmm(lhs_MxK, rhs, group_sizes_E, *, transpose_rhs=False, out_dtype=None, til
                     out_smem.at[wg][...] = acc
                     plgpu.commit_smem()
                     cols = pl.ds(ni * tn + wg * half_n, half_n)
-                    _store_rows(out_smem.at[wg], lambda off, p: out_gmem.at[pl.ds(row0 + off, p), cols], rows,
-                                min(tm, m))
+                    _store_rows(out_smem.at[wg], lambda off, p: out_gmem.at[pl.ds(row0 + off, p), cols], lo,
+                                hi - lo, min(tm, m))
 
-                @pl.when((rows > 0) & (g < num_experts))
+                @pl.when((hi > 0) & (g < num_experts))
                 def _():
                     make_pipeline(row0, ni, epilogue)(lhs_gmem, rhs_gmem.at[g], allocations=allocs)
 
-                @pl.when((rows > 0) & (g == num_experts) & (wg < 2))
+                @pl.when((hi > 0) & (g == num_experts) & (wg < 2))
                 def _():
                     pl.run_scoped(epilogue, plgpu.ACC((tm, half_n), jnp.float32))  # zero accumulator
 
@@ -169,7 +169,7 @@ def gmm(lhs_MxK, rhs, group_sizes_E, *, transpose_rhs=False, out_dtype=None, til
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=_interpret_params(interpret),
     )
-    return kernel(meta.group_ids, meta.row_start, meta.rows, lhs_MxK, rhs)
+    return kernel(meta.group_ids, meta.row_start, meta.lo, meta.hi, lhs_MxK, rhs)
 
 
 def tgmm(lhs_MxK, rhs_MxN, group_sizes_E, *, out_dtype=None, tiling: Tiling | None = None, interpret=False):
@@ -191,13 +191,14 @@ def tgmm(lhs_MxK, rhs_MxN, group_sizes_E, *, out_dtype=None, tiling: Tiling | No
         pad = ((0, tm - m), (0, 0))
         return tgmm(jnp.pad(lhs_MxK, pad), jnp.pad(rhs_MxN, pad), group_sizes_E, out_dtype=out_dtype, tiling=t,
                     interpret=interpret)
-    sizes = group_sizes_E.astype(jnp.int32)
-    starts = tiling_lib.group_offsets(sizes)[:-1]
+    offsets = tiling_lib.group_offsets(group_sizes_E)
+    starts, ends = offsets[:-1], offsets[1:]
+    bases = starts // _ALIGN * _ALIGN
     grid_k, grid_n = k // tk, n // tn
     half_k = tk // 2
     transforms, _ = _transforms(lhs_MxK.dtype)
 
-    def body(sizes_ref, starts_ref, lhs_gmem, rhs_gmem, out_gmem):
+    def body(starts_ref, ends_ref, bases_ref, lhs_gmem, rhs_gmem, out_gmem):
         wg = lax.axis_index("wg")
 
         @functools.partial(
@@ -210,8 +211,9 @@ def tgmm(lhs_MxK, rhs_MxN, group_sizes_E, *, out_dtype=None, tiling: Tiling | No
                 g = lin // (grid_k * grid_n)
                 ki = (lin // grid_n) % grid_k
                 ni = lin % grid_n
-                size, row0 = sizes_ref[g], starts_ref[g]
-                steps = (size + tm - 1) // tm
+                start, end = starts_ref[g], ends_ref[g]
+                base = pl.multiple_of(bases_ref[g], _ALIGN)
+                steps = (end - base + tm - 1) // tm
 
                 def epilogue(acc_ref):
                     acc = acc_ref[...].astype(out_dtype)
@@ -223,13 +225,16 @@ def tgmm(lhs_MxK, rhs_MxN, group_sizes_E, *, out_dtype=None, tiling: Tiling | No
 
                 def mma(idx, lhs_smem, rhs_smem, acc_ref):
                     (step,) = idx
-                    a = lhs_smem.at[:, pl.ds(wg * half_k, half_k)]
+                    a = lhs_smem.at[:, pl.ds(pl.multiple_of(wg * half_k, half_k), half_k)]
+                    chunk = base + step * tm
+                    first_partial = (step == 0) & (start != base)
+                    last_partial = (step == steps - 1) & ((end - base) % tm != 0)
 
-                    @pl.when((step == steps - 1) & (size % tm != 0))
-                    def _():  # zero the rows of the last block that belong to the next group
+                    @pl.when(first_partial | last_partial)
+                    def _():  # zero the block's rows that belong to the neighbouring groups
                         rows = lax.broadcasted_iota(jnp.int32, (tm, half_k), 0)
                         rows = plgpu.layout_cast(rows, plgpu.Layout.WGMMA)
-                        keep = (rows < size - step * tm).astype(a.dtype)
+                        keep = ((rows >= start - chunk) & (rows < end - chunk)).astype(a.dtype)
                         a[...] = a[...] * keep
                         plgpu.commit_smem()
 
@@ -243,16 +248,18 @@ def tgmm(lhs_MxK, rhs_MxN, group_sizes_E, *, out_dtype=None, tiling: Tiling | No
                         run(acc_ref)
                         epilogue(acc_ref)
 
-                @pl.when(size > 0)
+                @pl.when(end > start)
                 def _():
                     plgpu.emit_pipeline_warp_specialized(
                         mma,
                         grid=(steps,),
                         memory_registers=_MEMORY_REGISTERS,
                         in_specs=[
-                            plgpu.BlockSpec((pl.Element(tm), tk), lambda s: (row0 + s * tm, ki),
+                            plgpu.BlockSpec((pl.Element(tm), tk),
+                                            lambda s: (pl.multiple_of(base + s * tm, _ALIGN), ki),
                                             transforms=transforms),
-                            plgpu.BlockSpec((pl.Element(tm), tn), lambda s: (row0 + s * tm, ni),
+                            plgpu.BlockSpec((pl.Element(tm), tn),
+                                            lambda s: (pl.multiple_of(base + s * tm, _ALIGN), ni),
                                             transforms=transforms),
                         ],
                         wg_axis="wg",
@@ -261,7 +268,7 @@ def tgmm(lhs_MxK, rhs_MxN, group_sizes_E, *, out_dtype=None, tiling: Tiling | No
                         compute_context=compute_context,
                     )(lhs_gmem, rhs_gmem)
 
-                @pl.when((size == 0) & (wg < 2))
+                @pl.when((end == start) & (wg < 2))
                 def _():
                     pl.run_scoped(epilogue, plgpu.ACC((half_k, tn), jnp.float32))
 
@@ -279,4 +286,4 @@ def tgmm(lhs_MxK, rhs_MxN, group_sizes_E, *, out_dtype=None, tiling: Tiling | No
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=_interpret_params(interpret),
     )
-    return kernel(sizes, starts, lhs_MxK, rhs_MxN)
+    return kernel(starts, ends, bases, lhs_MxK, rhs_MxN)

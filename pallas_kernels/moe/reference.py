@@ -56,8 +56,9 @@ def default_block_rows(m: int, num_groups: int) -> int:
 def _blocks(group_sizes_E, m, tm):
     meta = tiling_lib.group_tiles(group_sizes_E.astype(jnp.int32), tm,
                                   tiling_lib.max_group_tiles(m, tm, group_sizes_E.shape[0]))
-    idx_TxR = meta.row_start[:, None] + jnp.arange(tm)[None, :]
-    valid_TxR = jnp.arange(tm)[None, :] < meta.rows[:, None]
+    r_R = jnp.arange(tm)[None, :]
+    idx_TxR = meta.row_start[:, None] + r_R
+    valid_TxR = (r_R >= meta.lo[:, None]) & (r_R < meta.hi[:, None])
     return meta.group_ids, jnp.where(valid_TxR, idx_TxR, m), valid_TxR
 
 

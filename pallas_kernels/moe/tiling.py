@@ -92,34 +92,38 @@ def aligned_visits(sizes_G: jax.Array, m: int, tm: int, *, visit_empty: bool) ->
 
 
 class GroupTiles(NamedTuple):
-    """Metadata for kernels whose m tiles start at group starts (the GPU kernels): no tile holds two groups.
+    """Metadata for kernels whose m tiles follow group starts (the GPU kernels): no tile computes two groups.
 
-    Tile t covers rows [row_start[t], row_start[t] + rows[t]) of group group_ids[t]; rows[t] == 0 marks an unused tile.
+    Tile t loads rows [row_start[t], row_start[t] + tm) (row_start a multiple of `align`) and owns rows
+    [row_start[t] + lo[t], row_start[t] + hi[t]) of group group_ids[t]; hi[t] == 0 marks an unused tile.
     """
 
     group_ids: jax.Array  # [T] int32
     row_start: jax.Array  # [T] int32
-    rows: jax.Array  # [T] int32
+    lo: jax.Array  # [T] int32
+    hi: jax.Array  # [T] int32
 
 
-def group_tiles(sizes_G: jax.Array, tm: int, max_tiles: int) -> GroupTiles:
-    """Tiles of at most tm rows, each inside one group, in group order; max_tiles bounds their number statically."""
+def group_tiles(sizes_G: jax.Array, tm: int, max_tiles: int, align: int = 1) -> GroupTiles:
+    """Tiles of tm rows starting at each group's start rounded down to `align`, in group order."""
     num_groups = sizes_G.shape[0]
     offsets = group_offsets(sizes_G)
-    n_tiles = (sizes_G + tm - 1) // tm
+    starts, ends = offsets[:-1], offsets[1:]
+    base = starts // align * align
+    n_tiles = jnp.where(sizes_G > 0, (ends - base + tm - 1) // tm, 0)
     cum = jnp.cumsum(n_tiles)
     t = jnp.arange(max_tiles, dtype=jnp.int32)
     gid = jnp.minimum(jnp.searchsorted(cum, t, side="right").astype(jnp.int32), num_groups - 1)
-    j = t - (cum[gid] - n_tiles[gid])
-    row_start = offsets[gid] + j * tm
-    rows = jnp.clip(sizes_G[gid] - j * tm, 0, tm)
-    rows = jnp.where(t < cum[-1], rows, 0)
-    return GroupTiles(gid, row_start.astype(jnp.int32), rows.astype(jnp.int32))
+    row_start = base[gid] + (t - (cum[gid] - n_tiles[gid])) * tm
+    used = t < cum[-1]
+    lo = jnp.where(used, jnp.clip(starts[gid] - row_start, 0, tm), 0)
+    hi = jnp.where(used, jnp.clip(ends[gid] - row_start, 0, tm), 0)
+    return GroupTiles(gid, row_start.astype(jnp.int32), lo.astype(jnp.int32), hi.astype(jnp.int32))
 
 
-def max_group_tiles(m: int, tm: int, num_groups: int) -> int:
-    """Upper bound of sum_g cdiv(size_g, tm) over num_groups groups whose sizes sum to at most m."""
-    return pl_cdiv(m, tm) + num_groups - 1
+def max_group_tiles(m: int, tm: int, num_groups: int, align: int = 1) -> int:
+    """Upper bound of the number of group_tiles over num_groups groups whose sizes sum to at most m."""
+    return pl_cdiv(m + (align - 1) * num_groups, tm) + num_groups - 1
 
 
 def pl_cdiv(a: int, b: int) -> int:
