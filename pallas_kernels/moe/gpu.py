@@ -18,7 +18,7 @@ from pallas_kernels.moe import tiling as tiling_lib
 from pallas_kernels.moe.tiling import Tiling
 
 DEFAULT_GMM = Tiling(tm=128, tk=64, tn=256, stages=3)
-DEFAULT_TGMM = Tiling(tm=64, tk=256, tn=128, stages=3)
+DEFAULT_TGMM = Tiling(tm=64, tk=128, tn=256, stages=3)
 _INTERPRET_SMS = 3  # CTAs in interpret mode: small, but > 1 so the persistent loop strides
 _MEMORY_REGISTERS = 40
 _ALIGN = 8  # TMA into (8, 64)-tiled shared memory needs row offsets that are multiples of 8
