@@ -1,5 +1,7 @@
 """Kill-and-resume harness worker: the real `kanana-jax` command line, plus markers on stdout that let a test
 time its kills. Usage: python tests/killrun_worker.py run CONFIG --workdir D [--set k=v ...]
+Or `python tests/killrun_worker.py preemption-sync PROCESS_ID NUM_PROCESSES PORT`: one of several CPU processes
+(jax.distributed) that count steps with a PreemptionWatcher and print 'STOP <step>' where they agree to stop.
 
 Markers (one per line, flushed): 'STEP n' after step n's metrics are written, 'SAVE n' when the save of
 checkpoint n starts, 'COMMIT n' when checkpoint n is fully written but not yet committed (renamed from its
@@ -48,8 +50,28 @@ def install_markers():
     rename_cls.finalize = finalize_marked
 
 
+def preemption_sync(process_id: int, num_processes: int, port: int):
+    import time
+
+    import jax
+    jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=num_processes,
+                               process_id=process_id, initialization_timeout=120)
+    from kanana_jax.train.preemption import PreemptionWatcher
+    with PreemptionWatcher() as watcher:
+        _mark(f"READY {jax.process_count()}")
+        for step in range(1, 100_000):
+            time.sleep(0.01)
+            if watcher.should_stop(step):
+                _mark(f"STOP {step} {watcher.reason}")
+                break
+    jax.distributed.shutdown()
+
+
 def main():
     sys.path.insert(0, os.getcwd())
+    if sys.argv[1] == "preemption-sync":
+        preemption_sync(*map(int, sys.argv[2:5]))
+        return
     install_markers()
     from kanana_jax import cli
     cli.main(sys.argv[1:])

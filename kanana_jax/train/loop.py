@@ -43,11 +43,15 @@ def evaluate(trainer: Trainer, params) -> dict:
 
 
 def run(cfg: ExperimentConfig, workdir: str, *, stop_after: int | None = None) -> dict:
-    """Trains `cfg` in `workdir`, resuming from its latest checkpoint; returns the last logged metrics.
-    `stop_after` ends this invocation after that step (with a checkpoint), as a preempted run would."""
+    """Trains `cfg` in `workdir`, resuming from its newest readable checkpoint; returns the last logged metrics.
+    `stop_after` ends this invocation after that step (with a checkpoint). SIGTERM (or a multi-host preemption
+    notice) saves a checkpoint at the next step boundary and returns with 'preempted_at_step' set."""
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
+    path = os.path.join(workdir, "config.json")
+    tmp = f"{path}.tmp{jax.process_index()}"   # written aside and renamed: a kill never leaves half a file
+    with open(tmp, "w") as f:
         json.dump(config_lib.to_dict(cfg), f, indent=1)
+    os.replace(tmp, path)
     check_vocab(cfg, make_tokenizer(cfg.data.tokenizer))
     trainer = build_trainer(cfg)
     with trainer.context():
@@ -81,42 +85,44 @@ def _train(trainer: Trainer, workdir: str, stop_after: int | None) -> dict:
     last_row, window_start, window_steps = {}, time.perf_counter(), 0
     end = cfg.train.steps if stop_after is None else min(stop_after, cfg.train.steps)
     pending = None  # (step, metrics) not yet checked for non-finite values: read one step late, not to stall
-    with PreemptionWatcher() as preemption:
-        for step in range(start, end):
-            done = step + 1
-            batch = next(data)
-            if done in poison:
-                batch = poison_batch(batch)
-            state, metrics = trainer.train_step(state, sharding.put_batch(batch, trainer.batch_sharding))
-            if pending is not None:
-                nonfinite.check(*pending)
-            pending = (done, metrics)
-            window_steps += 1
-            writer.advance()
-            log_now = done % cfg.train.log_every == 0 or done == cfg.train.steps
-            preempted = preemption.should_stop(done)
-            save_now = (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or done == end
-            if log_now or save_now or preempted:
-                nonfinite.check(*pending)
-                pending = None
-            if log_now:
-                metrics = jax.device_get(metrics)
-                metrics.pop("first_nonfinite_grad_leaf", None)
-                elapsed = time.perf_counter() - window_start
-                tokens_per_s = window_steps * tokens_per_step / elapsed
-                metrics.update(learning_rate=trainer.schedule(step), tokens_per_s=tokens_per_s,
-                               mfu=tokens_per_s * flops_token / peak, skipped_updates=nonfinite.skipped)
-                if cfg.train.eval_every and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
-                    metrics.update(evaluate(trainer, state.params))
-                last_row = writer.write(done, metrics)
-                window_start, window_steps = time.perf_counter(), 0
-            if save_now or preempted:
-                checkpointer.save(done, state, data.get_state(), nonfinite.counters())
-            if preempted:
-                log.warning("%s at step %d: saved checkpoint %s; exiting. Relaunch the same command to resume.",
-                            preemption.reason, done, checkpointer.step_path(done))
-                last_row = dict(last_row, preempted_at_step=done)
-                break
-    checkpointer.close()
-    writer.close()
+    try:
+        with PreemptionWatcher() as preemption:
+            for step in range(start, end):
+                done = step + 1
+                batch = next(data)
+                if done in poison:
+                    batch = poison_batch(batch)
+                state, metrics = trainer.train_step(state, sharding.put_batch(batch, trainer.batch_sharding))
+                if pending is not None:
+                    nonfinite.check(*pending)
+                pending = (done, metrics)
+                window_steps += 1
+                writer.advance()
+                log_now = done % cfg.train.log_every == 0 or done == cfg.train.steps
+                preempted = preemption.should_stop(done)
+                save_now = (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or done == end
+                if log_now or save_now or preempted:
+                    nonfinite.check(*pending)
+                    pending = None
+                if log_now:
+                    metrics = jax.device_get(metrics)
+                    metrics.pop("first_nonfinite_grad_leaf", None)
+                    elapsed = time.perf_counter() - window_start
+                    tokens_per_s = window_steps * tokens_per_step / elapsed
+                    metrics.update(learning_rate=trainer.schedule(step), tokens_per_s=tokens_per_s,
+                                   mfu=tokens_per_s * flops_token / peak, skipped_updates=nonfinite.skipped)
+                    if cfg.train.eval_every and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
+                        metrics.update(evaluate(trainer, state.params))
+                    last_row = writer.write(done, metrics)
+                    window_start, window_steps = time.perf_counter(), 0
+                if save_now or preempted:
+                    checkpointer.save(done, state, data.get_state(), nonfinite.counters())
+                if preempted:
+                    log.warning("%s at step %d: saved checkpoint %s; exiting. Relaunch the same command to resume.",
+                                preemption.reason, done, checkpointer.step_path(done))
+                    last_row = dict(last_row, preempted_at_step=done)
+                    break
+    finally:  # an error still lets an in-flight async save commit
+        checkpointer.close()
+        writer.close()
     return last_row
