@@ -134,6 +134,9 @@ def test_top_k_top_p_masks_exact_on_crafted_logits():
     np.testing.assert_array_equal(tok[:3], [0, 0, 0])
     np.testing.assert_allclose(lp[:3], np.log(0.5), rtol=1e-6)
     np.testing.assert_allclose(slp[:3], 0.0, atol=1e-6)   # greedy, or a one-token support
+    # ids beyond the tokenizer's vocabulary are never drawn, greedy or sampled
+    tok, _, _ = sampling_lib.sample(logits, jax.random.PRNGKey(1), temperature=jnp.array([0.0, 1.0]), valid_vocab=2)
+    assert int(tok[0]) == 0 and int(tok[1]) in (0, 1)  # row 0: argmax of ids {0, 1}; row 1: id 4 (5.0) excluded
 
 
 def test_sampled_frequencies_follow_the_filtered_distribution():

@@ -102,10 +102,12 @@ def make_controls(sampling: SamplingParams, stop_sequences: Sequence[Sequence[in
 
 
 def decode_loop(params, cache, first_logits_BxV, lengths_B, key, controls: dict, *, cfg: ModelConfig,
-                max_new_tokens: int, use_top_k: bool = False, use_top_p: bool = False):
+                max_new_tokens: int, use_top_k: bool = False, use_top_p: bool = False,
+                valid_vocab: int | None = None):
     """Samples up to N = max_new_tokens tokens after a prefill over S = P + N - 1 cache slots.
 
-    `controls` comes from `make_controls` (temperature/top_k/top_p may also be per-row arrays [B]).
+    `controls` comes from `make_controls` (temperature/top_k/top_p may also be per-row arrays [B]); ids >=
+    `valid_vocab` (beyond the tokenizer's vocabulary) are never drawn.
     Returns {'tokens' [B,N] (pad_id after the end), 'logprobs' [B,N], 'sample_logprobs' [B,N] (0 after the end),
     'lengths' [B] (tokens generated, stop token included), 'finish_reason' [B] (index into FINISH_REASONS),
     'cache' (the updated cache: returning it lets a donated input cache be updated in place)}.
@@ -121,7 +123,8 @@ def decode_loop(params, cache, first_logits_BxV, lengths_B, key, controls: dict,
 
     def draw(logits_BxV, i):
         return sample(logits_BxV, jax.random.fold_in(key, i), temperature=controls["temperature"],
-                      top_k=controls["top_k"] if use_top_k else 0, top_p=controls["top_p"] if use_top_p else 1.0)
+                      top_k=controls["top_k"] if use_top_k else 0, top_p=controls["top_p"] if use_top_p else 1.0,
+                      valid_vocab=valid_vocab)
 
     def record(state, i, tok_B, lp_B, slp_B):
         """Writes step i's draws for unfinished rows and updates done/lengths/finish reasons."""
@@ -182,7 +185,7 @@ def _jitted(cfg: ModelConfig, mesh, batch_axes):
     prefill = jax.jit(functools.partial(decode_model.prefill, cfg=cfg), static_argnames=("cache_len",),
                       out_shardings=prefill_out)
     decode = jax.jit(functools.partial(decode_loop, cfg=cfg), donate_argnums=(1,),
-                     static_argnames=("max_new_tokens", "use_top_k", "use_top_p"))
+                     static_argnames=("max_new_tokens", "use_top_k", "use_top_p", "valid_vocab"))
     return prefill, decode
 
 
@@ -260,7 +263,8 @@ class Sampler:
             lengths_d = lengths if self.mesh is None else jax.device_put(lengths, self._rows)
             cache, logits = self._prefill(self.params, tokens_d, lengths_d, cache_len=cache_len)
             controls, static = make_controls(sampling, self._stop_sequences(sampling, stop_sequences), self.pad_id)
-            out = self._decode(self.params, cache, logits, lengths_d, key, controls, **static)
+            out = self._decode(self.params, cache, logits, lengths_d, key, controls, **static,
+                               valid_vocab=None if self.tokenizer is None else self.tokenizer.vocab_size)
         out.pop("cache")
         out = jax.device_get(out)
         return {k: np.asarray(v)[:n] for k, v in out.items()} | {"prompt_lengths": lengths[:n]}

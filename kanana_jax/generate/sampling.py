@@ -74,18 +74,22 @@ def filter_logits(logits_BxV, *, temperature=1.0, top_k=0, top_p=1.0):
     return jnp.where(_unsort(keep_sorted, order), scaled, NEG_INF)
 
 
-def sample(logits_BxV, key, *, temperature=1.0, top_k=0, top_p=1.0):
+def sample(logits_BxV, key, *, temperature=1.0, top_k=0, top_p=1.0, valid_vocab: int | None = None):
     """Draws one token per row -> (tokens[B] int32, model log-prob[B], sampling log-prob[B]).
 
     The model log-prob is log softmax(logits) of the token (temperature 1, no masks), what RL ratios and answer
     confidences use; the sampling log-prob is under the filtered distribution actually sampled (0 for greedy).
+    `valid_vocab` excludes ids >= it (a model vocabulary padded beyond the tokenizer's) from sampling and argmax.
     """
-    B, _ = logits_BxV.shape
+    B, V = logits_BxV.shape
     logits_BxV = logits_BxV.astype(jnp.float32)
-    filtered = filter_logits(logits_BxV, temperature=temperature, top_k=top_k, top_p=top_p)
+    allowed = logits_BxV
+    if valid_vocab is not None and valid_vocab < V:
+        allowed = jnp.where(jnp.arange(V)[None, :] < valid_vocab, logits_BxV, NEG_INF)
+    filtered = filter_logits(allowed, temperature=temperature, top_k=top_k, top_p=top_p)
     greedy_B = _rows(temperature, B, jnp.float32)[:, 0] <= 0
     drawn = jax.random.categorical(key, filtered, axis=-1)
-    tokens_B = jnp.where(greedy_B, jnp.argmax(logits_BxV, axis=-1), drawn).astype(jnp.int32)
+    tokens_B = jnp.where(greedy_B, jnp.argmax(allowed, axis=-1), drawn).astype(jnp.int32)
     pick = lambda x: jnp.take_along_axis(x, tokens_B[:, None], axis=-1)[:, 0]  # noqa: E731
     model_lp = pick(jax.nn.log_softmax(logits_BxV, axis=-1))
     sample_lp = jnp.where(greedy_B, 0.0, pick(jax.nn.log_softmax(filtered, axis=-1)))
