@@ -47,9 +47,8 @@ def slice_config(layers: int, batch: int, seq: int, attention_impl: str, moe_imp
         "train": {"steps": 1000},
         "mesh": {"data": -1},
     }
-    if optimizer == "muon" and "muon_clip" in {f.name for f in __import__("dataclasses").fields(
-            config_lib.OptimizerConfig)}:
-        values["optimizer"]["muon_clip"] = muon_clip
+    if optimizer == "muon":
+        values["optimizer"]["muon_clip_tau"] = 100.0 if muon_clip else 0.0
     return config_lib.build(config_lib.ExperimentConfig, values)
 
 
