@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 
+import flax
 import jax
 import numpy as np
 import pytest
@@ -95,13 +96,22 @@ def test_imported_logits_match_transformers(built, name):
 
 
 def test_rope_layout_and_unscanned_import(built):
-    """The rope column permutation matters (skipping it breaks parity); unscanned layers give the same logits."""
+    """The rope column permutation matters (skipping it breaks parity); unscanned layers hold the same weights."""
     directory = os.path.join(built, "qlora_groups_yarn")
     ref = np.load(os.path.join(built, "qlora_groups_yarn.logits.npy"))
     cfg = hf_config.model_config_from_hf(hf_config.read_hf_config(directory))
     wrong = import_params(SafetensorsCheckpoint(directory), cfg, interleaved=False)
     assert np.abs(np.asarray(_apply(cfg)(wrong, TOKENS)) - ref).max() > 1e-2
-    assert np.abs(_logits(directory, scan_layers=False) - ref).max() <= 1e-4
+    _, scanned, _ = load_hf_checkpoint(directory)
+    _, unscanned, _ = load_hf_checkpoint(directory, scan_layers=False)
+    flat = flax.traverse_util.flatten_dict(unscanned)
+    for path, leaf in flax.traverse_util.flatten_dict(scanned).items():
+        if path[0] in ("dense_layers", "moe_layers"):
+            for i in range(leaf.shape[0]):
+                np.testing.assert_array_equal(flat.pop((f"{path[0]}_{i}",) + path[1:]), leaf[i])
+        else:
+            np.testing.assert_array_equal(flat.pop(path), leaf)
+    assert not flat
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -1,9 +1,10 @@
 """HF checkpoint -> training workdir (step 0) -> `kanana-jax run` resumes from it -> HF export, through the CLI."""
 import json
 import os
+import subprocess
+import sys
 
 import flax
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -13,9 +14,9 @@ from kanana_jax import cli
 from kanana_jax import config as config_lib
 from kanana_jax.convert import hf_config
 from kanana_jax.convert.hf_export import export_hf
+from kanana_jax.convert.hf_import import expected_tree
 from kanana_jax.convert.orbax_hf import restore_params
 from kanana_jax.convert.safetensors_io import SafetensorsCheckpoint
-from kanana_jax.model import Transformer
 
 SPEC = "experiments/pretrain.py:size=tiny,steps=2,batch=4,seq_len=32"
 SETS = ["train.eval_every=0", "train.tensorboard=false", "train.progress_bar=false", "train.async_checkpoint=false",
@@ -32,10 +33,13 @@ def _experiment():
 def hf_dir(tmp_path_factory):
     """A HF checkpoint of random tiny-model params with a non-zero router bias (written by our exporter)."""
     cfg = _experiment().model
-    params = flax.linen.unbox(jax.jit(Transformer(cfg).init)(jax.random.PRNGKey(7), jnp.zeros((1, 4), jnp.int32)))
-    params = params["params"]
-    bias = params["moe_layers"]["moe"]["router"]["bias"]
-    params["moe_layers"]["moe"]["router"]["bias"] = jax.random.uniform(jax.random.PRNGKey(1), bias.shape) * 0.1
+    rng = np.random.default_rng(7)
+    shapes = flax.traverse_util.flatten_dict(expected_tree(cfg))
+    params = {p: (1.0 + 0.1 * rng.standard_normal(s.shape) if p[-1] == "scale" else
+                  0.1 * rng.random(s.shape) if p[-1] == "bias" else 0.05 * rng.standard_normal(s.shape))
+              for p, s in shapes.items()}
+    params = flax.traverse_util.unflatten_dict({p: jnp.asarray(v, s.dtype) for (p, v), s in
+                                                zip(params.items(), shapes.values())})
     out = tmp_path_factory.mktemp("hf") / "tiny"
     export_hf(params, cfg, str(out), max_shard_bytes=200_000)
     return out
@@ -76,3 +80,33 @@ def test_hf_to_orbax_refuses_a_different_architecture(hf_dir, tmp_path, monkeypa
     with pytest.raises(hf_config.HFConfigError, match=r"--set model.n_heads=4"):
         cli.main(["convert", "hf-to-orbax", str(hf_dir), SPEC, "--workdir", str(tmp_path / "x"), "--set",
                   "model.n_heads=8"])
+
+
+SHARDED_IMPORT = """
+import sys, jax, numpy as np
+from kanana_jax import config as config_lib
+from kanana_jax.convert.hf_import import load_hf_checkpoint
+from kanana_jax.train.builder import build_trainer
+from experiments import pretrain
+c = pretrain.get_config("size=tiny")
+c.mesh.data, c.mesh.fsdp, c.mesh.expert, c.mesh.rules = 1, 2, 2, "fsdp_ep"
+trainer = build_trainer(config_lib.load(c))
+with trainer.context():
+    _, sharded, _ = load_hf_checkpoint(sys.argv[1], shardings=trainer.state_sharding.params)
+_, single, _ = load_hf_checkpoint(sys.argv[1])
+for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(single)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+w = sharded["moe_layers"]["moe"]["experts"]["w_gate"]
+print(len(w.addressable_shards), w.addressable_shards[0].data.shape, w.shape)
+"""
+
+
+def test_import_straight_into_sharded_layout(hf_dir):
+    """On 4 (fake CPU) devices with fsdp x expert sharding each device gets its block; values match one device."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+               PYTHONPATH=root)
+    proc = subprocess.run([sys.executable, "-c", SHARDED_IMPORT, str(hf_dir)], capture_output=True, text=True,
+                          env=env, cwd=root, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "4 (2, 4, 64, 128) (2, 8, 128, 128)"
