@@ -123,6 +123,31 @@ class OptimizerConfig:
     weight_decay: float = _field(0.1, lo=0.0)
     grad_clip_norm: float = _field(1.0, lo=0.0, doc="0 disables clipping")
     router_bias_update_rate: float = _field(1e-3, lo=0.0, doc="aux-loss-free balancing: bias += rate*sign(mean-load)")
+    # Muon (name='muon'): hidden matrices get orthogonalized momentum, the rest AdamW (kanana_jax/optim/muon.py).
+    muon_method: Literal["polar_express", "newton_schulz", "svd"] = "polar_express"
+    muon_coeffs: Literal["polar_express_5", "polar_express_8", "newton_schulz_5"] = "polar_express_5"
+    muon_steps: int = _field(5, lo=1)
+    muon_beta: float = _field(0.95, lo=0.0, hi=0.9999)
+    muon_nesterov: bool = True
+    muon_scaling: Literal["rms_match", "spectral", "none"] = _field(
+        "rms_match", doc="rms_match: 0.2*sqrt(max(fan_in, fan_out)), so AdamW learning rates carry over")
+    muon_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    muon_algorithm: Literal["auto", "gram", "direct"] = "auto"
+    muon_per_head: bool = _field(False, doc="orthogonalize attention projections per head")
+    adamw_lr_multiplier: float = _field(1.0, lo=0.0, doc="AdamW-group learning rate = this * learning_rate")
+    partition_rules: tuple = _field((), doc="((regex, 'muon'|'adamw'|'frozen'), ...) tried before the defaults")
+    muon_clip_tau: float = _field(100.0, lo=0.0, doc="MuonClip: rescale q/k of heads whose max logit > tau; 0 off")
+    mup_base_width: int = _field(0, lo=0, doc="hyperparameter transfer from this d_model (0 = off)")
+
+    def __post_init__(self):
+        import re
+        for rule in self.partition_rules:
+            ok = isinstance(rule, (tuple, list)) and len(rule) == 2 and rule[1] in ("muon", "adamw", "frozen")
+            _check(ok, "optimizer.partition_rules", f"each rule is (regex, 'muon'|'adamw'|'frozen'), got {rule!r}")
+            try:
+                re.compile(rule[0])
+            except re.error as e:
+                _check(False, "optimizer.partition_rules", f"bad regex {rule[0]!r}: {e}")
 
 
 @dataclasses.dataclass(frozen=True)

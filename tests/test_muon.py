@@ -175,3 +175,29 @@ def test_bf16_default_update_is_close_to_exact_polar_factor():
     assert np.abs(s - 1).max() < 0.2                        # the 5-step band (0.153) plus bf16
     assert fast["w"].dtype == jnp.float32 and ot.choose_algorithm(24, 64, 5) in ("gram", "direct")
     assert np.abs(np.asarray(fast["w"]) - np.asarray(exact["w"])).max() < 0.2 * np.abs(np.asarray(exact["w"])).max()
+
+
+def test_factory_builds_muon_from_config_and_width_transfer_multipliers():
+    from kanana_jax.optim import factory, hparam_transfer
+    cfg = config_lib.load(pretrain.get_config("size=tiny,optimizer=muon")).optimizer
+    cfg = type(cfg)(**{**cfg.__dict__, "muon_steps": 2})              # plumbing only: keep the compile small
+    params = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), _tiny_params())
+    tx, _ = factory.make_optimizer(cfg, 10)
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.01), params)
+    upd, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    assert np.all(np.asarray(upd["moe_layers"]["moe"]["router"]["bias"]) == 0)
+    assert np.all(np.isfinite(np.asarray(upd["moe_layers"]["moe"]["experts"]["w_up"])))
+
+    table = hparam_transfer.describe(params, base_width=64)             # tiny d_model 128: r = 2
+    assert table["moe_layers/moe/experts/w_up"] == (pytest.approx(2 ** -0.5), pytest.approx(2 ** -0.5))
+    assert table["lm_head/kernel"] == (0.5, 0.5) and table["moe_layers/moe/router/kernel"] == (0.5, 0.5)
+    assert table["embed/embedding"] == (1.0, 1.0) and table["final_norm/scale"] == (1.0, 1.0)
+    adam = hparam_transfer.describe(params, base_width=64, optimizer="adamw")
+    assert adam["dense_layers/mlp/w_up"] == (pytest.approx(2 ** -0.5), 0.5)
+    scaled = hparam_transfer.scale_init(params, 64)
+    assert float(scaled["lm_head"]["kernel"][0, 0]) == 0.5 and float(scaled["embed"]["embedding"][0, 0]) == 1.0
+    cfg_mup = type(cfg)(**{**cfg.__dict__, "mup_base_width": 64})
+    tx2, _ = factory.make_optimizer(cfg_mup, 10)
+    upd2, _ = jax.jit(tx2.update)(grads, tx2.init(params), params)
+    np.testing.assert_allclose(np.asarray(upd2["dense_layers"]["mlp"]["w_up"]),
+                               np.asarray(upd["dense_layers"]["mlp"]["w_up"]) * 2 ** -0.5, rtol=1e-5)

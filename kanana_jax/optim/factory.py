@@ -44,6 +44,10 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int):
         inner = muon_factory.make(cfg, schedule)
     else:
         raise ValueError(f"optimizer.name={cfg.name!r}; allowed values: 'adamw', 'muon'")
+    if cfg.mup_base_width:
+        from kanana_jax.optim import hparam_transfer, muon_factory
+        inner = optax.chain(inner, hparam_transfer.scale_by_width(
+            cfg.mup_base_width, muon_factory.partition_rules(cfg), optimizer=cfg.name, scaling=cfg.muon_scaling))
     chain = [optax.clip_by_global_norm(cfg.grad_clip_norm)] if cfg.grad_clip_norm > 0 else []
     chain.append(optax.multi_transform({"trained": inner, "frozen": optax.set_to_zero()}, frozen_labels))
     return optax.chain(*chain), schedule

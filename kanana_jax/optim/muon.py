@@ -72,7 +72,7 @@ def _orthogonalize_sharded(xs, mesh, **kw):
     """Stack a group along its batch axis, pad to the device count, reshard, orthogonalize locally, unstack."""
     talls = [x.shape[1] > x.shape[2] for x in xs]
     stacked = jnp.concatenate([_orient(x, t) for x, t in zip(xs, talls)], axis=0)
-    n_dev = mesh.devices.size
+    n_dev = math.prod(mesh.shape.values())
     pad = (-stacked.shape[0]) % n_dev
     if pad:
         stacked = jnp.concatenate([stacked, jnp.zeros((pad,) + stacked.shape[1:], stacked.dtype)], axis=0)
@@ -90,16 +90,28 @@ def _orthogonalize_sharded(xs, mesh, **kw):
     return res
 
 
+def context_mesh():
+    """The mesh in context (`jax.set_mesh` or a legacy `with mesh:` block) if it spans >1 device, else None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        from jax.interpreters import pxla
+        mesh = pxla.thread_resources.env.physical_mesh
+    if mesh is None or mesh.empty or math.prod(mesh.shape.values()) == 1:
+        return None
+    return mesh
+
+
 def scale_by_muon(*, beta: float = 0.95, nesterov: bool = True, method: str = "polar_express",
                   coeffs=None, steps: int | None = None, scaling: str = "rms_match", rms: float = 0.2,
                   dtype=jnp.bfloat16, mu_dtype=None, algorithm: str = "auto", max_segment_gain: float = 16.0,
                   max_segment_steps: int = 2,
                   per_head: bool = False, group: bool | None = None, epilogue_dtype=None,
                   axes_fn: Callable[[str, int], MatrixAxes] | None = None,
-                  mesh: jax.sharding.Mesh | None = None) -> optax.GradientTransformation:
+                  mesh: jax.sharding.Mesh | str | None = None) -> optax.GradientTransformation:
     """Muon direction: EMA momentum (Nesterov optional), polar factor per matrix, times `update_scale`.
 
     axes_fn(path, ndim) -> MatrixAxes; default `partition.matrix_axes(path, ndim, per_head)`.
+    mesh: a Mesh, None (let XLA partition), or "context" (the mesh in context when the update is traced).
     group: orthogonalize leaves with equal matrix sides in one stacked chain (default: only with a mesh,
     where it is needed to spread small leaves over devices; on one device per-leaf chains avoid the copies).
     """
@@ -111,7 +123,8 @@ def scale_by_muon(*, beta: float = 0.95, nesterov: bool = True, method: str = "p
     orth_kw = dict(method=method, coeffs=coeffs, steps=steps, dtype=dtype, algorithm=algorithm,
                    max_segment_gain=max_segment_gain,
                    max_segment_steps=max_segment_steps, epilogue_dtype=epilogue_dtype)
-    stack = (mesh is not None) if group is None else group
+    if isinstance(mesh, str) and mesh != "context":
+        raise ValueError(f"muon mesh={mesh!r}; pass a Mesh, None or 'context'")
 
     def init_fn(params):
         return MuonState(count=jnp.zeros([], jnp.int32),
@@ -125,6 +138,8 @@ def scale_by_muon(*, beta: float = 0.95, nesterov: bool = True, method: str = "p
             direction = jax.tree.map(lambda g, m: beta * m + (1 - beta) * g.astype(jnp.float32), updates, mu)
         else:
             direction = mu
+        mesh_ = context_mesh() if mesh == "context" else mesh
+        stack = (mesh_ is not None) if group is None else group
         flat, treedef = jax.tree_util.tree_flatten_with_path(direction)
         out_dtypes = [leaf.dtype for leaf in jax.tree.leaves(updates)]
         mats, restores, groups = [], [], {}
@@ -139,8 +154,8 @@ def scale_by_muon(*, beta: float = 0.95, nesterov: bool = True, method: str = "p
             xs = [mats[i] for i in members]
             scales = [update_scale(x.shape[1], x.shape[2], scaling, rms) for x in xs]
             dts = [out_dtypes[i] for i in members]
-            if mesh is not None:
-                outs = _orthogonalize_sharded(xs, mesh, out_scales=scales, out_dtypes=dts, **orth_kw)
+            if mesh_ is not None:
+                outs = _orthogonalize_sharded(xs, mesh_, out_scales=scales, out_dtypes=dts, **orth_kw)
             else:
                 outs = orthogonalize.orthogonalize_group(xs, out_scales=scales, out_dtypes=dts, **orth_kw)
             for i, o in zip(members, outs):
