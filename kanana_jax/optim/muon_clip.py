@@ -14,8 +14,8 @@ Pure function of trees, jit-able; apply it inside the step after the optimizer u
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def _unwrap(leaf):
@@ -92,7 +92,11 @@ def _clip_gqa(attn, eta):
 
 
 def apply(params, max_logits_tree, tau: float = 100.0):
-    """(params with clipped q/k heads, metrics). Accepts the bare trees or {'params': ...} / {'intermediates': ...}."""
+    """(params with clipped q/k heads, scalar metrics: the max logit overall and per layer
+    ('muon_clip/max_logit/<stack>/<layer>'), and the number of heads clipped this step).
+
+    Accepts the bare trees or {'params': ...} / {'intermediates': ...}.
+    """
     wrapped = isinstance(params, dict) and set(params) == {"params"}
     p = params["params"] if wrapped else params
     inter = max_logits_tree.get("intermediates", max_logits_tree) if isinstance(max_logits_tree, dict) else {}
@@ -109,7 +113,11 @@ def apply(params, max_logits_tree, tau: float = 100.0):
         p = _set(p, path, new)
         name = "/".join(k for k in path if k != "attn") or "attn"
         per_layer = jnp.max(s, axis=-1)
-        metrics[f"muon_clip/max_logit/{name}"] = per_layer
+        if per_layer.ndim == 0:
+            metrics[f"muon_clip/max_logit/{name}"] = per_layer
+        for idx in np.ndindex(per_layer.shape if per_layer.ndim else ()):
+            if per_layer.ndim:
+                metrics[f"muon_clip/max_logit/{name}/{'/'.join(map(str, idx))}"] = per_layer[idx]
         clipped = clipped + jnp.sum(s > tau).astype(jnp.int32)
         overall = jnp.max(per_layer) if overall is None else jnp.maximum(overall, jnp.max(per_layer))
     metrics["muon_clip/max_logit"] = overall
