@@ -1,0 +1,127 @@
+"""Compile the real train step ahead of time for a Cloud TPU slice, on a CPU-only machine with libtpu installed.
+
+    python -m launch.compile_aot --config experiments/pretrain.py:size=kanana2_30b_a3b --topology v5p-128
+
+Builds the same trainer the training loop uses (`build_trainer(cfg, devices=<the slice's compile-only TPU
+devices>)`: model, optimizer, post-update rules, mesh, shardings), lowers `train_step` on abstract arguments
+(the sharded train state and one global batch) and compiles it with the TPU compiler. Prints ONE JSON object:
+per-chip bytes (argument / output / alias / temp / generated code; total = argument + output - alias + temp +
+code), the chip's HBM, `fits`, compile seconds, and FLOPs per step per chip from the compiled cost analysis next
+to the model's analytic FLOPs. Exit code 1 when the step does not fit (the JSON then carries the compiler's message).
+
+Environment: this sets JAX_PLATFORMS=cpu (no TPU is needed or used) and ALLOW_MULTIPLE_LIBTPU_LOAD=1 (libtpu
+otherwise refuses to load while another process on the machine holds its lock file) unless they are already set.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def prepare_environment(environ=os.environ) -> None:
+    """Env vars that let libtpu describe a topology on a machine without TPUs; call before importing jax."""
+    environ.setdefault("JAX_PLATFORMS", "cpu")
+    environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def _memory(compiled) -> dict:
+    ma = compiled.memory_analysis()
+    out = {"argument": int(ma.argument_size_in_bytes), "output": int(ma.output_size_in_bytes),
+           "alias": int(ma.alias_size_in_bytes), "temp": int(ma.temp_size_in_bytes),
+           "generated_code": int(ma.generated_code_size_in_bytes)}
+    out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"] + out["generated_code"]
+    return out
+
+
+def _flops(compiled) -> float | None:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    value = (cost or {}).get("flops")
+    return float(value) if value is not None else None
+
+
+_OOM = re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_oom(message: str) -> dict | None:
+    """{'used', 'capacity'} bytes from the TPU compiler's out-of-HBM error, or None if it is another error."""
+    m = _OOM.search(message)
+    if not m:
+        return None
+    return {"used": int(float(m.group(1)) * _UNITS[m.group(2).upper()]),
+            "capacity": int(float(m.group(3)) * _UNITS[m.group(4).upper()])}
+
+
+def compile_for_topology(cfg, slice_) -> dict:
+    """Lowers and compiles `cfg`'s train step for `slice_`; returns the report (see the module docstring)."""
+    import jax
+    from kanana_jax.data import pipeline
+    from kanana_jax.model.flops import flops_per_token
+    from kanana_jax.train.builder import build_trainer
+    from launch.topologies import topology_devices
+
+    devices = topology_devices(slice_)
+    trainer = build_trainer(cfg, devices=devices)
+    chips = len(devices)
+    tokens = cfg.data.global_batch_size * cfg.data.seq_len
+    report = {"topology": slice_.name, "num_slices": slice_.num_slices, "chips": chips,
+              "device_kind": devices[0].device_kind, "mesh": {k: int(v) for k, v in trainer.mesh.shape.items()},
+              "rules": cfg.mesh.rules, "global_batch": cfg.data.global_batch_size, "seq_len": cfg.data.seq_len,
+              "remat": cfg.model.remat_policy, "optimizer": cfg.optimizer.name, "moe_impl": cfg.model.moe_impl,
+              "expert_parallel": cfg.model.expert_parallel, "hbm_per_chip": slice_.generation.hbm_bytes,
+              "model_flops_per_step_per_chip": flops_per_token(cfg.model, cfg.data.seq_len) * tokens / chips}
+    batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=trainer.batch_sharding)
+             for k, (shape, dtype) in pipeline.batch_shapes(cfg.data).items()}
+    start = time.perf_counter()
+    with trainer.context():
+        state = trainer.abstract_state()
+        lowered = trainer.train_step.lower(state, batch)
+        try:
+            compiled = lowered.compile()
+        except Exception as e:  # the TPU compiler reports HBM overflow as an error
+            oom = parse_oom(str(e))
+            if oom is None:
+                raise
+            report.update(fits=False, compile_seconds=round(time.perf_counter() - start, 1),
+                          per_chip_bytes={"total": oom["used"]}, error=str(e).strip().splitlines()[0][:500])
+            return report
+    report["compile_seconds"] = round(time.perf_counter() - start, 1)
+    report["per_chip_bytes"] = _memory(compiled)
+    report["fits"] = report["per_chip_bytes"]["total"] <= slice_.generation.hbm_bytes
+    report["flops_per_step_per_chip"] = _flops(compiled)
+    return report
+
+
+def main(argv=None) -> int:
+    prepare_environment()
+    parser = argparse.ArgumentParser(prog="python -m launch.compile_aot", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="experiment config: path.py[:key=value,...]")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument("--topology", help="TPU slice, e.g. v5p-128, v5litepod-16, v6e-256, v4-32 (default: the "
+                        "config module's topology(arg), if it defines one)")
+    parser.add_argument("--num-slices", type=int, default=1, help="slices joined over DCN (multi-slice)")
+    args = parser.parse_args(argv)
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    from kanana_jax.cli import build_config
+    from launch.topologies import config_topology, parse
+    slice_ = parse(args.topology or config_topology(args.config), args.num_slices)
+    _, cfg = build_config(args.config, args.set)
+    report = {"config": args.config, "overrides": args.set, **compile_for_topology(cfg, slice_)}
+    print(json.dumps(report))
+    return 0 if report["fits"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
