@@ -55,8 +55,8 @@ def check_gmm_and_grads(backend, tilings, dtype, case, seed, *, m, k, n, e, tran
         assert rel_err(got, want) < TOL[dtype], name
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-@pytest.mark.parametrize("case,seed", [("ragged", 0), ("one", 1)])
+@pytest.mark.parametrize("dtype,case,seed", [(jnp.bfloat16, "ragged", 0), (jnp.float32, "ragged", 0),
+                                             (jnp.bfloat16, "one", 1)])
 def test_tpu_kernel_matches_reference(dtype, case, seed):
     check_gmm_and_grads("tpu", TPU_TILES, dtype, case, seed, m=200, k=256, n=256, e=6)
 

@@ -155,3 +155,20 @@ def test_moe_layer_on_tpu_kernels_equals_reference_layer():
     np.testing.assert_allclose(out, out_ref, rtol=1e-4, atol=1e-4)
     for a, b in zip(jax.tree.leaves(vjp(cot)), jax.tree.leaves(vjp_ref(cot))):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_model_pallas_dispatch_equals_blocked_dispatch():
+    n, d, f, e, k = 48, 32, 24, 6, 2
+    ks = jax.random.split(jax.random.PRNGKey(12), 6)
+    x = jax.random.normal(ks[0], (n, d))
+    ids, w, _ = model_moe.route(jax.random.normal(ks[1], (n, e)), jnp.zeros((e,)), top_k=k, score_func="softmax",
+                                n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.0)
+    weights = [jax.random.normal(kk, s) * 0.2 for kk, s in zip(ks[2:5], [(e, d, f), (e, d, f), (e, f, d)])]
+    cot = jax.random.normal(ks[5], (n, d))
+    blocked = lambda x, w, *p: model_moe.dispatch_experts(x, ids, w, *p, model_moe.grouped_matmul("blocked", 8))
+    pallas = lambda x, w, *p: model_moe.dispatch_experts_pallas(x, ids, w, *p)
+    out, vjp = jax.vjp(pallas, x, w, *weights)
+    out_ref, vjp_ref = jax.vjp(blocked, x, w, *weights)
+    np.testing.assert_allclose(out, out_ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(vjp(cot), vjp_ref(cot)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

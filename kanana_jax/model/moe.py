@@ -93,6 +93,18 @@ def dispatch_experts(x_NxD, expert_ids_Nxk, weights_Nxk, w_gate_ExDxF, w_up_ExDx
     return jnp.zeros_like(x_NxD).at[token_M].add(y_MxD.astype(x_NxD.dtype))
 
 
+def dispatch_experts_pallas(x_NxD, expert_ids_Nxk, weights_Nxk, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD):
+    """dispatch_experts on pallas_kernels.moe: gather-only permute/combine and the platform's gmm kernel
+    (Mosaic on TPU, Mosaic GPU on Hopper, the blocked jnp path on CPU)."""
+    from pallas_kernels.moe import Routing, combine, gmm, permute
+    from pallas_kernels.moe.router import dispatch_metadata
+    group_sizes_E, order_M, token_M, slot_Nxk = dispatch_metadata(expert_ids_Nxk, w_gate_ExDxF.shape[0])
+    routing = Routing(expert_ids_Nxk, weights_Nxk, None, group_sizes_E, order_M, token_M, slot_Nxk)
+    x_MxD = permute(x_NxD, routing)
+    h_MxF = jax.nn.silu(gmm(x_MxD, w_gate_ExDxF, group_sizes_E)) * gmm(x_MxD, w_up_ExDxF, group_sizes_E)
+    return combine(gmm(h_MxF, w_down_ExFxD, group_sizes_E), routing).astype(x_NxD.dtype)
+
+
 class Experts(nn.Module):
     """Routed expert weights: w_gate/w_up [E,D,F], w_down [E,F,D]."""
     cfg: ModelConfig
@@ -111,6 +123,8 @@ class Experts(nn.Module):
         plan = None if self.is_initializing() else expert_parallel.current_plan(cfg)
         if plan is not None:  # experts split over a mesh axis: all-to-all dispatch in shard_map
             return expert_parallel.dispatch(plan, *args)
+        if cfg.moe_impl == "pallas":
+            return dispatch_experts_pallas(*args[:-1])
         return dispatch_experts(*args)
 
 

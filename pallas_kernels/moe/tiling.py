@@ -85,7 +85,7 @@ def aligned_visits(sizes_G: jax.Array, m: int, tm: int, *, visit_empty: bool) ->
     num_visits = cum[-1]
     v_max = tiles_m + num_groups - 1 + (num_groups if visit_empty else 0)
     v = jnp.minimum(jnp.arange(v_max, dtype=jnp.int32), jnp.maximum(num_visits - 1, 0))
-    gid = jnp.searchsorted(cum, v, side="right").astype(jnp.int32)
+    gid = jnp.searchsorted(cum, v, side="right", method="compare_all").astype(jnp.int32)
     gid = jnp.minimum(gid, num_groups - 1)
     m_tile = first_tile[gid] + v - (cum[gid] - n_visits[gid])
     return AlignedVisits(offsets, gid, m_tile.astype(jnp.int32), num_visits.astype(jnp.int32)[None])
@@ -113,7 +113,8 @@ def group_tiles(sizes_G: jax.Array, tm: int, max_tiles: int, align: int = 1) -> 
     n_tiles = jnp.where(sizes_G > 0, (ends - base + tm - 1) // tm, 0)
     cum = jnp.cumsum(n_tiles)
     t = jnp.arange(max_tiles, dtype=jnp.int32)
-    gid = jnp.minimum(jnp.searchsorted(cum, t, side="right").astype(jnp.int32), num_groups - 1)
+    gid = jnp.searchsorted(cum, t, side="right", method="compare_all").astype(jnp.int32)
+    gid = jnp.minimum(gid, num_groups - 1)
     row_start = base[gid] + (t - (cum[gid] - n_tiles[gid])) * tm
     used = t < cum[-1]
     lo = jnp.where(used, jnp.clip(starts[gid] - row_start, 0, tm), 0)
