@@ -316,6 +316,8 @@ def to_dict(cfg) -> dict:
 def parse_value(text: str, current: Any, key: str):
     """Parses a command-line override `text` for `key` using the type of its current value."""
     lowered = text.strip().lower()
+    if isinstance(current, str):
+        return text
     if lowered in ("none", "null"):
         return None
     if isinstance(current, bool):
