@@ -196,3 +196,21 @@ def test_subprocess_runner_runs_points_in_parallel_and_records_failures(tmp_path
     assert table["error"][1].startswith("exit status 3; last lines of") and table["error"][1].endswith("diverged")
     again = sweeps.run(SPEC, sweep, str(tmp_path), runner="subprocess", overrides=QUIET, verbose=False)
     assert list(again["status"]) == ["skipped", "failed", "skipped"]
+
+
+def test_tpu_runner_hands_each_point_to_the_pod_launcher(tmp_path, fake):
+    flags = ["--zone", "us-east5-a", "--project", "my-proj", "--topology", "v5p-8", "--mode", "xpk",
+             "--cluster", "c1"]
+    table = sweeps.run(SPEC, SWEEP, "gs://bkt/sweep", runner="tpu", overrides=QUIET, dry_run=True,
+                       launcher_args=flags, verbose=False)
+    assert fake.calls == [] and list(table["status"]) == ["planned"] * 4
+    workloads = set()
+    for point, path, command in zip(table["point"], table["path"], table["command"]):
+        assert path == f"gs://bkt/sweep/{point}" and command.startswith("xpk workload create --cluster=c1")
+        assert f"--workdir gs://bkt/sweep/{point}" in command and "--tpu-type=v5p-8" in command
+        assert "--set train.progress_bar=false" in command
+        workloads.add(command.split("--workload=")[1].split()[0])
+    assert "--set optimizer.learning_rate=0.003 --set model.n_layers=3" in table["command"][3]
+    assert len(workloads) == 4 and all(len(w) <= 40 for w in workloads)
+    with pytest.raises(RuntimeError, match="(?s)pod launcher failed .*the following arguments are required: --zone"):
+        sweeps.run(SPEC, SWEEP, "gs://bkt/sweep", runner="tpu", dry_run=True, verbose=False)

@@ -1,6 +1,8 @@
 """`kanana-jax sweep CONFIG --workdir DIR [--runner local|subprocess|tpu] [--dry-run]`: run a config's sweep()."""
 from __future__ import annotations
 
+import shlex
+
 import pandas as pd
 
 from kanana_jax.cli import add_config_arguments, command, parse_overrides
@@ -12,8 +14,9 @@ SUMMARY_COLUMNS = ("step", "loss", "eval_loss", "seconds")
 @command("sweep", "run every point of an experiment config's sweep() and print the results table")
 def sweep_command(args):
     table = runner_lib.run(args.config, None, args.workdir, args.runner, overrides=parse_overrides(args.set),
-                           dry_run=args.dry_run, fail_fast=args.fail_fast, parallel=args.parallel)
-    if args.dry_run:
+                           dry_run=args.dry_run, fail_fast=args.fail_fast, parallel=args.parallel,
+                           launcher_args=shlex.split(args.launcher_args))
+    if args.dry_run or args.runner == "tpu":
         return
     shown = [c for c in table.columns if c in ("point", "status", *table.attrs["override_columns"],
                                                    *SUMMARY_COLUMNS)]
@@ -35,6 +38,9 @@ def _add_arguments(parser):
     parser.add_argument("--dry-run", action="store_true",
                         help="validate every point and print the commands that would run, running nothing")
     parser.add_argument("--parallel", type=int, default=1, help="subprocess runner: points run at once")
+    parser.add_argument("--launcher-args", default="", metavar="FLAGS",
+                        help="tpu runner: flags for `python -m launch.tpu`, e.g. "
+                             "\"--zone us-east5-a --mode xpk --cluster c1\"")
     parser.add_argument("--fail-fast", action="store_true", help="stop at the first failed point")
 
 

@@ -44,7 +44,7 @@ def _format_value(value: Any) -> str:
 def _slug(overrides: Mapping[str, Any]) -> str:
     parts = [f"{k.rsplit('.', 1)[-1]}={_format_value(v)}" for k, v in overrides.items()]
     text = re.sub(r"[^A-Za-z0-9_.=+-]+", "-", ",".join(parts)) or "base"
-    return text[:80].strip("-")
+    return text[:120].strip("-")
 
 
 def is_remote(path: str) -> bool:
@@ -110,12 +110,20 @@ def cli_command(config: str, point: dict) -> list[str]:
     return cmd
 
 
-def tpu_command(config: str, point: dict, dry_run: bool) -> list[str]:
-    """The pod launcher (`python -m launch.tpu`) invocation that submits one point."""
-    cmd = [sys.executable, "-m", "launch.tpu", "--config", config, "--workdir", point["path"]]
+def tpu_name(config: str, point: dict) -> str:
+    """A TPU VM / xpk workload name for one point: the launcher's default name for the config + the point hash."""
+    from launch import tpu
+    return f"{tpu.default_name(config)[:31].rstrip('-')}-{point['name'][-8:]}"
+
+
+def tpu_command(config: str, point: dict, dry_run: bool, launcher_args=()) -> list[str]:
+    """The pod launcher (`python -m launch.tpu`) invocation for one point; `launcher_args` adds its flags
+    (--zone, --project, --mode xpk --cluster ..., --topology); without dry_run it gets --execute."""
+    cmd = [sys.executable, "-m", "launch.tpu", "--config", config, "--workdir", point["path"],
+           "--name", tpu_name(config, point)]
     for s in point["sets"]:
         cmd += ["--set", s]
-    return cmd + (["--dry-run"] if dry_run else [])
+    return cmd + list(launcher_args) + ([] if dry_run else ["--execute"])
 
 
 def _record(point: dict, status: str, *, seconds=math.nan, error: str = "", command: str = "") -> dict:
@@ -197,24 +205,36 @@ def _run_subprocesses(config: str, todo: list[dict], parallel: int, env, fail_fa
     return out
 
 
-def _launch_tpu(config: str, point: dict, dry_run: bool, env) -> dict:
-    cmd = tpu_command(config, point, dry_run)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
-    if proc.returncode != 0:
-        raise RuntimeError(f"pod launcher failed for sweep point {point['name']} (exit {proc.returncode}): "
-                           f"{shlex.join(cmd)}\n{proc.stderr.strip() or proc.stdout.strip()}")
-    return _record(point, "planned" if dry_run else "launched", command=proc.stdout.strip())
+def _launch_tpu(config: str, point: dict, dry_run: bool, launcher_args) -> dict:
+    """Runs the pod launcher's CLI in this process for one point; its printed commands become 'command'."""
+    import contextlib
+    import io
+
+    from launch import tpu
+    cmd = tpu_command(config, point, dry_run, launcher_args)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = tpu.main(cmd[3:])
+        except SystemExit as e:  # argparse rejected the launcher flags
+            rc = e.code if isinstance(e.code, int) else 2
+    if rc:
+        raise RuntimeError(f"pod launcher failed for sweep point {point['name']} (exit {rc}): "
+                           f"{shlex.join(cmd)}\n{err.getvalue().strip()}")
+    return _record(point, "planned" if dry_run else "launched", command=out.getvalue().strip())
 
 
 def run(config: str, sweep=None, workdir: str = "sweeps", runner: str = "local", *,
         overrides: Mapping[str, Any] | None = None, dry_run: bool = False, fail_fast: bool = False,
-        parallel: int = 1, env: Mapping[str, str] | None = None, verbose: bool = True) -> pd.DataFrame:
+        parallel: int = 1, env: Mapping[str, str] | None = None, launcher_args=(),
+        verbose: bool = True) -> pd.DataFrame:
     """Runs every point of `sweep` (default: the config module's `sweep()`) and returns the results table.
 
     config: 'path.py[:arg]' spec, as for `kanana-jax run`. overrides: dotted keys applied to every point
     before the point's own keys. runner: 'local' (in this process, one after another), 'subprocess'
     (`kanana-jax run` per point, `parallel` at a time, `env` added to their environment) or 'tpu' (each
-    point handed to the pod launcher launch/tpu.py). dry_run: validate and list the commands, run nothing.
+    point handed to the pod launcher launch/tpu.py with `launcher_args`, e.g. ['--zone', 'us-east5-a',
+    '--mode', 'xpk', '--cluster', 'c1']). dry_run: validate and list the commands, run nothing.
     A failed point gets status 'failed' and its error, unless fail_fast re-raises. The table (also written to
     WORKDIR/results.csv) has one row per point; its columns are documented in docs/configs_and_sweeps.md.
     """
@@ -232,17 +252,19 @@ def run(config: str, sweep=None, workdir: str = "sweeps", runner: str = "local",
     say = print if verbose else (lambda *a, **k: None)
     records, todo = {}, []
     for point in points:
-        command = shlex.join(tpu_command(config, point, False) if runner == "tpu" else cli_command(config, point))
+        command = shlex.join(tpu_command(config, point, False, launcher_args) if runner == "tpu"
+                             else cli_command(config, point))
         finished = None if dry_run or remote else _finished_record(point, command)
         if finished is not None:
             records[point["index"]] = finished
             say(f"[{point['index'] + 1}/{len(points)}] {point['name']}: finished earlier, skipped")
             continue
         if runner == "tpu":
-            records[point["index"]] = _launch_tpu(config, point, dry_run, env)
+            records[point["index"]] = _launch_tpu(config, point, dry_run, launcher_args)
             if not dry_run and not remote:
                 _write_point_file(point, config, command)
-            say(f"[{point['index'] + 1}/{len(points)}] {point['name']}: {records[point['index']]['status']}")
+            say(f"# [{point['index'] + 1}/{len(points)}] {point['name']}: {records[point['index']]['status']}")
+            say(records[point["index"]]["command"])
         elif dry_run:
             records[point["index"]] = _record(point, "planned", command=command)
             say(command)
