@@ -15,7 +15,6 @@ from kanana_jax.data.tokenizer import ByteTokenizer
 from kanana_jax.evals import runner, suites
 from kanana_jax.generate.sampler import Completion
 from kanana_jax.generate.tool_calls import ToolCall, render_assistant_turn
-from kanana_jax.model import Transformer
 from kanana_jax.optim.factory import make_optimizer
 from kanana_jax.train.checkpoint import Checkpointer
 from kanana_jax.train.step import TrainState
@@ -66,7 +65,8 @@ def test_eval_cli_end_to_end_writes_accuracy_and_ece(tmp_path, capsys):
 def test_checkpoint_paths_resolve_and_params_restore(tmp_path):
     workdir = str(tmp_path / "run")
     params = _write_run(workdir, step=3)
-    for path in (workdir, os.path.join(workdir, "checkpoints", "3"), os.path.join(workdir, "checkpoints", "3", "state")):
+    step_dir = os.path.join(workdir, "checkpoints", "3")
+    for path in (workdir, step_dir, os.path.join(step_dir, "state")):
         loaded = runner.load_checkpoint(path)
         assert loaded.step == 3 and loaded.cfg.model == MODEL
         for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(params)):
@@ -134,3 +134,26 @@ def test_tool_episodes_run_in_lockstep_batches_and_score_the_references():
     assert replay.batches[0] == len(items)               # first turns of all episodes in one batch
     assert sum(replay.batches) == sum(len(it["reference"]) for it in items)
     assert score.ece == pytest.approx(0.1) and all(r["confidence_source"] == "stated" for r in records)
+
+
+def test_hf_chat_template_next_to_the_tokenizer_is_used(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from kanana_jax.data.tokenizer import make_tokenizer
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    tok.train_from_iterator(["hello world, what is two plus two?"] * 4, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    template = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    json.dump({"chat_template": template, "bos_token": "<s>", "eos_token": {"content": "</s>"}},
+              open(tmp_path / "tokenizer_config.json", "w"))
+    hf = make_tokenizer(str(tmp_path / "tokenizer.json"))
+    fmt = runner.chat_format(hf)
+    assert fmt.name.startswith("template:") and not fmt.add_bos and fmt.stop_strings == ()
+    assert set(fmt.stop_token_ids) == {tok.token_to_id("</s>"), tok.token_to_id("<|im_end|>")}
+    text = fmt.render([{"role": "user", "content": "hello"}])
+    assert text == "<s><|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+    ids = runner.prompt_ids(hf, fmt, [{"role": "user", "content": "hello"}])
+    assert ids[0] == tok.token_to_id("<s>") and ids[-3] != tok.token_to_id("<unk>")

@@ -1,4 +1,5 @@
-"""Generation sharded over 8 fake CPU devices (rows over data x fsdp, parameters over fsdp) equals one device."""
+"""Generation sharded over 8 fake CPU devices (rows over data x fsdp x expert, parameters over fsdp, experts over
+the expert axis with all-to-all dispatch) equals generation on one device."""
 import os
 import subprocess
 import sys
@@ -17,10 +18,10 @@ SCRIPT = textwrap.dedent("""
 
     cfg, _, params = _model("mla")
     prompts = PROMPTS + [[7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19]]   # 5 rows -> padded to 8
-    mesh = sharding.make_mesh(MeshConfig(data=-1, fsdp=2))
-    rules = sharding.logical_rules("fsdp")
+    mesh = sharding.make_mesh(MeshConfig(data=-1, fsdp=2, expert=2, rules="fsdp_ep"))
+    rules = sharding.logical_rules("fsdp_ep")
     sharded = Sampler(cfg, shard_params(cfg, params, mesh, rules), mesh=mesh, rules=rules)
-    assert sharded.row_multiple == 8 and sharded.batch_axes == ("data", "fsdp")
+    assert sharded.row_multiple == 8 and sharded.batch_axes == ("data", "fsdp", "expert")
     single = Sampler(cfg, params)
     for sp in (SamplingParams(max_new_tokens=7, temperature=0.0),
                SamplingParams(max_new_tokens=7, temperature=1.0, top_k=5)):

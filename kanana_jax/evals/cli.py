@@ -38,7 +38,11 @@ def eval_command(args):
                                   top_k=args.top_k, top_p=args.top_p)
     except ValueError as e:
         raise SystemExit(f"kanana-jax eval: bad sampling flag: {e}") from None
-    report = runner.run_eval(args.checkpoint, parse_suite_list(args.suite), limit=args.limit, lang=args.lang,
+    try:
+        suite_names = parse_suite_list(args.suite)
+    except ValueError as e:
+        raise SystemExit(f"kanana-jax eval: {e}") from None
+    report = runner.run_eval(args.checkpoint, suite_names, limit=args.limit, lang=args.lang,
                              sampling=sampling, seed=args.seed, batch_size=args.batch_size,
                              confidence=args.confidence, max_turns=args.max_turns,
                              ask_confidence=not args.no_ask_confidence)

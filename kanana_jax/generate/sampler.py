@@ -1,10 +1,12 @@
 """Batched generation: prefill + a `lax.while_loop` decode over a donated KV cache, under jit, on a mesh.
 
 Two levels:
-- `prefill_fn` / `decode_loop`: jittable array functions over LEFT-padded prompts [B,P] and their lengths.
-- `Sampler(cfg, params, tokenizer=..., mesh=...)`.generate(prompts, SamplingParams(...), key): takes prompts of
-  any lengths (token lists or strings), left-pads them into power-of-two buckets, pads the batch to the mesh's
-  data-parallel size, and returns one `Completion` per prompt (tokens, log-probs, finish reason, text).
+- `decode_model.prefill` + `decode_loop`: jittable array functions over LEFT-padded prompts [B,P] (row b's prompt
+  in its last lengths[b] slots) and their lengths; the cache has S = P + max_new_tokens - 1 slots.
+- `Sampler(cfg, params, tokenizer=..., mesh=...)`.generate(prompts, SamplingParams(...), key): takes unpadded
+  prompts of any lengths (token lists or strings), left-pads them into a power-of-two length bucket, pads the
+  batch to a power of two divisible by the mesh's data-parallel size, and returns one `Completion` per prompt
+  (tokens, log-probs, finish reason, text). Compiles once per (batch, length bucket, max_new_tokens, filters).
 
 Stops: a stop token id ends a row after emitting it ('stop_token'); a stop string ends it once the text contains
 it ('stop_string'): the device loop matches each stop string's token encoding, the host then cuts the text at
