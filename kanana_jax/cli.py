@@ -118,4 +118,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    # Run through the importable module so that subcommands registering on `kanana_jax.cli` are seen.
+    from kanana_jax.cli import main as _main
+    _main()

@@ -1,0 +1,4 @@
+"""`python -m kanana_jax ...` is the `kanana-jax` command."""
+from kanana_jax.cli import main
+
+main()
