@@ -212,5 +212,14 @@ def test_tpu_runner_hands_each_point_to_the_pod_launcher(tmp_path, fake):
         workloads.add(command.split("--workload=")[1].split()[0])
     assert "--set optimizer.learning_rate=0.003 --set model.n_layers=3" in table["command"][3]
     assert len(workloads) == 4 and all(len(w) <= 40 for w in workloads)
+    # The pod's point directories, copied here, are found by name and tabulated without training anything.
+    local = tmp_path / "copied"
+    first = table["point"][0]
+    os.makedirs(local / first)
+    with open(local / first / "metrics.jsonl", "w") as f:
+        f.writelines(json.dumps({"step": s, "loss": 5.0 - s}) + "\n" for s in range(1, 5))
+    loaded = sweeps.load(str(local), SPEC, SWEEP, overrides=QUIET)
+    assert list(loaded["point"]) == list(table["point"]) and fake.calls == []
+    assert list(loaded["status"]) == ["finished"] + ["not_started"] * 3 and loaded["loss"][0] == 1.0
     with pytest.raises(RuntimeError, match="(?s)pod launcher failed .*the following arguments are required: --zone"):
         sweeps.run(SPEC, SWEEP, "gs://bkt/sweep", runner="tpu", dry_run=True, verbose=False)

@@ -102,19 +102,38 @@ def override_columns(table: pd.DataFrame) -> list[str]:
     return list(table.attrs.get("override_columns", [c for c in table.columns if "." in c]))
 
 
-def load(workdir: str) -> pd.DataFrame:
-    """Rebuilds a results table from the point directories under `workdir` (e.g. after the kernel restarted)."""
-    from kanana_jax.sweeps.runner import table_from_records
+def _status(path: str, steps: int | None) -> str:
+    finished = os.path.exists(os.path.join(path, DONE_FILE)) if steps is None else is_finished(path, steps)
+    if finished:
+        return "finished"
+    return "partial" if last_step(path) else "not_started"
+
+
+def load(workdir: str, config: str | None = None, sweep=None, overrides=None) -> pd.DataFrame:
+    """Rebuilds a results table from the point directories under `workdir`, training nothing.
+
+    Without `config`, every directory the runner made (it holds point.json) is listed. With the sweep's
+    `config` (and `sweep`, default the config's sweep(), and shared `overrides`), the points are named as
+    `run` names them, so directories written elsewhere (a pod's gs:// workdir copied here) are found too.
+    Status: 'finished', 'partial' (logged some steps) or 'not_started'.
+    """
+    from kanana_jax.sweeps.runner import plan, table_from_records
     records = []
+    if config is not None:
+        for point in plan(config, sweep, workdir, overrides):
+            done = read_json(os.path.join(point["path"], DONE_FILE)) or {}
+            records.append(dict(index=point["index"], name=point["name"], overrides=point["overrides"],
+                                status=_status(point["path"], point["cfg"].train.steps), path=point["path"],
+                                seconds=done.get("seconds", math.nan), error="", command=""))
+        return table_from_records(records)
     for entry in sorted(os.listdir(workdir)):
         path = os.path.join(workdir, entry)
         point = read_json(os.path.join(path, POINT_FILE))
         if point is None:
             continue
-        done = read_json(os.path.join(path, DONE_FILE))
-        status = "finished" if done is not None else ("partial" if last_step(path) else "not_started")
+        done = read_json(os.path.join(path, DONE_FILE)) or {}
         records.append(dict(index=point["index"], name=point["name"], overrides=point["overrides"],
-                            status=status, path=path, seconds=(done or {}).get("seconds", math.nan),
+                            status=_status(path, None), path=path, seconds=done.get("seconds", math.nan),
                             error="", command=point.get("command", "")))
     records.sort(key=lambda r: r["index"])
     return table_from_records(records)
