@@ -36,9 +36,13 @@ def is_multihost_environment(environ=None) -> bool:
 def initialize(force: bool = False) -> dict:
     """Starts the JAX distributed runtime when running on several hosts (or `force`); safe to call once per
     process before any other JAX call. Returns {'process_index', 'process_count', 'devices', 'local_devices'}."""
-    if force or is_multihost_environment():
-        if not jax.distributed.is_initialized():
-            jax.distributed.initialize()
+    if (force or is_multihost_environment()) and not jax.distributed.is_initialized():
+        explicit = {}
+        if os.environ.get("JAX_NUM_PROCESSES"):
+            explicit["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
+        if os.environ.get("JAX_PROCESS_ID"):
+            explicit["process_id"] = int(os.environ["JAX_PROCESS_ID"])
+        jax.distributed.initialize(**explicit)  # coordinator: JAX_COORDINATOR_ADDRESS or auto-detected
     info = {"process_index": jax.process_index(), "process_count": jax.process_count(),
             "devices": jax.device_count(), "local_devices": jax.local_device_count()}
     if info["process_count"] > 1:
