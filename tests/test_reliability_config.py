@@ -81,21 +81,34 @@ GAP_OPEN = {
     "tuple_from_non_list_json": not _raises_config_error(lambda: _override({"data.mixture": "5"})),
     "key_below_a_value": not _raises_config_error(lambda: _override({"model.d_model.x": "3"})),
     "mixture_entries": not _raises_config_error(lambda: config_lib.load({"data": {"mixture": ((1, 2),)}})),
+    "partition_rule_pattern_type": not _raises_config_error(
+        lambda: config_lib.load({"optimizer": {"partition_rules": ((1, "muon"),)}})),
 }
+ROLES = ("muon", "adamw", "frozen")
+
+
+def _element_gap(spec: Spec, value) -> bool:
+    """Whether tuple `value` for `spec` has entries whose check is an open gap."""
+    if spec.name == "mixture":
+        return GAP_OPEN["mixture_entries"] and bool(value)
+    if spec.name == "partition_rules":
+        return GAP_OPEN["partition_rule_pattern_type"] and any(
+            isinstance(r, (tuple, list)) and len(r) == 2 and r[1] in ROLES and not isinstance(r[0], str)
+            for r in value)
+    return False
 
 
 def _hits_open_gap(spec: Spec, value) -> bool:
     """Whether `value` (or command-line text) for `spec` falls in a gap config.py has not closed yet."""
     if isinstance(value, str) and spec.base is not str:
         try:
-            value = config_lib.parse_value(value, 0 if spec.base is int else (() if spec.base is tuple else 0.0),
-                                           spec.key)
+            value = config_lib.parse_value(value, {int: 0, float: 0.0, bool: False, tuple: ()}[spec.base], spec.key)
         except ConfigError:
             return False
         except (TypeError, ValueError):
             return GAP_OPEN["tuple_from_non_list_json"]
     if spec.base is tuple:
-        return GAP_OPEN["mixture_entries"] and spec.name == "mixture"
+        return isinstance(value, (tuple, list)) and _element_gap(spec, value)
     if isinstance(value, float) and not math.isfinite(value):
         return GAP_OPEN["nonfinite_float"]
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT32_MAX:
@@ -125,6 +138,12 @@ def valid_values(spec: Spec):
         entry = st.tuples(st.text(min_size=1, max_size=6), st.sampled_from(["embedded", "/data/x.jsonl"]),
                           st.floats(0.01, 100.0))
         s = st.lists(entry, max_size=3, unique_by=lambda e: e[0]).map(tuple)
+    elif spec.name == "partition_rules":
+        rule = st.tuples(st.sampled_from([".*", "attn/.*", "^embed", "moe_layers/.*/w_up", "(wq|wo)$"]),
+                         st.sampled_from(ROLES))
+        s = st.lists(rule, max_size=3).map(tuple)
+    elif spec.base is tuple:   # a tuple key this file does not know yet: only the empty default is surely valid
+        s = st.just(())
     else:
         raise AssertionError(f"no valid-value strategy for {spec.key} ({spec.base})")
     return s | st.none() if spec.optional else s
@@ -142,10 +161,11 @@ def invalid_values(spec: Spec):
         return st.integers() | st.floats(allow_nan=False) | st.booleans() | st.lists(st.text(max_size=2), max_size=2)
     if spec.base is tuple:
         bad = st.integers() | st.text(max_size=5) | st.booleans() | st.floats(allow_nan=False)
+        entries = st.integers() | st.text(max_size=3) | st.lists(st.integers() | st.text(max_size=2), max_size=3)
         if spec.name == "debug_poison_steps":
             bad |= st.lists(st.integers(max_value=0) | st.booleans() | st.text(max_size=2), min_size=1, max_size=3)
-        elif not GAP_OPEN["mixture_entries"]:
-            bad |= st.lists(st.integers() | st.text(max_size=3), min_size=1, max_size=3)
+        elif spec.name in ("mixture", "partition_rules"):   # entries these keys check (as gaps close)
+            bad |= st.lists(entries, min_size=1, max_size=3).filter(lambda v: not _element_gap(spec, v))
         return bad
     wrong_type = junk | st.booleans()
     if spec.base is int:
@@ -199,6 +219,8 @@ def check_config(cfg: config_lib.ExperimentConfig):
         if spec.base is int:
             assert abs(value) <= INT32_MAX or GAP_OPEN["int_beyond_int32"], where
     assert all(type(s) is int and s >= 1 for s in cfg.train.debug_poison_steps)
+    for rule in cfg.optimizer.partition_rules:
+        assert len(rule) == 2 and isinstance(rule[0], str) and rule[1] in ROLES, rule
     if not GAP_OPEN["mixture_entries"]:
         for entry in cfg.data.mixture:
             assert len(entry) == 3 and isinstance(entry[0], str) and isinstance(entry[1], str), entry
@@ -310,6 +332,12 @@ def test_tuple_key_from_non_list_text_is_refused():
 def test_dotted_key_below_a_value_is_refused():
     with pytest.raises(ConfigError, match="'model.d_model"):
         _override({"model.d_model.x": "3"})
+
+
+@_gap("partition_rule_pattern_type", "OptimizerConfig: re.compile(1) raises TypeError for a non-string pattern")
+def test_partition_rule_with_a_non_string_pattern_is_refused():
+    with pytest.raises(ConfigError, match="'optimizer.partition_rules'"):
+        config_lib.load({"optimizer": {"partition_rules": ((1, "muon"),)}})
 
 
 @_gap("mixture_entries", "DataConfig should check mixture entries are (name, path, weight>0) at load")

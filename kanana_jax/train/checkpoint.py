@@ -17,6 +17,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 log = logging.getLogger("kanana_jax.train")
@@ -111,7 +112,7 @@ class Checkpointer:
 
     def save(self, step: int, state, data_state: dict, loop_state: dict | None = None) -> bool:
         """Starts a (possibly asynchronous) save at `step`; it becomes visible only once fully written."""
-        meta = {"loop": dict(loop_state or {}), "state_checksums": [int(c) for c in state_checksums(state)]}
+        meta = {"loop": dict(loop_state or {}), "state_checksums": np.asarray(state_checksums(state)).tolist()}
         return self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
             meta=ocp.args.JsonSave(meta)), force=True)
@@ -151,7 +152,7 @@ class Checkpointer:
         meta = restored["meta"] or {}
         saved_sums = meta.get("state_checksums")
         if saved_sums is not None:
-            sums = [int(c) for c in state_checksums(restored["state"])]
+            sums = np.asarray(state_checksums(restored["state"])).tolist()
             bad = [p for p, a, b in zip(leaves_by_path(abstract_state), saved_sums, sums) if a != b]
             if bad or len(saved_sums) != len(sums):
                 raise CheckpointError(step, path, f"data of {len(bad)} state leaves differ from their checksum "
