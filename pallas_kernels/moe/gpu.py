@@ -1,8 +1,9 @@
 """Mosaic GPU (Hopper wgmma) grouped matmul kernels: gmm (rows grouped) and tgmm (per-group weight gradient).
 
 Both are persistent kernels (one CTA per SM) with three warpgroups: one issues TMA loads, two run wgmma on
-halves of the output tile. gmm tiles start at group starts, so no tile mixes two groups; a partial last tile is
-stored with a ladder of power-of-two TMA stores. Rows beyond sum(group_sizes) are written as zeros.
+halves of the output tile. gmm tiles start at each group's start rounded down to 8 rows (TMA into tiled shared
+memory), so no tile computes two groups; a tile's own rows are stored with a ladder of power-of-two TMA stores.
+Rows beyond sum(group_sizes) are written as zeros. tgmm masks the rows of neighbouring groups in its edge blocks.
 """
 from __future__ import annotations
 
@@ -37,10 +38,10 @@ def _interpret_params(interpret):
 
 
 def _transforms(dtype):
-    """Swizzled 128-byte layout for bf16 tiles whose minor dimension is a multiple of 64."""
+    """Swizzled 128-byte layout for 16-bit tiles whose minor dimension is a multiple of 64."""
     swizzle = 128
     elems = swizzle // jnp.dtype(dtype).itemsize
-    return (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(swizzle)), elems
+    return plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(swizzle)
 
 
 def _check_dtypes(lhs, rhs, name):
@@ -88,7 +89,7 @@ def gmm(lhs_MxK, rhs, group_sizes_E, *, transpose_rhs=False, out_dtype=None, til
     meta = tiling_lib.group_tiles(sizes, tm, max_tiles, _ALIGN)
     grid_n = n // tn
     half_n = tn // 2
-    transforms, _ = _transforms(lhs_MxK.dtype)
+    transforms = _transforms(lhs_MxK.dtype)
     stages = max(2, min(t.stages, k // tk))
 
     def mma(_, lhs_smem, rhs_smem, acc_ref):
@@ -196,7 +197,7 @@ def tgmm(lhs_MxK, rhs_MxN, group_sizes_E, *, out_dtype=None, tiling: Tiling | No
     bases = starts // _ALIGN * _ALIGN
     grid_k, grid_n = k // tk, n // tn
     half_k = tk // 2
-    transforms, _ = _transforms(lhs_MxK.dtype)
+    transforms = _transforms(lhs_MxK.dtype)
 
     def body(starts_ref, ends_ref, bases_ref, lhs_gmem, rhs_gmem, out_gmem):
         wg = lax.axis_index("wg")
