@@ -21,10 +21,11 @@ QUIET = {"train.progress_bar": False, "train.tensorboard": False}
 
 
 class FakeTrain:
-    """Stands in for loop.run: writes metrics.jsonl as the real loop does (loss depends on lr and n_layers)."""
+    """Stands in for loop.run: writes metrics.jsonl as the real loop does (loss depends on lr and n_layers);
+    `fail_lr` raises at step 2, `stop_lr` returns after step 2 as a preempted run does."""
 
-    def __init__(self, fail_lr=None):
-        self.calls, self.fail_lr = [], fail_lr
+    def __init__(self, fail_lr=None, stop_lr=None):
+        self.calls, self.fail_lr, self.stop_lr = [], fail_lr, stop_lr
 
     def __call__(self, cfg, workdir, stop_after=None):
         self.calls.append(workdir)
@@ -34,6 +35,8 @@ class FakeTrain:
             for step in range(1, cfg.train.steps + 1):
                 if lr == self.fail_lr and step == 2:
                     raise FloatingPointError(f"non-finite loss nan at step {step}")
+                if lr == self.stop_lr and step == 3 and stop_after is None:
+                    return dict(rows[-1], preempted_at_step=2)
                 row = {"step": step, "loss": 6.0 - step * lr * 100 - layers * 0.01, "max_attention_logit": step * lr}
                 if step == cfg.train.steps:
                     row["eval_loss"] = row["loss"] + 0.5
@@ -101,7 +104,7 @@ def test_changed_base_config_gets_new_point_directories(tmp_path, fake):
     assert set(a["path"]).isdisjoint(b["path"]) and list(b["status"]) == ["ran"] * 4 and (b["step"] == 3).all()
 
 
-def test_failed_point_is_recorded_and_the_rest_still_run(tmp_path, monkeypatch):
+def test_failed_and_stopped_points_are_recorded_and_rerun_resumes_them(tmp_path, monkeypatch):
     fake = FakeTrain(fail_lr=3e-3)
     monkeypatch.setattr(loop, "run", fake)
     table = sweeps.run(SPEC, param("optimizer.learning_rate", [1e-3, 3e-3, 1e-2]), str(tmp_path),
@@ -112,6 +115,17 @@ def test_failed_point_is_recorded_and_the_rest_still_run(tmp_path, monkeypatch):
     with pytest.raises(FloatingPointError):
         sweeps.run(SPEC, param("optimizer.learning_rate", [3e-3]), str(tmp_path / "ff"), overrides=QUIET,
                    fail_fast=True, verbose=False)
+    stopping = FakeTrain(stop_lr=1e-2)
+    monkeypatch.setattr(loop, "run", stopping)
+    table = sweeps.run(SPEC, param("optimizer.learning_rate", [1e-3, 1e-2]), str(tmp_path / "pre"),
+                       overrides=QUIET, verbose=False)
+    assert list(table["status"]) == ["ran", "stopped"] and table["step"][1] == 2
+    assert table["error"][1].startswith("stopped at step 2 of 4")
+    assert not os.path.exists(os.path.join(table["path"][1], results.DONE_FILE))
+    stopping.stop_lr = None   # the re-run resumes the stopped point only
+    again = sweeps.run(SPEC, param("optimizer.learning_rate", [1e-3, 1e-2]), str(tmp_path / "pre"),
+                       overrides=QUIET, verbose=False)
+    assert list(again["status"]) == ["skipped", "ran"] and stopping.calls[-1] == table["path"][1]
 
 
 def test_curves_are_long_format_and_join_overrides(tmp_path, fake):

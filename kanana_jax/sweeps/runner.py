@@ -26,7 +26,7 @@ from kanana_jax import config as config_lib
 from kanana_jax.sweeps import results
 
 RUNNERS = ("local", "subprocess", "tpu")
-STATUSES = ("ran", "skipped", "failed", "planned", "launched")
+STATUSES = ("ran", "skipped", "failed", "stopped", "planned", "launched")
 FIXED_COLUMNS = ["point", "status", "path", "step", "loss", "eval_loss", "seconds", "error", "command"]
 
 
@@ -154,6 +154,16 @@ def _finished_record(point: dict, command: str) -> dict | None:
     return _record(point, "skipped", seconds=done.get("seconds", math.nan), command=command)
 
 
+def _completed(point: dict, seconds: float) -> dict:
+    """'ran' (and the done marker) if the run reached its last step, else 'stopped' (e.g. preempted by SIGTERM)."""
+    steps, reached = point["cfg"].train.steps, results.last_step(point["path"])
+    if reached < steps:
+        return _record(point, "stopped", seconds=seconds,
+                       error=f"stopped at step {reached} of {steps} (preempted?); run the sweep again to resume")
+    _mark_done(point, seconds)
+    return _record(point, "ran", seconds=seconds)
+
+
 def _run_local(point: dict, fail_fast: bool) -> dict:
     from kanana_jax.train import loop
     start = time.perf_counter()
@@ -163,9 +173,7 @@ def _run_local(point: dict, fail_fast: bool) -> dict:
         if fail_fast:
             raise
         return _record(point, "failed", seconds=time.perf_counter() - start, error=f"{type(e).__name__}: {e}")
-    seconds = time.perf_counter() - start
-    _mark_done(point, seconds)
-    return _record(point, "ran", seconds=seconds)
+    return _completed(point, time.perf_counter() - start)
 
 
 def _log_tail(path: str, n: int = 20) -> str:
@@ -193,8 +201,7 @@ def _run_subprocesses(config: str, todo: list[dict], parallel: int, env, fail_fa
             log.close()
             seconds = time.perf_counter() - start
             if proc.returncode == 0:
-                _mark_done(point, seconds)
-                out[point["index"]] = _record(point, "ran", seconds=seconds)
+                out[point["index"]] = _completed(point, seconds)
             else:
                 error = f"exit status {proc.returncode}; last lines of {log_path}:\n{_log_tail(log_path)}"
                 if fail_fast:
