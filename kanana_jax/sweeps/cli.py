@@ -39,8 +39,8 @@ def _add_arguments(parser):
                         help="validate every point and print the commands that would run, running nothing")
     parser.add_argument("--parallel", type=int, default=1, help="subprocess runner: points run at once")
     parser.add_argument("--launcher-args", default="", metavar="FLAGS",
-                        help="tpu runner: flags for `python -m launch.tpu`, e.g. "
-                             "\"--zone us-east5-a --mode xpk --cluster c1\"")
+                        help="tpu runner: flags for `python -m launch.tpu`, given with '=', e.g. "
+                             "--launcher-args=\"--zone us-east5-a --mode xpk --cluster c1\"")
     parser.add_argument("--fail-fast", action="store_true", help="stop at the first failed point")
 
 
