@@ -95,7 +95,8 @@ def _marker(kind, at_least=0):
 
 
 def _committed_steps(workdir):
-    names = os.listdir(os.path.join(workdir, "checkpoints")) if os.path.isdir(os.path.join(workdir, "checkpoints")) else []
+    directory = os.path.join(workdir, "checkpoints")
+    names = os.listdir(directory) if os.path.isdir(directory) else []
     return sorted(int(n) for n in names if n.isdigit())
 
 

@@ -3,6 +3,7 @@ in-step guard on random trees with one non-finite gradient leaf."""
 import json
 import logging
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -38,18 +39,39 @@ def _saved(workdir, step):
     return ocp.StandardCheckpointer().restore(os.path.join(path, "state")), meta["loop"]
 
 
-def test_skip_policy_drops_poisoned_updates_counts_them_and_stops_after_n_in_a_row(tmp_path, caplog):
+class _Capture(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def skip_run(tmp_path_factory):
+    """A skip-policy run poisoned at steps 3, 5 and 6 with max_consecutive_skips=2: (workdir, error, log text)."""
+    workdir = tmp_path_factory.mktemp("skip") / "run"
     cfg = _cfg("train.nonfinite_policy=skip", "train.max_consecutive_skips=2", "train.debug_poison_steps=[3,5,6]",
                "train.log_every=1", "train.checkpoint_every=1")
-    with caplog.at_level(logging.WARNING, logger="kanana_jax.train"), \
-            pytest.raises(nonfinite.NonFiniteError) as e:
-        loop.run(cfg, str(tmp_path))
-    assert "2 consecutive non-finite steps" in str(e.value) and "at step 6 (batch index 5" in str(e.value)
-    assert "train.max_consecutive_skips=2" in str(e.value)
-    assert "at step 3 (batch index 2" in caplog.text and "update skipped (1 in a row, 1 in this run)" in caplog.text
-    assert "update skipped (1 in a row, 2 in this run)" in caplog.text   # step 5: the streak reset at step 4
+    capture, logger = _Capture(), logging.getLogger("kanana_jax.train")
+    logger.addHandler(capture)
+    try:
+        with pytest.raises(nonfinite.NonFiniteError) as e:
+            loop.run(cfg, str(workdir))
+    finally:
+        logger.removeHandler(capture)
+    return workdir, str(e.value), "\n".join(capture.lines)
 
-    rows = _rows(tmp_path)
+
+def test_skip_policy_drops_poisoned_updates_counts_them_and_stops_after_n_in_a_row(skip_run):
+    workdir, error, log_text = skip_run
+    assert "2 consecutive non-finite steps" in error and "at step 6 (batch index 5" in error
+    assert "train.max_consecutive_skips=2" in error
+    assert "at step 3 (batch index 2" in log_text and "update skipped (1 in a row, 1 in this run)" in log_text
+    assert "update skipped (1 in a row, 2 in this run)" in log_text   # step 5: the streak reset at step 4
+
+    rows = _rows(workdir)
     assert sorted(rows) == [1, 2, 3, 4, 5]
     for step in (3, 5):
         assert np.isnan(rows[step]["loss"]) and rows[step]["skipped_update"] == 1.0
@@ -57,9 +79,9 @@ def test_skip_policy_drops_poisoned_updates_counts_them_and_stops_after_n_in_a_r
         assert np.isfinite(rows[step]["loss"]) and rows[step]["skipped_update"] == 0.0
     assert [rows[s]["skipped_updates"] for s in (1, 2, 3, 4, 5)] == [0, 0, 1, 1, 2]
 
-    before, _ = _saved(tmp_path, 2)
-    skipped, counters = _saved(tmp_path, 3)
-    after, counters_after = _saved(tmp_path, 4)
+    before, _ = _saved(workdir, 2)
+    skipped, counters = _saved(workdir, 3)
+    after, counters_after = _saved(workdir, 4)
     assert int(skipped["step"]) == 3 and counters == {"skipped_updates": 1, "consecutive_skips": 1}
     assert counters_after == {"skipped_updates": 1, "consecutive_skips": 0}
     for path, leaf in leaves_by_path({"params": skipped["params"], "opt_state": skipped["opt_state"]}).items():
@@ -67,20 +89,22 @@ def test_skip_policy_drops_poisoned_updates_counts_them_and_stops_after_n_in_a_r
     changed = [p for p, leaf in leaves_by_path(after["params"]).items()
                if not np.array_equal(leaf, leaves_by_path(skipped["params"])[p])]
     assert len(changed) == len(leaves_by_path(after["params"]))                          # step 4 trained again
-    assert not os.path.exists(tmp_path / "checkpoints" / "6")
+    assert not os.path.exists(workdir / "checkpoints" / "6")
 
 
-def test_stop_policy_names_step_batch_and_first_nonfinite_gradient(tmp_path):
-    cfg = _cfg("train.nonfinite_policy=stop", "train.debug_poison_steps=[3]", "train.log_every=4",
+def test_stop_policy_names_step_batch_and_first_nonfinite_gradient(skip_run, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(skip_run[0], workdir)   # resumes at step 5 (saves the init compile of a fresh run)
+    cfg = _cfg("train.nonfinite_policy=stop", "train.debug_poison_steps=[7]", "train.log_every=4",
                "train.checkpoint_every=4")
     first_param = next(iter(leaves_by_path(build_trainer(cfg).abstract_state().params)))
     with pytest.raises(nonfinite.NonFiniteError) as e:
-        loop.run(cfg, str(tmp_path))    # step 3 is checked after step 4 is dispatched (one step late)
+        loop.run(cfg, str(workdir))    # step 7 is checked after step 8 is dispatched (one step late)
     text = str(e.value)
-    assert "non-finite loss nan or gradient at step 3 (batch index 2" in text
+    assert "non-finite loss nan or gradient at step 7 (batch index 6" in text
     assert f"first non-finite gradient: {first_param})" in text and "train.nonfinite_policy=skip" in text
-    assert not os.path.exists(tmp_path / "metrics.jsonl") or not _rows(tmp_path)
-    assert not os.path.isdir(tmp_path / "checkpoints") or not os.listdir(tmp_path / "checkpoints")
+    assert sorted(_rows(workdir)) == [1, 2, 3, 4, 5]                   # nothing logged or saved after it
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2", "3", "4", "5"]
 
 
 def _tree(rng, scale=1.0):

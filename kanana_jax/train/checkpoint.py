@@ -2,10 +2,10 @@
 keep-last-K, integrity checks at restore and fallback to the newest readable checkpoint.
 
 Layout: DIR/<step>/{state, data, meta}; meta holds the loop counters and a checksum per state leaf (orbax
-does not checksum array data, so a flipped bit would otherwise restore silently). Orbax writes a step into DIR/<step>.orbax-checkpoint-tmp-* and renames
-it on commit, so a write cut short (kill, crash, preemption) leaves only a tmp dir, which is ignored and
-removed at the next start. A committed step that cannot be read back is moved to DIR.corrupt/ when an older
-one is restored instead.
+does not checksum array data, so a flipped bit would otherwise restore silently). Orbax writes a step into
+DIR/<step>.orbax-checkpoint-tmp-* and renames it on commit, so a write cut short (kill, crash, preemption)
+leaves only a tmp dir, which is ignored and removed at the next start. A committed step that cannot be read
+back is moved to DIR.corrupt/ when an older one is restored instead.
 """
 from __future__ import annotations
 
@@ -129,7 +129,7 @@ class Checkpointer:
         except Exception as e:  # orbax raises many types for damaged metadata
             raise CheckpointError(step, path, f"unreadable metadata of item 'state': {type(e).__name__}: {e}") from e
         if meta is None:
-            raise CheckpointError(step, path, "unreadable metadata of item 'state' (orbax cannot parse state/_METADATA)")
+            raise CheckpointError(step, path, "unreadable metadata of item 'state' (orbax cannot parse its _METADATA)")
         saved = leaves_by_path(meta.tree)
         diff = tree_diff(saved, leaves_by_path(abstract_state))
         if diff:

@@ -62,7 +62,8 @@ class NonFinitePolicy:
         loss, first = float(metrics["loss"]), int(metrics["first_nonfinite_grad_leaf"])
         where = (f"first non-finite gradient: {self.param_paths[first]}" if first >= 0
                  else "all gradients finite")
-        what = f"non-finite loss {loss} or gradient at step {done} (batch index {done - 1} of the training stream; {where})"
+        what = (f"non-finite loss {loss} or gradient at step {done} "
+                f"(batch index {done - 1} of the training stream; {where})")
         if self.policy == "stop":
             raise NonFiniteError(f"{what}. The update was not applied; the last checkpoint is unaffected. "
                                  "Set train.nonfinite_policy=skip to skip such steps instead.")
