@@ -28,7 +28,8 @@ def make(cfg: OptimizerConfig, schedule) -> optax.GradientTransformation:
     return muon.muon(
         schedule, weight_decay=cfg.weight_decay, rules=rules, adamw_learning_rate=adamw_lr, b1=cfg.b1, b2=cfg.b2,
         eps=cfg.eps, adamw_weight_decay=cfg.weight_decay, adamw_decay_mask=adamw_decay_mask,
-        beta=cfg.muon_beta, nesterov=cfg.muon_nesterov, method=cfg.muon_method, coeffs=cfg.muon_coeffs,
+        beta=cfg.muon_beta, nesterov=cfg.muon_nesterov, method=cfg.muon_method,
+        coeffs=cfg.muon_coeffs if cfg.muon_method == "polar_express" else None,
         steps=cfg.muon_steps, scaling=cfg.muon_scaling, dtype=jnp.dtype(cfg.muon_dtype),
         algorithm=cfg.muon_algorithm, per_head=cfg.muon_per_head, mesh="context")
 

@@ -171,8 +171,8 @@ def svd_polar(x, out_dtype=None):
 def orthogonalize_group(xs: Sequence[jax.Array], *, method: str = "polar_express",
                         coeffs: str | Sequence[Quintic] | None = None, steps: int | None = None,
                         safety: float | None = None, dtype=jnp.bfloat16, algorithm: str = "auto",
-                        max_segment_gain: float = 16.0, max_segment_steps: int = 2, out_scales: Sequence[float] | None = None,
-                        out_dtypes: Sequence | None = None, epilogue_dtype=None,
+                        max_segment_gain: float = 16.0, max_segment_steps: int = 2,
+                        out_scales: Sequence[float] | None = None, out_dtypes: Sequence | None = None, epilogue_dtype=None,
                         eps: float = 1e-30) -> list[jax.Array]:
     """Polar factors of xs[i] [B_i, r_i, c_i] sharing (min, max) of (r, c), as one batched einsum chain.
 
@@ -192,8 +192,13 @@ def orthogonalize_group(xs: Sequence[jax.Array], *, method: str = "polar_express
         return [(s * svd_polar(x, F32)).astype(od) for x, s, od in zip(xs, out_scales, out_dtypes)]
     if method not in ("polar_express", "newton_schulz"):
         raise ValueError(f"method={method!r}; allowed: 'polar_express', 'newton_schulz', 'svd'")
-    if coeffs is None:
-        coeffs = "polar_express_5" if method == "polar_express" else "newton_schulz_5"
+    if method == "newton_schulz":
+        if coeffs not in (None, "newton_schulz_5"):
+            raise ValueError(f"method='newton_schulz' uses Jordan's quintic; got coeffs={coeffs!r} "
+                             "(use method='polar_express' for other schedules)")
+        coeffs = "newton_schulz_5"
+    elif coeffs is None:
+        coeffs = "polar_express_5"
     sched, preset_safety = polar_express.resolve(coeffs, steps)
     safety = preset_safety if safety is None else safety
     _check_coeffs(sched)
