@@ -175,10 +175,16 @@ def main():
     p.add_argument("--ceiling", type=float, default=0.0, help=argparse.SUPPRESS)
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    if args.only == "ceiling":
+        print(f"RESULT {matmul_ceiling_tflops()}", flush=True)
+        return
     if args.only:
         print("RESULT " + json.dumps(run_variant(args.only, args, args.ceiling), default=str), flush=True)
         return
-    ceiling = matmul_ceiling_tflops()
+    # The parent holds no device memory: the ceiling and every variant run in their own processes.
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--only", "ceiling"], capture_output=True,
+                         text=True).stdout
+    ceiling = float([l for l in out.splitlines() if l.startswith("RESULT ")][-1].split()[1])
     cfg = slice_config(args.layers, args.batch, args.seq, "reference", "ragged_dot", args.optimizer, args.remat,
                        muon_clip=False, size=args.size)
     counts = count_params(cfg.model)
