@@ -24,6 +24,9 @@ import time
 from collections import defaultdict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CHILD_ENV = dict(os.environ)
+if "--only" not in sys.argv:  # the parent only coordinates: keep XLA from reserving most of the GPU
+    os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -183,7 +186,7 @@ def main():
         return
     # The parent holds no device memory: the ceiling and every variant run in their own processes.
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--only", "ceiling"], capture_output=True,
-                         text=True).stdout
+                         text=True, env=CHILD_ENV).stdout
     ceiling = float([l for l in out.splitlines() if l.startswith("RESULT ")][-1].split()[1])
     cfg = slice_config(args.layers, args.batch, args.seq, "reference", "ragged_dot", args.optimizer, args.remat,
                        muon_clip=False, size=args.size)
@@ -196,7 +199,7 @@ def main():
         cmd = [sys.executable, os.path.abspath(__file__), "--only", name, "--ceiling", str(ceiling)] + [
             f"--{k}={getattr(args, k)}" for k in ("size", "layers", "batch", "seq", "optimizer", "remat", "reps", "profile",
                                                   "out")]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=CHILD_ENV)
         lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
         if lines:
             results["variants"].append(json.loads(lines[-1][len("RESULT "):]))
