@@ -45,5 +45,5 @@ def test_ablation_notebook_executes_and_tabulates_every_point(tmp_path, monkeypa
     assert len(images) >= 1, "the loss / max-logit figure was not drawn"
     html = "".join(o["data"].get("text/html", "") for o in outputs if o.output_type in ("execute_result",
                                                                                        "display_data"))
-    assert all(point in html for point in table["point"]), "the displayed table misses points"
+    assert html.count("<td>ran</td>") == len(expected), "the displayed table misses points"
     assert os.path.isdir(tmp_path / "jax_cache")
