@@ -118,9 +118,13 @@ def main():
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--only-check", action="store_true")
+    ap.add_argument("--extra", action="store_true", help="also time ours without soft-cap and tokamax without it")
+    ap.add_argument("--budget-s", type=float, default=1e9, help="skip sweep variants once this much time has passed")
     ap.add_argument("--cpu-dry-run", action="store_true")
     args = ap.parse_args()
     if args.cpu_dry_run:
+        os.environ.setdefault("NPROC", "8")   # Mosaic GPU interpret mode needs > 2 XLA CPU worker threads
         global INTERPRET
         INTERPRET = True
         for n, (B, T, H, KVH, Dqk, Dv) in SHAPES.items():
@@ -141,32 +145,42 @@ def main():
             B, T, H, KVH, Dqk, Dv = SHAPES[n]
             res["checks"][n] = check(1, T, H, KVH, Dqk, Dv, seed=7)
         print(f"checks passed in {time.time() - t0:.0f}s:", json.dumps(res["checks"]), flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    dump = lambda: json.dump(res, open(os.path.join(args.out, "attention_check.json" if args.only_check else
+                                                    "attention.json"), "w"), indent=1)
+    dump()
+    if args.only_check:
+        return
     for n in names:
         B, T, H, KVH, Dqk, Dv = SHAPES[n]
         q, k, v = peers.attention_inputs(B, T, H, KVH, Dqk, Dv)
-        r = {"ours_cap_maxlogits": time_fn(ours_fn(CAP), q, k, v), "ours_nocap": safe(lambda: time_fn(ours_fn(None), q, k, v))}
+        r = {"ours_cap_maxlogits": safe(lambda: time_fn(ours_fn(CAP), q, k, v))}
+        if args.extra:
+            r["ours_nocap"] = safe(lambda: time_fn(ours_fn(None), q, k, v))
         if not args.no_peers:
             r["cudnn"] = safe(lambda: peers.time_attention(peers.peer_attention("cudnn"), q, k, v))
             tok = safe(lambda: peers.peer_attention("tokamax_mosaic"))
             if not isinstance(tok, str):
                 r["tokamax_cap"] = safe(lambda: peers.time_attention(functools.partial(tok, cap=CAP), q, k, v))
-                r["tokamax"] = safe(lambda: peers.time_attention(tok, q, k, v))
+                if args.extra:
+                    r["tokamax"] = safe(lambda: peers.time_attention(tok, q, k, v))
             else:
                 r["tokamax_cap"] = tok
         if args.sweep:
             for bs in SWEEP:
+                if time.time() - t0 > args.budget_s:
+                    break
                 key = f"sweep kv{bs.block_kv} qdkv{bs.block_q_dkv} kvdq{bs.block_kv_dq} st{bs.num_stages}"
                 r[key] = safe(lambda: time_fn(ours_fn(CAP, bs), q, k, v))
         res["timings"][n] = r
+        dump()
         print(n, json.dumps(r), f"t={time.time() - t0:.0f}s", flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "attention.json"), "w") as f:
-        json.dump(res, f, indent=1)
     print("\nTFLOP/s fwd / fwd+bwd (causal; ours: soft-cap 50 + max logits)")
     print(f"{'shape':5} {'ours':>13} {'cuDNN':>13} {'tokamax cap':>13} {'vs cuDNN':>9} {'vs tokamax':>10}")
     for n, r in res["timings"].items():
         fmt = lambda x: f"{x[0]:5.0f} / {x[1]:5.0f}" if isinstance(x, (tuple, list)) else f"{'n/a':>13}"
-        ratio = lambda a, b: f"{a[1] / b[1]:.2f}x" if isinstance(b, (tuple, list)) else "n/a"
+        ratio = lambda a, b: f"{a[1] / b[1]:.2f}x" if isinstance(b, (tuple, list)) and isinstance(a, (tuple, list)) \
+            else "n/a"
         o = r["ours_cap_maxlogits"]
         print(f"{n:5} {fmt(o):>13} {fmt(r.get('cudnn')):>13} {fmt(r.get('tokamax_cap')):>13} "
               f"{ratio(o, r.get('cudnn')):>9} {ratio(o, r.get('tokamax_cap')):>10}")

@@ -235,6 +235,6 @@ def forward(q, k, v, q_seg, kv_seg, *, causal, scale, cap, kv_len, q_len, block_
         entry, out_type=out_type, scratch_types=[s for s in scratch if s is not None],
         grid=(H, B, nq), grid_names=("h", "b", "q"), num_threads=gc.COMPUTE_WGS + 1, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=plgpu.InterpretGPUParams() if interpret else None)
+        interpret=gc.INTERPRET_PARAMS if interpret else None)
     args = (q, k, v, q_seg, kv_seg) if has_seg else (q, k, v)
     return call(*args)

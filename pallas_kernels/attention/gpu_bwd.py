@@ -284,7 +284,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse2, do, *, causal, scale, cap, kv_le
     causal_offset = (kv_len - q_len) if causal else None
     stages = block_sizes.num_stages
     params = plgpu.CompilerParams(approx_math=True)
-    interp = plgpu.InterpretGPUParams() if interpret else None
+    interp = gc.INTERPRET_PARAMS if interpret else None
     ins = (q, k, v, do, lse2, delta) + ((q_seg, kv_seg) if has_seg else ())
     wg, bq = gc.COMPUTE_WGS, gc.WG_ROWS
 

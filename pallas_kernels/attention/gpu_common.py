@@ -24,6 +24,7 @@ WG_ROWS = 64          # rows of the stationary block per compute warpgroup (one 
 COMPUTE_WGS = 2
 TILING = plgpu.TilingTransform((8, 64))
 SWIZZLE = plgpu.SwizzleTransform(128)
+INTERPRET_PARAMS = plgpu.InterpretGPUParams()   # tests may swap in InterpretGPUParams(detect_races=True)
 ROW = plgpu.Layout.WGMMA.reduce(1)   # layout of a per-row vector of a WGMMA-layout matrix
 COL = plgpu.Layout.WGMMA.reduce(0)   # layout of a per-column vector
 
