@@ -151,3 +151,16 @@ def test_kanana2_155b_a17b_reconstruction_counts():
     counts = count_params(config_lib.load(pretrain.get_config("size=kanana2_155b_a17b")).model)
     assert 150e9 <= counts["total"]["all"] <= 160e9
     assert 16e9 <= counts["active"]["all"] <= 18e9
+
+
+def test_logits_matmul_gradients_equal_plain_einsum():
+    from kanana_jax.model.layers import logits_matmul
+    h = jax.random.normal(jax.random.PRNGKey(7), (2, 3, 8))
+    w = jax.random.normal(jax.random.PRNGKey(8), (8, 11))
+    g = jax.random.normal(jax.random.PRNGKey(9), (2, 3, 11))
+    plain = lambda h, w: jnp.einsum("btd,dv->btv", h, w)
+    out, vjp = jax.vjp(logits_matmul, h, w)
+    ref, vjp_ref = jax.vjp(plain, h, w)
+    np.testing.assert_allclose(out, ref, rtol=1e-5)
+    for a, b in zip(vjp(g), vjp_ref(g)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -84,6 +84,28 @@ def apply_rope(x_BxTxNxR, positions_BxT, inv_freq_R2, amplitude=1.0):
     return rotated.astype(x_BxTxNxR.dtype)
 
 
+@jax.custom_vjp
+def logits_matmul(h_BxTxD, w_DxV):
+    """h @ w with float32 output; the backward casts the float32 cotangent to h's dtype first, so the two big
+    gradient GEMMs of the LM head run on bf16 tensor cores instead of in fp32/TF32."""
+    return jnp.einsum("btd,dv->btv", h_BxTxD, w_DxV.astype(h_BxTxD.dtype), preferred_element_type=jnp.float32)
+
+
+def _logits_matmul_fwd(h_BxTxD, w_DxV):
+    return logits_matmul(h_BxTxD, w_DxV), (h_BxTxD, w_DxV)
+
+
+def _logits_matmul_bwd(res, g_BxTxV):
+    h_BxTxD, w_DxV = res
+    g = g_BxTxV.astype(h_BxTxD.dtype)
+    dh = jnp.einsum("btv,dv->btd", g, w_DxV.astype(h_BxTxD.dtype), preferred_element_type=jnp.float32)
+    dw = jnp.einsum("btd,btv->dv", h_BxTxD, g, preferred_element_type=jnp.float32)
+    return dh.astype(h_BxTxD.dtype), dw.astype(w_DxV.dtype)
+
+
+logits_matmul.defvjp(_logits_matmul_fwd, _logits_matmul_bwd)
+
+
 class Embed(nn.Module):
     """Token embedding table [V, D]; `attend` gives tied logits."""
     vocab_size: int
@@ -101,8 +123,8 @@ class Embed(nn.Module):
         return constrain(x_BxTxD, ("activation_batch", "activation_length", "activation_embed"))
 
     def attend(self, x_BxTxD):
-        return jnp.einsum("btd,vd->btv", x_BxTxD, self.embedding.astype(self.dtype),
-                          preferred_element_type=jnp.float32)
+        """Tied logits [B,T,V] float32."""
+        return logits_matmul(x_BxTxD.astype(self.dtype), self.embedding.T)
 
 
 class MLP(nn.Module):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from kanana_jax.config import ModelConfig
 from kanana_jax.model.attention import GQAttention, MLAttention
-from kanana_jax.model.layers import DTYPES, MLP, Embed, RMSNorm, constrain, param_with_axes
+from kanana_jax.model.layers import DTYPES, MLP, Embed, RMSNorm, constrain, logits_matmul, param_with_axes
 from kanana_jax.model.moe import MoE
 
 REMAT_POLICIES = {
@@ -96,4 +96,4 @@ class LMHead(nn.Module):
     def __call__(self, h_BxTxD):
         kernel = param_with_axes(self, "kernel", (h_BxTxD.shape[-1], self.vocab_size), ("embed", "vocab"),
                                  nn.initializers.normal(self.init_std), self.param_dtype)
-        return jnp.einsum("btd,dv->btv", h_BxTxD, kernel.astype(h_BxTxD.dtype), preferred_element_type=jnp.float32)
+        return logits_matmul(h_BxTxD, kernel)
