@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from typing import Any, Literal, Optional
+
+
+_INT32_MAX = 2 ** 31 - 1
 
 
 class ConfigError(ValueError):
@@ -142,7 +146,8 @@ class OptimizerConfig:
     def __post_init__(self):
         import re
         for rule in self.partition_rules:
-            ok = isinstance(rule, (tuple, list)) and len(rule) == 2 and rule[1] in ("muon", "adamw", "frozen")
+            ok = (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
+                  and rule[1] in ("muon", "adamw", "frozen"))
             _check(ok, "optimizer.partition_rules", f"each rule is (regex, 'muon'|'adamw'|'frozen'), got {rule!r}")
             try:
                 re.compile(rule[0])
@@ -163,6 +168,13 @@ class DataConfig:
     shuffle: bool = True
     on_bad_record: Literal["fail", "skip"] = "fail"
     mixture: tuple = ()              # ((name, path or 'embedded', weight), ...); empty = the single source above
+
+    def __post_init__(self):
+        for entry in self.mixture:
+            ok = (isinstance(entry, (tuple, list)) and len(entry) == 3 and isinstance(entry[0], str)
+                  and isinstance(entry[1], str) and isinstance(entry[2], (int, float))
+                  and not isinstance(entry[2], bool) and math.isfinite(entry[2]) and entry[2] > 0)
+            _check(ok, "data.mixture", f"entries must be (name, path or 'embedded', weight > 0), got {entry!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,10 +266,14 @@ def _coerce(value, tp, key: str):
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"config key '{key}': expected an int, got {type(value).__name__} {value!r}")
+        if abs(value) > _INT32_MAX:
+            raise ConfigError(f"config key '{key}': {value} does not fit in int32 (|value| <= {_INT32_MAX})")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}': expected a float, got {type(value).__name__} {value!r}")
+        if (isinstance(value, int) and abs(value) > 1e300) or not math.isfinite(value):
+            raise ConfigError(f"config key '{key}': expected a finite float, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -339,9 +355,12 @@ def parse_value(text: str, current: Any, key: str):
     if isinstance(current, (tuple, list)):
         import json
         try:
-            return tuple(json.loads(text))
+            parsed = json.loads(text)
         except json.JSONDecodeError as e:
             raise ConfigError(f"config key '{key}': expected a JSON list, got {text!r}") from e
+        if not isinstance(parsed, list):
+            raise ConfigError(f"config key '{key}': expected a JSON list, got {text!r}")
+        return tuple(parsed)
     return text
 
 
@@ -352,6 +371,9 @@ def apply_overrides(config, overrides: dict[str, Any]):
         parts = dotted.split(".")
         for i, part in enumerate(parts):
             where = ".".join(parts[:i + 1])
+            if not hasattr(node, "keys"):
+                raise ConfigError(f"config key '{'.'.join(parts[:i])}' is a value, not a section; "
+                                  f"cannot set '{dotted}'")
             if part not in node:
                 keys = list(node.keys())
                 close = difflib.get_close_matches(part, keys, n=1)

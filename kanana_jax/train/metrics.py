@@ -53,10 +53,18 @@ class MetricsWriter:
     def _truncate_after(self, step: int):
         if not os.path.exists(self.path):
             return
+        kept = []
         with open(self.path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-        with open(self.path, "w") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # blank, or a last line cut short by a kill: dropped
+                    continue
+                if row.get("step", 0) <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+        with open(self.path + ".tmp", "w") as f:   # rewritten aside and renamed: a kill here loses nothing
             f.writelines(kept)
+        os.replace(self.path + ".tmp", self.path)
 
     def write(self, step: int, metrics: dict):
         row = {"step": int(step)}
