@@ -128,7 +128,7 @@ def main():
         global INTERPRET
         INTERPRET = True
         for n, (B, T, H, KVH, Dqk, Dv) in SHAPES.items():
-            SHAPES[n] = (1, 256, 2, 2 * KVH // H, Dqk, Dv)
+            SHAPES[n] = (1, 256, 2, 2 if KVH == H else 1, Dqk, Dv)
         args.no_peers = True
         peers.bench = functools.partial(peers.bench, reps=1, warm=1)
     names = args.shapes.split(",")

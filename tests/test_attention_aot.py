@@ -1,4 +1,5 @@
-"""The TPU attention kernels compile ahead of time for v5p and v6e through libtpu (Mosaic's layout rules checked)."""
+"""Ahead-of-time checks on CPU: TPU kernels compile for v5p and v6e through libtpu (Mosaic layout rules, VMEM), and
+the Mosaic GPU kernels lower for Hopper at the benchmark shapes (layouts, wgmma shapes, shared memory)."""
 import pytest
 
 from launch.compile_kernels_aot import DEFAULT_CASES, compile_attention
@@ -23,3 +24,24 @@ def test_illegal_block_shape_is_rejected_by_the_tpu_compiler():
                               block_sizes=BlockSizes(block_kv=64, block_kv_dkv=64, block_kv_dq=64))
     finally:
         tpu.check_tpu_shapes = ok
+
+
+@pytest.mark.parametrize("shape", [(4, 4096, 16, 16, 128, 128), (2, 8192, 16, 4, 128, 128), (4, 4096, 32, 8, 64, 64),
+                                   (4, 4096, 16, 16, 192, 128)], ids=["mha", "gqa", "d64", "mla"])
+def test_gpu_kernels_lower_for_hopper(shape):
+    """Mosaic GPU lowering of fwd+bwd at the benchmark shapes (layouts, wgmma shapes, <= 227 KB shared memory)."""
+    import jax
+    import jax.numpy as jnp
+    from pallas_kernels.attention import flash_attention
+    B, T, H, KVH, Dqk, Dv = shape
+    sds = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)
+    seg = jax.ShapeDtypeStruct((B, T), jnp.int32) if Dqk == 192 else None
+
+    def loss(q, k, v, seg_ids):
+        out, max_logits = flash_attention(q, k, v, logit_soft_cap=50.0, segment_ids=seg_ids, return_max_logits=True,
+                                          backend="gpu")
+        return out.astype(jnp.float32).sum() + max_logits.sum()
+
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(
+        sds(B, T, H, Dqk), sds(B, T, KVH, Dqk), sds(B, T, KVH, Dv), seg).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("mosaic_gpu") >= 3     # forward, dK/dV and dQ kernels

@@ -35,9 +35,9 @@ def check_gpu_shapes(q, k, v, block_sizes: BlockSizes):
                              f"the 128-byte swizzle); got {b}")
 
 
-def _fwd_kernel(*refs, B, H, G, nq, nkv, bk, stages, has_seg, causal_offset, kv_len, kv_padded, scale, cap,
+def _fwd_kernel(*refs, G, nq, nkv, bk, stages, has_seg, causal_offset, kv_len, kv_padded, scale, cap,
                 interpret):
-    """Kernel body; refs = inputs, outputs, scratch (see _forward for the order)."""
+    """Kernel body; refs = inputs, outputs, then the scratch listed in `forward`."""
     if has_seg:
         q_ref, k_ref, v_ref, qs_ref, ks_ref, out_ref, lse_ref, ml_ref, *scratch = refs
     else:
@@ -190,14 +190,13 @@ def forward(q, k, v, q_seg, kv_seg, *, causal, scale, cap, kv_len, q_len, block_
     dtype = q.dtype
     bq = gc.WG_ROWS
     kernel = functools.partial(
-        _fwd_kernel, B=B, H=H, G=H // KVH, nq=nq, nkv=nkv, bk=bk, stages=stages, has_seg=has_seg,
+        _fwd_kernel, G=H // KVH, nq=nq, nkv=nkv, bk=bk, stages=stages, has_seg=has_seg,
         causal_offset=(kv_len - q_len) if causal else None, kv_len=kv_len, kv_padded=Sp != kv_len,
         scale=scale, cap=cap, interpret=interpret)
     f32 = jnp.float32
-    q_smem = gc.smem_tiles((gc.COMPUTE_WGS, bq, Dqk), dtype)
-    o_smem = q_smem if Dqk == Dv else gc.smem_tiles((gc.COMPUTE_WGS, bq, Dv), dtype)
-    scratch = [
-        q_smem, o_smem,
+    types, rebuild = gc.assemble([
+        gc.smem_tiles((gc.COMPUTE_WGS, bq, Dqk), dtype),
+        None if Dqk == Dv else gc.smem_tiles((gc.COMPUTE_WGS, bq, Dv), dtype),   # else the output reuses q's
         gc.smem_tiles((stages, bk, Dqk), dtype),
         gc.smem_tiles((stages, bk, Dv), dtype),
         plgpu.SMEM((gc.COMPUTE_WGS, bq), jnp.int32) if has_seg else None,
@@ -213,26 +212,20 @@ def forward(q, k, v, q_seg, kv_seg, *, causal, scale, cap, kv_len, q_len, block_
         plgpu.Barrier(num_arrivals=gc.COMPUTE_WGS, num_barriers=stages),
         plgpu.Barrier(num_arrivals=gc.COMPUTE_WGS, num_barriers=stages),
         plgpu.Barrier(num_arrivals=gc.COMPUTE_WGS),
-    ]
-    if Dqk == Dv:
-        scratch[1] = None
+    ])
     out_type = (jax.ShapeDtypeStruct((B, Tp, H, Dv), dtype), jax.ShapeDtypeStruct((B, H, Tp), f32),
                 jax.ShapeDtypeStruct((B, H, Tp), f32))
 
+    n_io = (5 if has_seg else 3) + 3
+
     def entry(*refs):
-        n_in = 5 if has_seg else 3
-        ins, outs, scr = refs[:n_in], refs[n_in:n_in + 3], list(refs[n_in + 3:])
-        full = []
-        it = iter(scr)
-        for s in scratch:
-            full.append(None if s is None else next(it))
-        if Dqk == Dv:
-            full[1] = full[0]
-        _fwd_kernel_entry = kernel
-        _fwd_kernel_entry(*ins, *outs, *full)
+        scratch = rebuild(refs[n_io:])
+        if scratch[1] is None:
+            scratch[1] = scratch[0]
+        kernel(*refs[:n_io], *scratch)
 
     call = plgpu.kernel(
-        entry, out_type=out_type, scratch_types=[s for s in scratch if s is not None],
+        entry, out_type=out_type, scratch_types=types,
         grid=(H, B, nq), grid_names=("h", "b", "q"), num_threads=gc.COMPUTE_WGS + 1, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=gc.INTERPRET_PARAMS if interpret else None)

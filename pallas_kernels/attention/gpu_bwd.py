@@ -260,17 +260,6 @@ def _dq_kernel(*refs, G, nq, nkv, bks, stages, has_seg, causal_offset, kv_len, k
         _memory_loop(issue, cons, cta_steps, stages)
 
 
-def _assemble(scratch):
-    """Drop None entries for allocation; return (types, rebuild(refs) -> list with None re-inserted)."""
-    types = [s for s in scratch if s is not None]
-
-    def rebuild(refs):
-        it = iter(refs)
-        return [None if s is None else next(it) for s in scratch]
-
-    return types, rebuild
-
-
 def backward(q, k, v, q_seg, kv_seg, out, lse2, do, *, causal, scale, cap, kv_len, q_len,
              block_sizes: BlockSizes, interpret):
     """Padded inputs and forward residuals -> (dq, dk, dv) in the inputs' dtypes."""
@@ -289,7 +278,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse2, do, *, causal, scale, cap, kv_le
     wg, bq = gc.COMPUTE_WGS, gc.WG_ROWS
 
     bqs = block_sizes.block_q_dkv
-    types, rebuild = _assemble([
+    types, rebuild = gc.assemble([
         gc.smem_tiles((wg, bq, Dqk), dtype), gc.smem_tiles((wg, bq, Dv), dtype),
         plgpu.SMEM((wg, bq), jnp.int32) if has_seg else None,
         gc.smem_tiles((stages, bqs, Dqk), dtype), gc.smem_tiles((stages, bqs, Dv), dtype),
@@ -312,7 +301,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse2, do, *, causal, scale, cap, kv_le
         num_threads=wg + 1, thread_name="wg", compiler_params=params, interpret=interp)(*ins)
 
     bks = block_sizes.block_kv_dq
-    types, rebuild = _assemble([
+    types, rebuild = gc.assemble([
         gc.smem_tiles((wg, bq, Dqk), dtype), gc.smem_tiles((wg, bq, Dv), dtype),
         plgpu.SMEM((2, wg, bq), f32), plgpu.SMEM((wg, bq), jnp.int32) if has_seg else None,
         gc.smem_tiles((stages, bks, Dqk), dtype), gc.smem_tiles((stages, bks, Dv), dtype),

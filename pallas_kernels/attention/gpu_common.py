@@ -111,6 +111,17 @@ def softcap_logits2(s, scale, cap):
     return t * (cap * LOG2E), t
 
 
+def assemble(scratch):
+    """Scratch list with None for unused entries -> (types to allocate, rebuild(refs) re-inserting the Nones)."""
+    types = [s for s in scratch if s is not None]
+
+    def rebuild(refs):
+        it = iter(refs)
+        return [None if s is None else next(it) for s in scratch]
+
+    return types, rebuild
+
+
 def cdiv(a, b):
     """Ceiling division of int32 scalars (non-negative a)."""
     return lax.div(a + (b - 1), jnp.int32(b))
