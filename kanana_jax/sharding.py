@@ -23,22 +23,25 @@ _COMMON = [
     ("activation_kv", None), ("layers", None), ("norm", None), ("qk_dim", None), ("qkv_dim", None),
     ("v_dim", None), ("q_lora", None), ("kv_lora", None), ("kv_heads", None), ("experts_router", None),
 ]
+# Parameters: ZeRO-3 style, every weight split over fsdp x expert on its model dimension ('embed'); expert weights
+# take the expert axis for their 'experts' dimension, so their 'embed' falls back to fsdp alone. flax applies rules
+# in order and skips one whose mesh axes are taken, hence 'experts' comes before the two 'embed' rules.
+_EMBED = [("embed", ("fsdp", "expert")), ("embed", "fsdp")]
 RULES = {
-    # parameters sharded over fsdp on their model dimension; experts replicated over the expert axis
-    "fsdp": _COMMON + [
-        ("embed", "fsdp"), ("vocab", None), ("heads", None), ("mlp", None), ("experts", None),
-        ("expert_mlp", None), ("activation_heads", None), ("activation_mlp", None), ("activation_vocab", None),
+    # experts replicated over the expert axis (which then only splits the batch and the weights)
+    "fsdp": _COMMON + [("experts", None)] + _EMBED + [
+        ("vocab", None), ("heads", None), ("mlp", None), ("expert_mlp", None), ("activation_heads", None),
+        ("activation_mlp", None), ("activation_vocab", None),
     ],
-    # + experts split over the expert axis (expert parallelism)
-    "fsdp_ep": _COMMON + [
-        ("embed", "fsdp"), ("vocab", None), ("heads", None), ("mlp", None), ("experts", "expert"),
-        ("expert_mlp", None), ("activation_heads", None), ("activation_mlp", None), ("activation_vocab", None),
+    # + experts split over the expert axis (expert parallelism: all-to-all dispatch)
+    "fsdp_ep": _COMMON + [("experts", "expert")] + _EMBED + [
+        ("vocab", None), ("heads", None), ("mlp", None), ("expert_mlp", None), ("activation_heads", None),
+        ("activation_mlp", None), ("activation_vocab", None),
     ],
     # + heads, MLP widths and vocabulary split over the tensor axis
-    "fsdp_tp_ep": _COMMON + [
-        ("embed", "fsdp"), ("vocab", "tensor"), ("heads", "tensor"), ("mlp", "tensor"), ("experts", "expert"),
-        ("expert_mlp", "tensor"), ("activation_heads", "tensor"), ("activation_mlp", "tensor"),
-        ("activation_vocab", "tensor"),
+    "fsdp_tp_ep": _COMMON + [("experts", "expert")] + _EMBED + [
+        ("vocab", "tensor"), ("heads", "tensor"), ("mlp", "tensor"), ("expert_mlp", "tensor"),
+        ("activation_heads", "tensor"), ("activation_mlp", "tensor"), ("activation_vocab", "tensor"),
     ],
 }
 

@@ -3,6 +3,7 @@ CPU devices equals the single-device step (loss, grad norm and every updated par
 
 The 8-device checks run this file as a script in its own process (XLA fixes the device count at start-up).
 """
+import functools
 import os
 import re
 import sys
@@ -61,12 +62,13 @@ def test_check_rules_rejects_unmapped_names_and_unknown_axes():
         sharding.logical_rules("zero3")
 
 
-def _model_names(size_overrides):
+@functools.lru_cache(maxsize=None)
+def _model_names(size_overrides: tuple):
     import jax
     from kanana_jax.cli import build_config
     from kanana_jax.model import Transformer
     from kanana_jax.train import step as step_lib
-    _, cfg = build_config("experiments/pretrain.py:size=tiny", size_overrides)
+    _, cfg = build_config("experiments/pretrain.py:size=tiny", list(size_overrides))
     boxed = jax.eval_shape(lambda r: step_lib.init_params(Transformer(cfg.model), r, cfg, boxed=True),
                            jax.random.PRNGKey(0))
     return sharding.param_logical_names(boxed)
@@ -74,7 +76,7 @@ def _model_names(size_overrides):
 
 @pytest.mark.parametrize("preset", list(sharding.RULES))
 def test_every_preset_maps_every_logical_name_of_the_model(preset):
-    names = _model_names([]) | _model_names(["model.attention_type=gqa", "model.q_lora_rank=16"])
+    names = _model_names(()) | _model_names(("model.attention_type=gqa", "model.q_lora_rank=16"))
     assert {"embed", "experts", "expert_mlp", "heads", "vocab", "layers"} <= names
     sharding.check_rules(sharding.logical_rules(preset), names | set(sharding.ACTIVATION_NAMES), preset)
 
