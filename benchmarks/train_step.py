@@ -32,6 +32,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.peers import bench  # noqa: E402
 from kanana_jax import config as config_lib  # noqa: E402
 from kanana_jax.model.flops import count_params, flops_per_token  # noqa: E402
 from kanana_jax.train.builder import build_trainer  # noqa: E402
@@ -70,18 +71,7 @@ def matmul_ceiling_tflops() -> float:
     """bf16 8192^3 matmul rate on this device, median of 10."""
     a = jax.random.normal(jax.random.PRNGKey(0), (8192, 8192), jnp.bfloat16)
     f = jax.jit(lambda a: a @ a)
-    return 2 * 8192 ** 3 / time_fn(f, a, reps=10) / 1e12
-
-
-def time_fn(f, *args, reps=10, warm=2):
-    for _ in range(warm):
-        jax.block_until_ready(f(*args))
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return 2 * 8192 ** 3 / bench(f, a, reps=10) / 1e12
 
 
 def install_tokamax_seams():
