@@ -7,7 +7,10 @@ devices>)`: model, optimizer, post-update rules, mesh, shardings), lowers `train
 (the sharded train state and one global batch) and compiles it with the TPU compiler. Prints ONE JSON object:
 per-chip bytes (argument / output / alias / temp / generated code; total = argument + output - alias + temp +
 code), the chip's HBM, `fits`, compile seconds, and FLOPs per step per chip from the compiled cost analysis next
-to the model's analytic FLOPs. Exit code 1 when the step does not fit (the JSON then carries the compiler's message).
+to the model's analytic FLOPs (XLA's cost analysis counts a scanned layer stack's body once, so with
+scan_layers=True it is far below the real count; the analytic figure covers every layer) and the step time that
+the analytic FLOPs would take at the chip's bf16 peak. Exit code 1 when the step does not fit (the JSON then
+carries the compiler's message).
 
 Environment: this sets JAX_PLATFORMS=cpu (no TPU is needed or used) and ALLOW_MULTIPLE_LIBTPU_LOAD=1 (libtpu
 otherwise refuses to load while another process on the machine holds its lock file) unless they are already set.
@@ -99,6 +102,9 @@ def compile_for_topology(cfg, slice_) -> dict:
     report["per_chip_bytes"] = _memory(compiled)
     report["fits"] = report["per_chip_bytes"]["total"] <= slice_.generation.hbm_bytes
     report["flops_per_step_per_chip"] = _flops(compiled)
+    report["flops_note"] = ("flops_per_step_per_chip is XLA's cost analysis, which counts the body of each scanned "
+                            "layer stack once; model_flops_per_step_per_chip is the analytic count (all layers)")
+    report["step_seconds_at_peak"] = report["model_flops_per_step_per_chip"] / slice_.generation.peak_bf16_flops
     return report
 
 

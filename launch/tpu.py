@@ -82,7 +82,8 @@ def plan(spec: str, overrides: list[str], *, slice_, project: str, zone: str, wo
             raise ValueError("multi-slice runs go through xpk (--mode xpk); gcloud tpu-vm creates one slice")
         where = [f"--project={project}", f"--zone={zone}"]
         create = ["gcloud", "compute", "tpus", "tpu-vm", "create", name, *where,
-                  f"--accelerator-type={slice_.name}", f"--version={gen.runtime_version}"] + (["--spot"] if spot else [])
+                  f"--accelerator-type={slice_.name}", f"--version={gen.runtime_version}"]
+        create += ["--spot"] if spot else []
         ssh = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", name, *where, "--worker=all"]
         commands = [create, ssh + [f"--command={setup_command(repo, ref)}"]]
         commands += [ssh + [f"--command={run_command(spec, o, w)}"] for _, w, o in runs]
