@@ -237,3 +237,16 @@ def test_tpu_runner_hands_each_point_to_the_pod_launcher(tmp_path, fake):
     assert list(loaded["status"]) == ["finished"] + ["not_started"] * 3 and loaded["loss"][0] == 1.0
     with pytest.raises(RuntimeError, match="(?s)pod launcher failed .*the following arguments are required: --zone"):
         sweeps.run(SPEC, SWEEP, "gs://bkt/sweep", runner="tpu", dry_run=True, verbose=False)
+
+
+def test_cli_registration_does_not_need_pandas():
+    """`kanana-jax run` on a machine without pandas must still start (the sweep command registers on import)."""
+    import subprocess
+    import sys
+
+    from kanana_jax.sweeps import cli as sweep_cli
+    assert sweep_cli.RUNNERS == runner.RUNNERS
+    out = subprocess.run([sys.executable, "-c", "import sys, kanana_jax.cli as c; c._register_optional_commands(); "
+                          "print('sweep' in c.COMMANDS, 'pandas' in sys.modules)"],
+                         check=True, capture_output=True, text=True).stdout.split()
+    assert out == ["True", "False"]

@@ -3,16 +3,17 @@ from __future__ import annotations
 
 import shlex
 
-import pandas as pd
-
 from kanana_jax.cli import add_config_arguments, command, parse_overrides
-from kanana_jax.sweeps import runner as runner_lib
 
+RUNNERS = ("local", "subprocess", "tpu")  # kanana_jax.sweeps.runner.RUNNERS, without importing pandas here
 SUMMARY_COLUMNS = ("step", "loss", "eval_loss", "seconds")
 
 
 @command("sweep", "run every point of an experiment config's sweep() and print the results table")
 def sweep_command(args):
+    import pandas as pd
+
+    from kanana_jax.sweeps import runner as runner_lib
     table = runner_lib.run(args.config, None, args.workdir, args.runner, overrides=parse_overrides(args.set),
                            dry_run=args.dry_run, fail_fast=args.fail_fast, parallel=args.parallel,
                            launcher_args=shlex.split(args.launcher_args))
@@ -32,7 +33,7 @@ def sweep_command(args):
 def _add_arguments(parser):
     add_config_arguments(parser)
     parser.add_argument("--workdir", required=True, help="sweep directory: one sub-directory per point")
-    parser.add_argument("--runner", choices=runner_lib.RUNNERS, default="local",
+    parser.add_argument("--runner", choices=RUNNERS, default="local",
                         help="local: in this process; subprocess: one `kanana-jax run` per point; "
                              "tpu: hand each point to the pod launcher (launch/tpu.py)")
     parser.add_argument("--dry-run", action="store_true",
