@@ -164,3 +164,14 @@ def test_logits_matmul_gradients_equal_plain_einsum():
     np.testing.assert_allclose(out, ref, rtol=1e-5)
     for a, b in zip(vjp(g), vjp_ref(g)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_routing_metrics_for_scanned_and_unscanned_stacks():
+    from kanana_jax.train.hooks import routing_metrics
+    for overrides in ({}, {"scan_layers": False}):
+        cfg = ModelConfig(**{**TINY.__dict__, **overrides})
+        model, params, tokens = _init(cfg)
+        _, state = jax.jit(lambda p, t: model.apply({"params": p}, t, mutable=["intermediates"]))(params, tokens)
+        metrics = routing_metrics(state["intermediates"])
+        assert metrics["expert_load_max_over_mean"] >= 1.0
+        assert np.isfinite(metrics["max_attention_logit"])

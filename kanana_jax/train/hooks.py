@@ -43,7 +43,8 @@ def routing_metrics(intermediates) -> dict:
     metrics = {}
     loads = list(_expert_loads(intermediates).values())
     if loads:
-        ratios = [jnp.max(l, axis=-1) / jnp.maximum(jnp.mean(l, axis=-1), 1e-9) for l in loads]
+        # load is [L, E] for a scanned stack and [E] for an unscanned layer
+        ratios = [jnp.ravel(jnp.max(l, axis=-1) / jnp.maximum(jnp.mean(l, axis=-1), 1e-9)) for l in loads]
         metrics["expert_load_max_over_mean"] = jnp.max(jnp.concatenate(ratios))
     max_logits = [tree["attn"]["max_logits"][0] for tree in intermediates.values() if "attn" in tree]
     if max_logits:
