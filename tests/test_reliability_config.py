@@ -3,8 +3,7 @@ an invalid value raises ConfigError naming the key; a valid one loads with its d
 overrides either fail with ConfigError or yield a config whose every value has its declared type and range
 (checked independently of config.py), so nothing reaches the model unchecked.
 
-Gaps found by this fuzzing that config.py does not close yet (each has an xfail test below naming the fix;
-the properties leave those inputs out until `GAP_OPEN` reports them closed, then cover them too)."""
+The fuzzing found seven gaps, now closed in config.py; the tests at the end pin each one down."""
 import dataclasses
 import json
 import math
@@ -57,63 +56,13 @@ def _specs() -> list[Spec]:
 SPECS = _specs()
 
 
-def _raises_config_error(fn) -> bool:
-    try:
-        fn()
-    except ConfigError:
-        return True
-    except Exception:
-        return False
-    return False
-
-
 def _override(overrides):
     c = pretrain.get_config("size=tiny")
     config_lib.apply_overrides(c, overrides)
     return config_lib.load(c)
 
 
-# True while config.py lets the input class through (or raises something other than ConfigError).
-GAP_OPEN = {
-    "nonfinite_float": not _raises_config_error(lambda: config_lib.load({"optimizer": {"learning_rate": math.nan}})),
-    "int_beyond_int32": not _raises_config_error(lambda: config_lib.load({"model": {"d_model": 2 ** 40}})),
-    "int_too_big_for_float": not _raises_config_error(lambda: config_lib.load({"optimizer": {"eps": 10 ** 400}})),
-    "tuple_from_non_list_json": not _raises_config_error(lambda: _override({"data.mixture": "5"})),
-    "key_below_a_value": not _raises_config_error(lambda: _override({"model.d_model.x": "3"})),
-    "mixture_entries": not _raises_config_error(lambda: config_lib.load({"data": {"mixture": ((1, 2),)}})),
-    "partition_rule_pattern_type": not _raises_config_error(
-        lambda: config_lib.load({"optimizer": {"partition_rules": ((1, "muon"),)}})),
-}
 ROLES = ("muon", "adamw", "frozen")
-
-
-def _element_gap(spec: Spec, value) -> bool:
-    """Whether tuple `value` for `spec` has entries whose check is an open gap."""
-    if spec.name == "mixture":
-        return GAP_OPEN["mixture_entries"] and bool(value)
-    if spec.name == "partition_rules":
-        return GAP_OPEN["partition_rule_pattern_type"] and any(
-            isinstance(r, (tuple, list)) and len(r) == 2 and r[1] in ROLES and not isinstance(r[0], str)
-            for r in value)
-    return False
-
-
-def _hits_open_gap(spec: Spec, value) -> bool:
-    """Whether `value` (or command-line text) for `spec` falls in a gap config.py has not closed yet."""
-    if isinstance(value, str) and spec.base is not str:
-        try:
-            value = config_lib.parse_value(value, {int: 0, float: 0.0, bool: False, tuple: ()}[spec.base], spec.key)
-        except ConfigError:
-            return False
-        except (TypeError, ValueError):
-            return GAP_OPEN["tuple_from_non_list_json"]
-    if spec.base is tuple:
-        return isinstance(value, (tuple, list)) and _element_gap(spec, value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return GAP_OPEN["nonfinite_float"]
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT32_MAX:
-        return GAP_OPEN["int_beyond_int32"] or (spec.base is float and GAP_OPEN["int_too_big_for_float"])
-    return False
 
 
 # ------------------------------------------------------------------------------------------- strategies
@@ -164,8 +113,8 @@ def invalid_values(spec: Spec):
         entries = st.integers() | st.text(max_size=3) | st.lists(st.integers() | st.text(max_size=2), max_size=3)
         if spec.name == "debug_poison_steps":
             bad |= st.lists(st.integers(max_value=0) | st.booleans() | st.text(max_size=2), min_size=1, max_size=3)
-        elif spec.name in ("mixture", "partition_rules"):   # entries these keys check (as gaps close)
-            bad |= st.lists(entries, min_size=1, max_size=3).filter(lambda v: not _element_gap(spec, v))
+        elif spec.name in ("mixture", "partition_rules"):   # malformed entries
+            bad |= st.lists(entries, min_size=1, max_size=3)
         return bad
     wrong_type = junk | st.booleans()
     if spec.base is int:
@@ -181,9 +130,9 @@ def invalid_values(spec: Spec):
         above = (st.integers(min_value=math.floor(spec.hi) + 1) if spec.base is int
                  else st.floats(min_value=spec.hi, exclude_min=True, allow_nan=False, allow_infinity=False))
         out_of_range.append(above)
-    if spec.base is float and not GAP_OPEN["nonfinite_float"]:
+    if spec.base is float:
         out_of_range.append(st.sampled_from([math.nan, math.inf, -math.inf]))
-    if spec.base is int and not GAP_OPEN["int_beyond_int32"]:
+    if spec.base is int:
         out_of_range.append(st.integers(min_value=INT32_MAX + 1) | st.integers(max_value=-INT32_MAX - 1))
     return st.one_of(wrong_type, *out_of_range)
 
@@ -210,21 +159,20 @@ def check_config(cfg: config_lib.ExperimentConfig):
         if spec.allowed:
             assert value in spec.allowed and type(value) is spec.base, where
         elif spec.base is float:
-            assert type(value) is float and (math.isfinite(value) or GAP_OPEN["nonfinite_float"]), where
+            assert type(value) is float and math.isfinite(value), where
         else:
             assert type(value) is spec.base, where
         if spec.base in (int, float) and not (spec.base is float and math.isnan(value)):
             assert spec.lo is None or value >= spec.lo, where
             assert spec.hi is None or value <= spec.hi, where
         if spec.base is int:
-            assert abs(value) <= INT32_MAX or GAP_OPEN["int_beyond_int32"], where
+            assert abs(value) <= INT32_MAX, where
     assert all(type(s) is int and s >= 1 for s in cfg.train.debug_poison_steps)
     for rule in cfg.optimizer.partition_rules:
         assert len(rule) == 2 and isinstance(rule[0], str) and rule[1] in ROLES, rule
-    if not GAP_OPEN["mixture_entries"]:
-        for entry in cfg.data.mixture:
-            assert len(entry) == 3 and isinstance(entry[0], str) and isinstance(entry[1], str), entry
-            assert isinstance(entry[2], (int, float)) and math.isfinite(entry[2]) and entry[2] > 0, entry
+    for entry in cfg.data.mixture:
+        assert len(entry) == 3 and isinstance(entry[0], str) and isinstance(entry[1], str), entry
+        assert isinstance(entry[2], (int, float)) and math.isfinite(entry[2]) and entry[2] > 0, entry
 
 
 def _names_key_or_section(message: str, keys) -> bool:
@@ -244,7 +192,6 @@ def test_every_key_of_every_dataclass_is_covered():
 def test_invalid_value_raises_config_error_naming_the_key(data):
     spec = data.draw(st.sampled_from(SPECS), label="key")
     value = data.draw(invalid_values(spec), label="value")
-    assume(not _hits_open_gap(spec, value))
     with pytest.raises(ConfigError) as e:
         config_lib.load({spec.section: {spec.name: value}})
     assert f"'{spec.key}'" in str(e.value), str(e.value)
@@ -272,7 +219,6 @@ def test_command_line_overrides_fail_with_config_error_or_load_checked_values(da
     overrides = {}
     for spec in specs:
         text = data.draw(_text_for(spec), label=spec.key)
-        assume(not _hits_open_gap(spec, text))
         overrides[spec.key] = text
     try:
         cfg = _override(overrides)
@@ -293,13 +239,10 @@ def test_unknown_keys_are_refused_by_name(key, section):
         _override({f"{section}.{key}": "1"})
 
 
-# ------------------------------------------------------------------------------------------- known gaps
-
-def _gap(name, fix):
-    return pytest.mark.xfail(GAP_OPEN[name], strict=True, reason=f"config.py gap '{name}': {fix}")
+# ------------------------------------------------------------------------------------------- closed gaps
 
 
-@_gap("nonfinite_float", "_coerce(float) should reject NaN/Inf (NaN passes every lo/hi comparison)")
+# _coerce(float) should reject NaN/Inf (NaN passes every lo/hi comparison)
 @pytest.mark.parametrize("value", [math.nan, math.inf])
 def test_nonfinite_floats_are_refused(value):
     with pytest.raises(ConfigError, match="'optimizer.learning_rate'"):
@@ -308,7 +251,7 @@ def test_nonfinite_floats_are_refused(value):
         _override({"optimizer.b1": str(value)})
 
 
-@_gap("int_beyond_int32", "_coerce(int) should bound ints to int32 (steps/shapes become int32 on device)")
+# _coerce(int) should bound ints to int32 (steps/shapes become int32 on device)
 def test_ints_beyond_int32_are_refused():
     with pytest.raises(ConfigError, match="'model.d_model'"):
         config_lib.load({"model": {"d_model": 2 ** 40}})
@@ -316,31 +259,31 @@ def test_ints_beyond_int32_are_refused():
         _override({"train.steps": str(2 ** 31)})
 
 
-@_gap("int_too_big_for_float", "_coerce(float) raises OverflowError on float(10**400); wrap it")
+# _coerce(float) raises OverflowError on float(10**400); wrap it
 def test_int_too_big_for_a_float_is_refused():
     with pytest.raises(ConfigError, match="'optimizer.eps'"):
         config_lib.load({"optimizer": {"eps": 10 ** 400}})
 
 
-@_gap("tuple_from_non_list_json", "parse_value: tuple(json.loads('5')) raises TypeError; refuse non-lists")
+# parse_value: tuple(json.loads('5')) raises TypeError; refuse non-lists
 def test_tuple_key_from_non_list_text_is_refused():
     with pytest.raises(ConfigError, match="'train.debug_poison_steps'"):
         _override({"train.debug_poison_steps": "5"})
 
 
-@_gap("key_below_a_value", "apply_overrides walks into a value ('model.d_model.x') and raises TypeError")
+# apply_overrides walks into a value ('model.d_model.x') and raises TypeError
 def test_dotted_key_below_a_value_is_refused():
     with pytest.raises(ConfigError, match="'model.d_model"):
         _override({"model.d_model.x": "3"})
 
 
-@_gap("partition_rule_pattern_type", "OptimizerConfig: re.compile(1) raises TypeError for a non-string pattern")
+# OptimizerConfig: re.compile(1) raises TypeError for a non-string pattern
 def test_partition_rule_with_a_non_string_pattern_is_refused():
     with pytest.raises(ConfigError, match="'optimizer.partition_rules'"):
         config_lib.load({"optimizer": {"partition_rules": ((1, "muon"),)}})
 
 
-@_gap("mixture_entries", "DataConfig should check mixture entries are (name, path, weight>0) at load")
+# DataConfig should check mixture entries are (name, path, weight>0) at load
 def test_malformed_mixture_entries_are_refused():
     with pytest.raises(ConfigError, match="'data.mixture'"):
         config_lib.load({"data": {"mixture": ((1, 2),)}})
