@@ -21,12 +21,16 @@ BATCH_AXES = ("data", "fsdp", "expert")
 _COMMON = [
     ("activation_batch", BATCH_AXES), ("activation_length", None), ("activation_embed", None),
     ("activation_kv", None), ("layers", None), ("norm", None), ("qk_dim", None), ("qkv_dim", None),
-    ("v_dim", None), ("q_lora", None), ("kv_lora", None), ("kv_heads", None), ("experts_router", None),
+    ("v_dim", None), ("kv_heads", None), ("experts_router", None),
 ]
 # Parameters: ZeRO-3 style, every weight split over fsdp x expert on its model dimension ('embed'); expert weights
 # take the expert axis for their 'experts' dimension, so their 'embed' falls back to fsdp alone. flax applies rules
 # in order and skips one whose mesh axes are taken, hence 'experts' comes before the two 'embed' rules.
-_EMBED = [("embed", ("fsdp", "expert")), ("embed", "fsdp")]
+# MLA's up-projections wq_b [q_lora, H, Dq] and wkv_b [kv_lora, H, Dk+Dv] have no 'embed' dimension: their
+# low-rank dimension takes fsdp x expert instead (on wq_a / wkv_a, whose 'embed' already took those axes, it stays
+# whole).
+_EMBED = [("embed", ("fsdp", "expert")), ("embed", "fsdp"), ("q_lora", ("fsdp", "expert")),
+          ("kv_lora", ("fsdp", "expert"))]
 RULES = {
     # experts replicated over the expert axis (which then only splits the batch and the weights)
     "fsdp": _COMMON + [("experts", None)] + _EMBED + [

@@ -81,6 +81,29 @@ def test_every_preset_maps_every_logical_name_of_the_model(preset):
     sharding.check_rules(sharding.logical_rules(preset), names | set(sharding.ACTIVATION_NAMES), preset)
 
 
+@pytest.mark.parametrize("preset", ["fsdp", "fsdp_ep"])
+def test_every_weight_matrix_is_split_over_all_parameter_axes(preset):
+    """No matrix is replicated: each is split fsdp x expert ways (ZeRO-3), expert weights expert x fsdp."""
+    import flax.linen as nn
+    import jax
+    from kanana_jax.cli import build_config
+    from kanana_jax.model import Transformer
+    from kanana_jax.train import step as step_lib
+    mesh = {"data": 1, "fsdp": 2, "expert": 4, "tensor": 1}
+    for extra in ((), ("model.q_lora_rank=16",)):
+        _, cfg = build_config("experiments/pretrain.py:size=tiny", list(extra))
+        boxed = jax.eval_shape(lambda r: step_lib.init_params(Transformer(cfg.model), r, cfg, boxed=True),
+                               jax.random.PRNGKey(0))
+        specs = jax.tree.leaves(nn.get_partition_spec(boxed), is_leaf=lambda x: isinstance(x, sharding.P))
+        for spec, leaf in zip(specs, jax.tree.leaves(nn.unbox(boxed))):
+            if leaf.ndim - ("layers" in spec) < 2:
+                continue  # norms, router bias: tiny vectors stay whole
+            mesh_axes = nn.logical_to_mesh_axes(tuple(spec), sharding.logical_rules(preset))
+            used = [a for t in mesh_axes if t for a in ((t,) if isinstance(t, str) else t)]
+            assert sorted(used) == ["expert", "fsdp"], (spec, mesh_axes)
+            assert np.prod([mesh[a] for a in used]) == 8
+
+
 def test_activation_names_in_the_model_sources_are_all_declared():
     found = set()
     model_dir = os.path.join(REPO_ROOT, "kanana_jax", "model")
