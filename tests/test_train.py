@@ -53,3 +53,12 @@ def test_stopped_and_resumed_run_equals_uninterrupted(tmp_path):
     flat_a = [np.asarray(v) for v in __import__("jax").tree.leaves(a)]
     flat_b = [np.asarray(v) for v in __import__("jax").tree.leaves(b)]
     assert all(np.array_equal(x, y) for x, y in zip(flat_a, flat_b))
+
+
+def test_muon_clip_runs_inside_the_step_and_reports_clipped_heads(tmp_path):
+    loop.run(_cfg(3, ["optimizer.name=muon", "optimizer.muon_clip_tau=0.01"]), str(tmp_path))
+    with open(tmp_path / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    assert rows[-1]["muon_clip/heads_clipped"] > 0            # even the fresh model's logits (~0.1) exceed tau=0.01
+    assert "muon_clip/max_logit/moe_layers/0" in rows[-1]     # per-layer max logit

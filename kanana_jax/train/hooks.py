@@ -1,10 +1,11 @@
-"""Parameter updates that happen after the optimizer, inside the jitted step: the router balancing bias."""
+"""Parameter updates that happen after the optimizer, inside the jitted step: router balancing bias, MuonClip."""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
 from kanana_jax.config import ExperimentConfig
+from kanana_jax.optim import muon_clip
 
 
 def _expert_loads(intermediates) -> dict:
@@ -33,9 +34,13 @@ def update_router_bias(params, intermediates, rate: float):
 
 
 def post_update(params, intermediates, cfg: ExperimentConfig):
-    """All post-optimizer parameter rules, in order; returns (params, metrics)."""
+    """All post-optimizer parameter rules, in order: router balancing bias, then MuonClip (QK-clip of every head
+    whose max logit on this batch exceeded optimizer.muon_clip_tau; 0 turns it off). Returns (params, metrics)."""
     params = update_router_bias(params, intermediates, cfg.optimizer.router_bias_update_rate)
-    return params, {}
+    metrics = {}
+    if cfg.optimizer.muon_clip_tau > 0:
+        params, metrics = muon_clip.apply(params, intermediates, cfg.optimizer.muon_clip_tau)
+    return params, metrics
 
 
 def routing_metrics(intermediates) -> dict:
