@@ -9,7 +9,8 @@ import pytest
 
 from kanana_jax.parallel.fake_devices import REPO_ROOT, main_for_checks, run_checks
 
-BASE = ["data.global_batch_size=8", "data.seq_len=32", "model.n_layers=2", "train.async_checkpoint=false"]
+BASE = ["data.global_batch_size=8", "data.seq_len=32", "model.n_layers=1", "model.first_k_dense=0",
+        "train.async_checkpoint=false"]
 SAVE_MESH = ["mesh.rules=fsdp", "mesh.data=1", "mesh.fsdp=8"]
 RESTORE_MESH = ["mesh.rules=fsdp_tp_ep", "mesh.data=1", "mesh.fsdp=2", "mesh.expert=2", "mesh.tensor=2"]
 

@@ -15,8 +15,8 @@ from kanana_jax import sharding
 from kanana_jax.config import ConfigError, MeshConfig
 from kanana_jax.parallel.fake_devices import REPO_ROOT, main_for_checks, run_checks
 
-BASE = ["data.global_batch_size=8", "data.seq_len=32", "model.n_layers=2", "optimizer.learning_rate=1e-3",
-        "optimizer.eps=1e-3", "optimizer.warmup_steps=0", "optimizer.schedule=constant"]
+BASE = ["data.global_batch_size=8", "data.seq_len=32", "model.n_layers=1", "model.first_k_dense=0",  # one MoE layer
+        "optimizer.learning_rate=1e-3", "optimizer.eps=1e-3", "optimizer.warmup_steps=0", "optimizer.schedule=constant"]
 PRESET_MESHES = {  # preset -> mesh overrides on 8 devices; fsdp_ep also spans two (virtual) DCN slices
     "fsdp": ["mesh.data=2", "mesh.fsdp=4"],
     "fsdp_ep": ["mesh.data=1", "mesh.fsdp=2", "mesh.expert=2", "mesh.dcn_data=2"],
