@@ -15,7 +15,7 @@ from experiments import common
 SLICES = {
     "30b_a3b": {
         "v5p-128": (dict(rules="fsdp_ep", data=1, fsdp=-1, expert=8, tensor=1), 256, 4096),
-        "v5p-32": (dict(rules="fsdp_ep", data=1, fsdp=-1, expert=8, tensor=1), 32, 4096),
+        "v5p-16": (dict(rules="fsdp_ep", data=1, fsdp=-1, expert=8, tensor=1), 8, 4096),
     },
     "155b_a17b": {
         "v5p-512": (dict(rules="fsdp_ep", data=1, fsdp=-1, expert=8, tensor=1), 512, 4096),

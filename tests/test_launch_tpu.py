@@ -99,3 +99,17 @@ def test_default_names_are_valid_tpu_names():
     assert tpu.default_name("experiments/pod.py:model=155b_a17b,slice=v5p-512") == "kj-pod-155b-a17b-v5p-512"
     with pytest.raises(ValueError, match="lowercase"):
         tpu._name_ok("My_Run")
+
+
+def test_pod_configs_validate_on_every_listed_slice():
+    from experiments import pod
+    from kanana_jax.cli import build_config
+    from kanana_jax.sharding import mesh_shape
+    for model, layouts in pod.SLICES.items():
+        for name, (_, batch, seq_len) in layouts.items():
+            _, cfg = build_config(f"experiments/pod.py:model={model},slice={name}")
+            chips = topologies.parse(name).chips
+            sizes = mesh_shape(cfg.mesh, chips)
+            assert cfg.data.global_batch_size == batch and cfg.data.seq_len == seq_len
+            assert batch % (sizes["data"] * sizes["fsdp"] * sizes["expert"]) == 0
+            assert cfg.model.n_routed_experts % sizes["expert"] == 0 and cfg.mesh.rules == "fsdp_ep"
