@@ -44,6 +44,7 @@ def get_config(arg: str | None = None):
     c.optimizer.warmup_steps = 0
     c.optimizer.muon_dtype = args.dtype
     c.optimizer.mup_base_width = BASE_WIDTH if args.mup == "on" else 0
+    c.optimizer.muon_clip_tau = 0.0       # isolate the learning-rate effect (the stress test covers MuonClip)
     return c
 
 
@@ -58,7 +59,7 @@ def sweep():
                    param("optimizer.mup_base_width", [0, BASE_WIDTH]))
 
 
-def grid(widths, lrs, steps: int, optimizer: str, out_dir: str, tail: int = 10) -> dict:
+def grid(widths, lrs, steps: int, optimizer: str, out_dir: str, tail: int = 10, batch: int = 16) -> dict:
     from experiments.muonclip_stress import train
     from kanana_jax import config as config_lib
     from kanana_jax.optim import hparam_transfer, muon_factory
@@ -71,7 +72,7 @@ def grid(widths, lrs, steps: int, optimizer: str, out_dir: str, tail: int = 10) 
                     results[f"on|{width}|{lr}"] = results[f"off|{width}|{lr}"]   # r = 1: the same run
                     continue
                 cfg = config_lib.load(get_config(f"width={width},lr={lr},mup={mup},optimizer={optimizer},"
-                                                 f"steps={steps}"))
+                                                 f"steps={steps},batch={batch}"))
                 init = None
                 if mup == "on":
                     rules = muon_factory.partition_rules(cfg.optimizer)
@@ -122,11 +123,12 @@ def main():
     ap.add_argument("--widths", default="0.5,1,2")
     ap.add_argument("--lrs", default="0.01,0.03,0.1")
     ap.add_argument("--optimizer", default="muon")
+    ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--out", default="runs/hparam_transfer")
     args = ap.parse_args()
     widths = [float(w) for w in args.widths.split(",")]
     lrs = [float(x) for x in args.lrs.split(",")]
-    results = grid(widths, lrs, args.steps, args.optimizer, args.out)
+    results = grid(widths, lrs, args.steps, args.optimizer, args.out, batch=args.batch)
     print(table(results, widths, lrs))
 
 
