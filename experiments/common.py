@@ -25,3 +25,14 @@ def base_config(size: str) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict(config_lib.to_dict(config_lib.ExperimentConfig()))
     c.model.update(sizes.model_overrides(size))
     return c
+
+
+def ablation_run(c: ml_collections.ConfigDict, *, steps: int, seed: int, batch: int, seq_len: int, lr: float):
+    """Short ablation settings shared by the research configs: log every step, no eval or intermediate
+    checkpoints, a constant learning rate without warmup."""
+    c.train.stage = "pretrain"
+    c.train.steps, c.train.seed = steps, seed
+    c.train.eval_every, c.train.checkpoint_every, c.train.log_every = 0, 0, 1
+    c.data.global_batch_size, c.data.seq_len = batch, seq_len
+    c.optimizer.learning_rate, c.optimizer.schedule, c.optimizer.warmup_steps = lr, "constant", 0
+    return c

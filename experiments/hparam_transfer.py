@@ -30,18 +30,8 @@ def get_config(arg: str | None = None):
     c = common.base_config("tiny")
     for key in SCALED:
         c.model[key] = max(2, int(round(c.model[key] * args.width / 2)) * 2)
-    c.train.stage = "pretrain"
-    c.train.steps = args.steps
-    c.train.seed = args.seed
-    c.train.eval_every = 0
-    c.train.checkpoint_every = 0
-    c.train.log_every = 1
-    c.data.global_batch_size = args.batch
-    c.data.seq_len = args.seq_len
+    common.ablation_run(c, steps=args.steps, seed=args.seed, batch=args.batch, seq_len=args.seq_len, lr=args.lr)
     c.optimizer.name = args.optimizer
-    c.optimizer.learning_rate = args.lr
-    c.optimizer.schedule = "constant"
-    c.optimizer.warmup_steps = 0
     c.optimizer.muon_dtype = args.dtype
     c.optimizer.mup_base_width = BASE_WIDTH if args.mup == "on" else 0
     c.optimizer.muon_clip_tau = 0.0       # isolate the learning-rate effect (the stress test covers MuonClip)

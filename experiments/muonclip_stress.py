@@ -27,19 +27,9 @@ def get_config(arg: str | None = None):
     if args.clip not in ("on", "off"):
         raise ValueError(f"clip={args.clip!r}; allowed: on, off")
     c = common.base_config(args.size)
-    c.train.stage = "pretrain"
-    c.train.steps = args.steps
-    c.train.seed = args.seed
-    c.train.eval_every = 0
-    c.train.checkpoint_every = 0
-    c.train.log_every = 1
-    c.data.global_batch_size = args.batch
-    c.data.seq_len = args.seq_len
+    common.ablation_run(c, steps=args.steps, seed=args.seed, batch=args.batch, seq_len=args.seq_len, lr=args.lr)
     c.model.init_std = args.init_std
     c.optimizer.name = "muon"
-    c.optimizer.learning_rate = args.lr
-    c.optimizer.schedule = "constant"
-    c.optimizer.warmup_steps = 0
     c.optimizer.grad_clip_norm = 0.0
     c.optimizer.weight_decay = 0.0
     c.optimizer.muon_dtype = args.dtype
