@@ -52,17 +52,21 @@ def _flops(compiled) -> float | None:
     return float(value) if value is not None else None
 
 
-_OOM = re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm", re.IGNORECASE)
+# libtpu 0.0.48: "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries
+# (2.09T) exceeds available HBM (95.73G)"; older messages: "Used 842.77G of 95.73G hbm".
+_OOM = (re.compile(r"\(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)", re.IGNORECASE),
+        re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm", re.IGNORECASE))
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 def parse_oom(message: str) -> dict | None:
     """{'used', 'capacity'} bytes from the TPU compiler's out-of-HBM error, or None if it is another error."""
-    m = _OOM.search(message)
-    if not m:
-        return None
-    return {"used": int(float(m.group(1)) * _UNITS[m.group(2).upper()]),
-            "capacity": int(float(m.group(3)) * _UNITS[m.group(4).upper()])}
+    for pattern in _OOM:
+        m = pattern.search(message)
+        if m:
+            return {"used": int(float(m.group(1)) * _UNITS[m.group(2).upper()]),
+                    "capacity": int(float(m.group(3)) * _UNITS[m.group(4).upper()])}
+    return None
 
 
 def compile_for_topology(cfg, slice_) -> dict:
@@ -96,7 +100,8 @@ def compile_for_topology(cfg, slice_) -> dict:
             if oom is None:
                 raise
             report.update(fits=False, compile_seconds=round(time.perf_counter() - start, 1),
-                          per_chip_bytes={"total": oom["used"]}, error=str(e).strip().splitlines()[0][:500])
+                          per_chip_bytes={"total": oom["used"]}, hbm_reported_by_compiler=oom["capacity"],
+                          error=str(e).strip().splitlines()[0][:500])
             return report
     report["compile_seconds"] = round(time.perf_counter() - start, 1)
     report["per_chip_bytes"] = _memory(compiled)

@@ -39,7 +39,7 @@ GENERATIONS = {
                       "v2-alpha-tpuv5-lite", ("us-central1-a", "us-east1-c", "us-east5-a", "us-east5-b",
                                               "us-south1-a", "us-west1-c", "us-west4-a", "europe-west4-b"),
                       dict(_PLANE)),
-    "v5p": Generation("v5p", "v5p", "v5p", 2, int(95.74 * GiB), 459e12, 4, "tpu-v5p-slice", "v2-alpha-tpuv5",
+    "v5p": Generation("v5p", "v5p", "v5p", 2, int(95.73 * GiB), 459e12, 4, "tpu-v5p-slice", "v2-alpha-tpuv5",
                       ("us-central1-a", "us-east5-a", "europe-west4-b"), dict(_CUBE)),
     "v6e": Generation("v6e", "v6e", "v6e", 1, 32 * GiB, 918e12, 4, "tpu-v6e-slice", "v2-alpha-tpuv6e",
                       ("us-central2-b", "us-east1-d", "us-east5-a", "us-east5-b", "europe-west4-a",

@@ -58,10 +58,12 @@ def test_exit_code_is_1_when_it_does_not_fit(monkeypatch, capsys):
 
 
 def test_out_of_hbm_messages_are_parsed():
-    msg = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. "
-           "Used 842.77G of 95.74G hbm. Exceeded hbm capacity by 747.03G.")
+    msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (2.09T) "
+           "exceeds available HBM (95.73G). HLO module: jit_train_step.")  # libtpu 0.0.48, tiny at B4096 T8192
     out = compile_aot.parse_oom(msg)
-    assert out["used"] == int(842.77 * 2**30) and out["capacity"] == int(95.74 * 2**30)
+    assert out["used"] == int(2.09 * 2**40) and out["capacity"] == int(95.73 * 2**30)
+    old = "Ran out of memory in memory space hbm. Used 842.77G of 95.73G hbm. Exceeded hbm capacity by 747.04G."
+    assert compile_aot.parse_oom(old)["used"] == int(842.77 * 2**30)
     assert compile_aot.parse_oom("INVALID_ARGUMENT: something else") is None
 
 
