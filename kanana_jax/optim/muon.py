@@ -94,8 +94,11 @@ def context_mesh():
     """The mesh in context (`jax.set_mesh` or a legacy `with mesh:` block) if it spans >1 device, else None."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty:
+        import warnings
         from jax.interpreters import pxla
-        mesh = pxla.thread_resources.env.physical_mesh
+        with warnings.catch_warnings():      # the legacy `with mesh:` context is what the Trainer enters
+            warnings.simplefilter("ignore", DeprecationWarning)
+            mesh = pxla.thread_resources.env.physical_mesh
     if mesh is None or mesh.empty or math.prod(mesh.shape.values()) == 1:
         return None
     return mesh
