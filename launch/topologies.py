@@ -19,7 +19,7 @@ class Generation:
     type_prefix: str             # Cloud accelerator-type prefix: v4, v5litepod, v5p, v6e
     jax_name: str                # topology prefix for jax.experimental.topologies: v4, v5e, v5p, v6e
     cores_per_chip_in_name: int  # 2: the slice name counts TensorCores; 1: it counts chips
-    hbm_bytes: int               # per chip
+    hbm_bytes: int               # per chip, usable: what the TPU compiler (libtpu 0.0.48) reports as available
     peak_bf16_flops: float       # per chip
     chips_per_host: int          # on multi-host slices
     gke_accelerator: str         # GKE node selector value (xpk)
@@ -33,15 +33,15 @@ _CUBE = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4)
 _PLANE = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)}
 
 GENERATIONS = {
-    "v4": Generation("v4", "v4", "v4", 2, 32 * GiB, 275e12, 4, "tpu-v4-podslice", "tpu-ubuntu2204-base",
+    "v4": Generation("v4", "v4", "v4", 2, int(30.75 * GiB), 275e12, 4, "tpu-v4-podslice", "tpu-ubuntu2204-base",
                      ("us-central2-b",), {c: s for c, s in _CUBE.items() if c <= 2048}),
-    "v5e": Generation("v5e", "v5litepod", "v5e", 1, 16 * GiB, 197e12, 4, "tpu-v5-lite-podslice",
+    "v5e": Generation("v5e", "v5litepod", "v5e", 1, int(15.75 * GiB), 197e12, 4, "tpu-v5-lite-podslice",
                       "v2-alpha-tpuv5-lite", ("us-central1-a", "us-east1-c", "us-east5-a", "us-east5-b",
                                               "us-south1-a", "us-west1-c", "us-west4-a", "europe-west4-b"),
                       dict(_PLANE)),
     "v5p": Generation("v5p", "v5p", "v5p", 2, int(95.73 * GiB), 459e12, 4, "tpu-v5p-slice", "v2-alpha-tpuv5",
                       ("us-central1-a", "us-east5-a", "europe-west4-b"), dict(_CUBE)),
-    "v6e": Generation("v6e", "v6e", "v6e", 1, 32 * GiB, 918e12, 4, "tpu-v6e-slice", "v2-alpha-tpuv6e",
+    "v6e": Generation("v6e", "v6e", "v6e", 1, int(31.24 * GiB), 918e12, 4, "tpu-v6e-slice", "v2-alpha-tpuv6e",
                       ("us-central2-b", "us-east1-d", "us-east5-a", "us-east5-b", "europe-west4-a",
                        "asia-northeast1-b", "southamerica-west1-a"), dict(_PLANE)),
 }
