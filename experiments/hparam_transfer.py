@@ -7,8 +7,8 @@ Arguments (`key=value,...`): width (multiplier of the tiny model's d_model 128 a
 moe_d_ff, kv_lora_rank, head dims; heads and rope dim fixed), lr, mup=on|off (on: `optimizer.mup_base_width=128`
 plus the init scaling), optimizer=muon|adamw, steps, dtype (Muon matmul dtype). With transfer on, the best learning
 rate found at width 1 should stay best at the other widths; with it off it drifts.
-`optimizer.mup_base_width` switches the per-group learning rates inside the optimizer; the init scaling
-(`hparam_transfer.scale_init`) is applied here to the fresh parameters.
+`optimizer.mup_base_width` switches on both halves of the transfer: the init scaling (`hparam_transfer.scale_init`,
+applied by `kanana_jax.train.step.init_state`) and the per-group learning rates inside the optimizer.
 """
 from __future__ import annotations
 
@@ -39,8 +39,8 @@ def get_config(arg: str | None = None):
 
 
 def sweep():
-    """widths x learning rates x transfer on/off (learning-rate multipliers only: the init scaling needs the
-    in-process driver); `kanana-jax sweep experiments/hparam_transfer.py --workdir DIR`."""
+    """widths x learning rates x transfer on/off (init scaling and learning-rate multipliers);
+    `kanana-jax sweep experiments/hparam_transfer.py --workdir DIR`."""
     from experiments.sweep_dsl import param, product, zipit
     base = common.base_config("tiny").model
     widths = zipit(*(param(f"model.{k}", [max(2, int(round(base[k] * w / 2)) * 2) for w in (0.5, 1, 2)])
@@ -52,7 +52,6 @@ def sweep():
 def grid(widths, lrs, steps: int, optimizer: str, out_dir: str, tail: int = 10, batch: int = 16) -> dict:
     from experiments.muonclip_stress import train
     from kanana_jax import config as config_lib
-    from kanana_jax.optim import hparam_transfer, muon_factory
     os.makedirs(out_dir, exist_ok=True)
     results = {}
     for mup in ("off", "on"):
@@ -63,11 +62,7 @@ def grid(widths, lrs, steps: int, optimizer: str, out_dir: str, tail: int = 10, 
                     continue
                 cfg = config_lib.load(get_config(f"width={width},lr={lr},mup={mup},optimizer={optimizer},"
                                                  f"steps={steps},batch={batch}"))
-                init = None
-                if mup == "on":
-                    rules = muon_factory.partition_rules(cfg.optimizer)
-                    init = lambda p, rules=rules: hparam_transfer.scale_init(p, BASE_WIDTH, rules, optimizer)
-                rows = train(cfg, init_transform=init)
+                rows = train(cfg)
                 losses = [r["loss"] for r in rows]
                 final = sum(losses[-tail:]) / tail
                 results[f"{mup}|{width}|{lr}"] = {"final_loss": final, "losses": losses}

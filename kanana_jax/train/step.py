@@ -28,8 +28,12 @@ def init_params(model, rng, cfg: ExperimentConfig, boxed: bool = False):
 
 
 def init_state(model, optimizer, rng, cfg: ExperimentConfig) -> TrainState:
-    """Fresh parameters and optimizer state at step 0."""
+    """Fresh parameters (width-scaled when hyperparameter transfer is on) and optimizer state at step 0."""
     params = init_params(model, rng, cfg)
+    if cfg.optimizer.mup_base_width:
+        from kanana_jax.optim import hparam_transfer, muon_factory
+        params = hparam_transfer.scale_init(params, cfg.optimizer.mup_base_width,
+                                            muon_factory.partition_rules(cfg.optimizer), cfg.optimizer.name)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
 
