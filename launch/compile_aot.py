@@ -126,8 +126,8 @@ def main(argv=None) -> int:
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
     from kanana_jax.cli import build_config
-    from launch.topologies import config_topology, parse
-    slice_ = parse(args.topology or config_topology(args.config), args.num_slices)
+    from launch.topologies import resolve
+    slice_ = resolve(args.config, args.topology, args.num_slices)
     _, cfg = build_config(args.config, args.set)
     report = {"config": args.config, "overrides": args.set, **compile_for_topology(cfg, slice_)}
     print(json.dumps(report))

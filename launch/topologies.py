@@ -127,6 +127,22 @@ def config_topology(spec: str) -> str:
     return module.topology(arg or None)
 
 
+def resolve(spec: str, topology: str | None, num_slices: int = 1) -> Slice:
+    """The slice to use: `topology`, else the config's own; warns (stderr) when `topology` differs from the slice
+    the config module lays its mesh and batch out for, since the config keeps that layout."""
+    try:
+        own = config_topology(spec)
+    except ValueError:
+        if topology is None:
+            raise
+        own = None
+    if topology and own and parse(topology).name != parse(own).name:
+        import sys
+        print(f"note: {spec} lays out its mesh and batch for {own}; for {topology} the same layout is used "
+              "(pass the slice in the config argument, e.g. slice=..., if the config has one)", file=sys.stderr)
+    return parse(topology or own, num_slices)
+
+
 def topology_devices(slice_: Slice):
     """Compile-only TPU devices of the slice(s) from libtpu, usable on a CPU-only machine."""
     from jax.experimental import topologies

@@ -137,7 +137,7 @@ def main(argv=None) -> int:
         project = args.project or next((os.environ[k] for k in PROJECT_ENV if os.environ.get(k)), None)
         if not project:
             raise ValueError(f"no GCP project: pass --project or set ${PROJECT_ENV[0]}")
-        slice_ = topologies.parse(args.topology or topologies.config_topology(args.config), args.num_slices)
+        slice_ = topologies.resolve(args.config, args.topology, args.num_slices)
         topologies.check_zone(slice_.generation, args.zone, skip=args.skip_zone_check)
         build_config(args.config, args.set)  # fail here, not on the pod, if the config or overrides are invalid
         sweep = None
