@@ -192,6 +192,17 @@ def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
     return NamedSharding(mesh, P(axes, None))
 
 
+def check_batch_divides(global_batch_size: int, mesh: Mesh, rules) -> None:
+    """Raises unless the global batch splits evenly over the mesh axes that `activation_batch` maps to."""
+    axes = dict(rules)["activation_batch"]
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    shards = math.prod(mesh.shape[a] for a in axes)
+    if global_batch_size % shards:
+        sizes = " x ".join(f"{a} {mesh.shape[a]}" for a in axes)
+        raise ValueError(f"data.global_batch_size={global_batch_size} cannot be split over the batch mesh axes "
+                         f"({sizes} = {shards} shards); use a multiple of {shards} or a mesh with fewer batch shards")
+
+
 def put_batch(batch: dict, sharding: NamedSharding) -> dict:
     """Assembles this host's rows of a batch into global arrays laid out by `sharding`."""
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}

@@ -77,8 +77,10 @@ def compile_for_topology(cfg, slice_) -> dict:
     from kanana_jax.train.builder import build_trainer
     from launch.topologies import topology_devices
 
+    from kanana_jax.sharding import check_batch_divides
     devices = topology_devices(slice_)
     trainer = build_trainer(cfg, devices=devices)
+    check_batch_divides(cfg.data.global_batch_size, trainer.mesh, trainer.rules)
     chips = len(devices)
     tokens = cfg.data.global_batch_size * cfg.data.seq_len
     report = {"topology": slice_.name, "num_slices": slice_.num_slices, "chips": chips,
@@ -129,7 +131,11 @@ def main(argv=None) -> int:
     from launch.topologies import resolve
     slice_ = resolve(args.config, args.topology, args.num_slices)
     _, cfg = build_config(args.config, args.set)
-    report = {"config": args.config, "overrides": args.set, **compile_for_topology(cfg, slice_)}
+    try:
+        report = {"config": args.config, "overrides": args.set, **compile_for_topology(cfg, slice_)}
+    except ValueError as e:  # a layout that cannot exist on this slice (mesh sizes, batch split)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(report))
     return 0 if report["fits"] else 1
 

@@ -45,6 +45,13 @@ def test_bad_mesh_sizes_name_the_problem():
         MeshConfig(data=-1, fsdp=-1)
 
 
+def test_batch_must_split_over_the_batch_axes():
+    mesh = type("M", (), {"shape": {"data": 2, "fsdp": 4, "expert": 2, "tensor": 2}})()
+    sharding.check_batch_divides(32, mesh, sharding.RULES["fsdp_tp_ep"])
+    with pytest.raises(ValueError, match=r"global_batch_size=24 .*data 2 x fsdp 4 x expert 2 = 16 shards"):
+        sharding.check_batch_divides(24, mesh, sharding.RULES["fsdp_tp_ep"])
+
+
 def test_hybrid_mesh_by_device_order_keeps_slices_contiguous():
     devices = list(range(16))  # stand-ins: slice s holds devices 8s..8s+7
     grid = sharding._hybrid_by_order(devices, {"data": 1, "fsdp": 4, "expert": 2, "tensor": 1},
