@@ -10,7 +10,8 @@ code), the chip's HBM, `fits`, compile seconds, and FLOPs per step per chip from
 to the model's analytic FLOPs (XLA's cost analysis counts a scanned layer stack's body once, so with
 scan_layers=True it is far below the real count; the analytic figure covers every layer) and the step time that
 the analytic FLOPs would take at the chip's bf16 peak. Exit code 1 when the step does not fit (the JSON then
-carries the compiler's message).
+carries the compiler's message), 2 (message on stderr) when the layout cannot exist on the slice (mesh sizes,
+a global batch that does not split over the batch axes).
 
 Environment: this sets JAX_PLATFORMS=cpu (no TPU is needed or used) and ALLOW_MULTIPLE_LIBTPU_LOAD=1 (libtpu
 otherwise refuses to load while another process on the machine holds its lock file) unless they are already set.
