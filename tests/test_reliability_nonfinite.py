@@ -113,8 +113,16 @@ def _tree(rng, scale=1.0):
             "c": {"x": scale * jax.random.normal(keys[2], (2, 2)), "y": scale * jax.random.normal(keys[3], (6,))}}
 
 
+def _adam_update(grads, optimizer):
+    def update(state):
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        return (state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                              opt_state=opt_state), {"update_norm": optax.tree.norm(updates)})
+    return update
+
+
 @pytest.mark.parametrize("bad_leaf, bad_value", [(None, None), (2, np.inf), (1, np.nan), (3, -np.inf)])
-def test_guard_keeps_the_old_state_and_finds_the_first_bad_leaf(bad_leaf, bad_value):
+def test_apply_if_finite_keeps_the_old_state_and_finds_the_first_bad_leaf(bad_leaf, bad_value):
     params, grads = _tree(jax.random.PRNGKey(1)), _tree(jax.random.PRNGKey(2), 0.1)
     optimizer = optax.adam(1e-2)
     old = TrainState(step=jnp.array(7, jnp.int32), params=params, opt_state=optimizer.init(params))
@@ -123,28 +131,34 @@ def test_guard_keeps_the_old_state_and_finds_the_first_bad_leaf(bad_leaf, bad_va
         leaves[bad_leaf] = leaves[bad_leaf].at[0].set(bad_value)
         leaves[-1] = leaves[-1].at[0].set(np.nan)   # a later bad leaf must not be the one reported
     grads = jax.tree.unflatten(treedef, leaves)
-    updates, opt_state = optimizer.update(grads, old.opt_state, params)
-    new = TrainState(step=old.step + 1, params=optax.apply_updates(params, updates), opt_state=opt_state)
+    expect_new, _ = _adam_update(grads, optimizer)(old)
     loss = jnp.sum(jnp.square(jax.random.normal(jax.random.PRNGKey(3), (4,))))
-    state, metrics = jax.jit(nonfinite.guard)(old, new, loss, grads)
+    state, metrics = jax.jit(lambda s, l, g: nonfinite.apply_if_finite(s, l, g, _adam_update(g, optimizer)))(
+        old, loss, grads)
     assert int(state.step) == 8
-    expect = new if bad_leaf is None else old
+    expect = expect_new if bad_leaf is None else old
     for got, want in zip(jax.tree.leaves((state.params, state.opt_state)), jax.tree.leaves((expect.params,
                                                                                          expect.opt_state))):
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=0)
     assert float(metrics["skipped_update"]) == (0.0 if bad_leaf is None else 1.0)
     assert int(metrics["first_nonfinite_grad_leaf"]) == (-1 if bad_leaf is None else bad_leaf)
-    if bad_leaf is None:   # a finite update really moves the parameters
+    if bad_leaf is None:   # a finite update really moves the parameters and reports its metrics
         assert not np.array_equal(np.asarray(state.params["b"]), np.asarray(params["b"]))
+        assert float(metrics["update_norm"]) > 0
+    else:                  # a skipped one reports zeros in the update's metrics
+        assert float(metrics["update_norm"]) == 0.0
 
 
 def test_nan_loss_with_finite_gradients_is_skipped_too():
     params, grads = _tree(jax.random.PRNGKey(4)), _tree(jax.random.PRNGKey(5), 0.1)
     old = TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=())
-    new = old.replace(step=old.step + 1, params=jax.tree.map(lambda p, g: p - g, params, grads))
-    state, metrics = nonfinite.guard(old, new, jnp.float32(np.nan), grads)
+
+    def update(state):
+        return state.replace(step=state.step + 1, params=jax.tree.map(lambda p, g: p - g, state.params, grads)), {}
+    state, metrics = nonfinite.apply_if_finite(old, jnp.float32(np.nan), grads, update)
     assert float(metrics["skipped_update"]) == 1.0 and int(metrics["first_nonfinite_grad_leaf"]) == -1
     np.testing.assert_array_equal(np.asarray(state.params["a"]["w"]), np.asarray(params["a"]["w"]))
+    assert int(state.step) == 1
 
 
 def test_poison_batch_sets_float_fields_to_nan_only():

@@ -50,16 +50,19 @@ def state_shardings(model, optimizer, cfg: ExperimentConfig, mesh, rules) -> Tra
 
 def train_step(state: TrainState, batch, *, model, optimizer, stage, cfg: ExperimentConfig):
     """One update: loss and grads, optimizer, post-update rules (router bias, MuonClip), metrics; a step with a
-    non-finite loss or gradient keeps the old params and optimizer state (nonfinite.guard)."""
+    non-finite loss or gradient skips the update (nonfinite.apply_if_finite)."""
     grad_fn = jax.value_and_grad(functools.partial(stage.loss_fn, model), has_aux=True)
     (loss, aux), grads = grad_fn(state.params, batch, cfg)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    params, hook_metrics = hooks.post_update(params, aux["intermediates"], cfg)
-    new_state, guard_metrics = nonfinite.guard(
-        state, TrainState(step=state.step + 1, params=params, opt_state=opt_state), loss, grads)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux["metrics"], **hook_metrics,
-               **hooks.routing_metrics(aux["intermediates"]), **guard_metrics}
+
+    def update(state):
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        params, hook_metrics = hooks.post_update(params, aux["intermediates"], cfg)
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), hook_metrics
+
+    new_state, update_metrics = nonfinite.apply_if_finite(state, loss, grads, update)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux["metrics"], **update_metrics,
+               **hooks.routing_metrics(aux["intermediates"])}
     return new_state, metrics
 
 
