@@ -27,12 +27,24 @@ def rel_err(a, b):
 
 
 def make_inputs(seed, B, T, S, H, KVH, Dqk, Dv, dtype, seg):
-    """Random q, k, v, output cotangent and optional sorted segment ids (fresh for every case)."""
+    """Random q, k, v, output cotangent and segment ids: None, random sorted (seg=True) or the given ids."""
     rng = np.random.default_rng(seed)
     normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32).astype(dtype))
     q, k, v, d_out = normal(B, T, H, Dqk), normal(B, S, KVH, Dqk), normal(B, S, KVH, Dv), normal(B, T, H, Dv)
-    segs = jnp.asarray(np.sort(rng.integers(0, 3, (B, T)), axis=1).astype(np.int32)) if seg else None
+    if isinstance(seg, tuple):      # explicit (q_ids[B,T], kv_ids[B,S])
+        segs = tuple(jnp.asarray(x, jnp.int32) for x in seg)
+    elif isinstance(seg, np.ndarray):   # explicit ids [B,T] for self-attention
+        segs = jnp.asarray(seg, jnp.int32)
+    else:
+        segs = jnp.asarray(np.sort(rng.integers(0, 3, (B, T)), axis=1).astype(np.int32)) if seg else None
     return q, k, v, d_out, segs
+
+
+def packed_ids(*doc_lengths_per_row):
+    """Segment ids [B,T] of packed documents: row b holds documents of the given lengths, ids 0, 1, 2, ..."""
+    rows = [np.repeat(np.arange(len(lens)), lens) for lens in doc_lengths_per_row]
+    assert len({len(r) for r in rows}) == 1, "every row must pack to the same length T"
+    return np.stack(rows).astype(np.int32)
 
 
 def compare_with_reference(backend, *, seed, B, T, S, H, KVH, Dqk, Dv, dtype, causal, cap, seg,

@@ -2,7 +2,9 @@
 
 Layout per CTA: 128 query rows (two compute warpgroups of 64, ping-ponging softmax against the tensor core through
 a shared "schedule" barrier) and one memory warpgroup streaming K/V blocks. Causal CTAs stop at the diagonal; the
-blocks left of it run without masks. Backward kernels live in gpu_bwd.py.
+blocks left of it run without masks. With segment ids every warpgroup instead walks the key-block range that
+gc.block_ranges computed for it (blocks of other documents are skipped, fully visible blocks run without masks).
+Backward kernels live in gpu_bwd.py.
 """
 from __future__ import annotations
 
@@ -39,10 +41,10 @@ def _fwd_kernel(*refs, G, nq, nkv, bk, stages, has_seg, causal_offset, kv_len, k
                 interpret):
     """Kernel body; refs = inputs, outputs, then the scratch listed in `forward`."""
     if has_seg:
-        q_ref, k_ref, v_ref, qs_ref, ks_ref, out_ref, lse_ref, ml_ref, *scratch = refs
+        q_ref, k_ref, v_ref, qs_ref, ks_ref, bnd_ref, out_ref, lse_ref, ml_ref, *scratch = refs
     else:
         q_ref, k_ref, v_ref, out_ref, lse_ref, ml_ref, *scratch = refs
-        qs_ref = ks_ref = None
+        qs_ref = ks_ref = bnd_ref = None
     (q_smem, o_smem, k_smem, v_smem, qs_smem, ks_smem, lse_smem, ml_smem, p_stage,
      q_bar, qs_bar, k_bar, v_bar, s_bar, k_cons, v_cons, sched) = scratch
     bq = gc.WG_ROWS
@@ -51,7 +53,10 @@ def _fwd_kernel(*refs, G, nq, nkv, bk, stages, has_seg, causal_offset, kv_len, k
     tile = (nq - 1) - lax.axis_index("q")          # heaviest causal tiles launch first
     wg = lax.axis_index("wg")
     q0_cta = tile * CTA_ROWS
-    if causal_offset is None:
+    cta_lo = None                                  # key block streamed at step i is cta_lo + i (or i)
+    if has_seg:                                    # segment-aware block range (block_ranges in the wrapper)
+        cta_lo, cta_steps, _ = gc.read_ranges(bnd_ref, b, tile * gc.COMPUTE_WGS, None)
+    elif causal_offset is None:
         cta_steps = jnp.int32(nkv)
     else:
         cta_steps = gc.clamp(gc.cdiv(q0_cta + CTA_ROWS + causal_offset, bk), 0, nkv)
@@ -68,16 +73,16 @@ def _fwd_kernel(*refs, G, nq, nkv, bk, stages, has_seg, causal_offset, kv_len, k
         plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q0, bq), h], qw, q_bar.at[wg])
         if has_seg:
             plgpu.copy_gmem_to_smem(qs_ref.at[b, pl.ds(q0, bq)], qs_smem.at[wg], qs_bar.at[wg])
-        if causal_offset is None:
+        if has_seg:
+            _, _, (s0, f0, f1, wg_steps) = gc.read_ranges(bnd_ref, b, tile * gc.COMPUTE_WGS, wg)
+        elif causal_offset is None:
             wg_steps = jnp.int32(nkv)
             full = wg_steps
         else:
             wg_steps = gc.clamp(gc.cdiv(q0 + bq + causal_offset, bk), 0, nkv)
             full = gc.clamp(lax.div(q0 + causal_offset + 1, jnp.int32(bk)), 0, wg_steps)
             full = jnp.minimum(full, wg_steps)
-        if has_seg:
-            full = jnp.int32(0)
-        elif kv_padded:
+        if not has_seg and kv_padded:
             full = jnp.minimum(full, jnp.int32(nkv - 1))
         plgpu.barrier_wait(q_bar.at[wg])
         q_seg = None
@@ -97,7 +102,8 @@ def _fwd_kernel(*refs, G, nq, nkv, bk, stages, has_seg, causal_offset, kv_len, k
                 if has_seg:
                     plgpu.barrier_wait(s_bar.at[slot])
                     kv_seg = plgpu.load(ks_smem.at[slot], layout=gc.COL)
-                mask = gc.visible(s.shape, q0, i * bk, rows_are_q=True, causal_offset=causal_offset,
+                col0 = (i if cta_lo is None else cta_lo + i) * bk
+                mask = gc.visible(s.shape, q0, col0, rows_are_q=True, causal_offset=causal_offset,
                                   kv_len=kv_len, kv_padded=kv_padded, seg_rows=q_seg, seg_cols=kv_seg)
                 s = jnp.where(mask, s, gc.MASK_S)
                 logit2 = jnp.where(mask, logit2, -jnp.inf)
@@ -133,8 +139,14 @@ def _fwd_kernel(*refs, G, nq, nkv, bk, stages, has_seg, causal_offset, kv_len, k
         carry = (gc.zeros((bq, v_smem.shape[-1])), gc.row_full(bq, gc.MASK_S), gc.row_full(bq, -jnp.inf),
                  gc.row_full(bq, 0.0))
         pl.when(wg == 1)(sched_sync)
-        carry = lax.fori_loop(0, full, functools.partial(step, masked=False), carry)
-        carry = lax.fori_loop(full, wg_steps, functools.partial(step, masked=True), carry)
+        if has_seg:   # drain the other warpgroup's leading blocks, masked / unmasked / masked, drain the rest
+            lax.fori_loop(0, s0, drain, None)
+            carry = lax.fori_loop(s0, f0, functools.partial(step, masked=True), carry)
+            carry = lax.fori_loop(f0, f1, functools.partial(step, masked=False), carry)
+            carry = lax.fori_loop(f1, wg_steps, functools.partial(step, masked=True), carry)
+        else:
+            carry = lax.fori_loop(0, full, functools.partial(step, masked=False), carry)
+            carry = lax.fori_loop(full, wg_steps, functools.partial(step, masked=True), carry)
         lax.fori_loop(wg_steps, cta_steps, drain, None)
         pl.when(wg == 0)(sched_sync)
 
@@ -157,7 +169,7 @@ def _fwd_kernel(*refs, G, nq, nkv, bk, stages, has_seg, causal_offset, kv_len, k
         kvh = lax.div(h, jnp.int32(G))
 
         def issue(i, slot):
-            rows = pl.ds(i * bk, bk)
+            rows = pl.ds((i if cta_lo is None else cta_lo + i) * bk, bk)
             plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kvh], k_smem.at[slot], k_bar.at[slot])
             plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kvh], v_smem.at[slot], v_bar.at[slot])
             if has_seg:
@@ -216,7 +228,7 @@ def forward(q, k, v, q_seg, kv_seg, *, causal, scale, cap, kv_len, q_len, block_
     out_type = (jax.ShapeDtypeStruct((B, Tp, H, Dv), dtype), jax.ShapeDtypeStruct((B, H, Tp), f32),
                 jax.ShapeDtypeStruct((B, H, Tp), f32))
 
-    n_io = (5 if has_seg else 3) + 3
+    n_io = (6 if has_seg else 3) + 3
 
     def entry(*refs):
         scratch = rebuild(refs[n_io:])
@@ -229,5 +241,10 @@ def forward(q, k, v, q_seg, kv_seg, *, causal, scale, cap, kv_len, q_len, block_
         grid=(H, B, nq), grid_names=("h", "b", "q"), num_threads=gc.COMPUTE_WGS + 1, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=gc.INTERPRET_PARAMS if interpret else None)
-    args = (q, k, v, q_seg, kv_seg) if has_seg else (q, k, v)
+    if has_seg:
+        bounds = gc.block_ranges(q_seg, kv_seg, row_tile=bq, col_block=bk, rows_are_q=True,
+                                 causal_offset=(kv_len - q_len) if causal else None, kv_len=kv_len)
+        args = (q, k, v, q_seg, kv_seg, bounds)
+    else:
+        args = (q, k, v)
     return call(*args)

@@ -1,6 +1,7 @@
 """Mosaic GPU (Hopper) flash-attention backward: a dK/dV kernel (key rows stationary, query blocks of every head of
 the GQA group streamed) and a dQ kernel (query rows stationary, key blocks streamed). Probabilities are recomputed
-from the forward's log2-sum-exp; the soft-cap derivative is (1 - tanh^2)."""
+from the forward's log2-sum-exp; the soft-cap derivative is (1 - tanh^2). With segment ids both kernels visit only
+the blocks gc.block_ranges keeps (blocks between different documents are skipped)."""
 from __future__ import annotations
 
 import functools
@@ -32,25 +33,29 @@ def _probs_and_dlogits(s, dp, lse2, delta, bcast, mask, scale, cap):
 def _dkv_kernel(*refs, G, nqt, bqs, stages, has_seg, causal_offset, scale, cap, interpret):
     """dK/dV body. Rows of the transposed blocks are keys, columns are queries."""
     if has_seg:
-        (q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, qs_ref, ks_ref, dk_ref, dv_ref, *scratch) = refs
+        (q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, qs_ref, ks_ref, bnd_ref, _, dk_ref, dv_ref, *scratch) = refs
     else:
         (q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, dk_ref, dv_ref, *scratch) = refs
-        qs_ref = ks_ref = None
+        qs_ref = ks_ref = bnd_ref = None
     (k_smem, v_smem, ks_smem, q_smem, do_smem, lse_smem, dl_smem, qs_smem, stage_smem,
      kv_bar, ks_bar, q_bar, do_bar, lse_bar, dl_bar, qs_bar, cons) = scratch
     bk = gc.WG_ROWS
     kvh = lax.axis_index("h")
     b = lax.axis_index("b")
     wg = lax.axis_index("wg")
-    kv0_cta = lax.axis_index("kv") * CTA_ROWS
+    kv_tile = lax.axis_index("kv")
+    kv0_cta = kv_tile * CTA_ROWS
 
     def first_tile(kv0):
         if causal_offset is None:
             return jnp.int32(0)
         return gc.clamp(lax.div(jnp.maximum(kv0 - causal_offset, 0), jnp.int32(bqs)), 0, nqt)
 
-    start_cta = first_tile(kv0_cta)
-    per_head = jnp.int32(nqt) - start_cta
+    if has_seg:   # segment-aware query-block range: stream position j of every head is query block start_cta + j
+        start_cta, per_head, _ = gc.read_ranges(bnd_ref, b, kv_tile * gc.COMPUTE_WGS, None)
+    else:
+        start_cta = first_tile(kv0_cta)
+        per_head = jnp.int32(nqt) - start_cta
     n_total = per_head * G
 
     @pl.when(wg < gc.COMPUTE_WGS)
@@ -62,14 +67,15 @@ def _dkv_kernel(*refs, G, nqt, bqs, stages, has_seg, causal_offset, scale, cap, 
         plgpu.copy_gmem_to_smem(v_ref.at[b, pl.ds(kv0, bk), kvh], vw, kv_bar.at[1, wg])
         if has_seg:
             plgpu.copy_gmem_to_smem(ks_ref.at[b, pl.ds(kv0, bk)], ks_smem.at[wg], ks_bar.at[wg])
-        start = first_tile(kv0)
-        if causal_offset is None:
-            diag_end = start
-        else:
-            diag_end = gc.clamp(gc.cdiv(jnp.maximum(kv0 + bk - 1 - causal_offset, 0), bqs), 0, nqt)
-            diag_end = jnp.maximum(diag_end, start)
         if has_seg:
-            diag_end = jnp.int32(nqt)
+            _, _, (s0, f0, f1, s1) = gc.read_ranges(bnd_ref, b, kv_tile * gc.COMPUTE_WGS, wg)
+        else:
+            start = first_tile(kv0)
+            if causal_offset is None:
+                diag_end = start
+            else:
+                diag_end = gc.clamp(gc.cdiv(jnp.maximum(kv0 + bk - 1 - causal_offset, 0), bqs), 0, nqt)
+                diag_end = jnp.maximum(diag_end, start)
         plgpu.barrier_wait(kv_bar.at[0, wg])
         plgpu.barrier_wait(kv_bar.at[1, wg])
         kv_seg = None
@@ -113,6 +119,14 @@ def _dkv_kernel(*refs, G, nqt, bqs, stages, has_seg, causal_offset, scale, cap, 
                 body = lambda tile, c: step(base + tile, c, tile, masked)
                 return lax.fori_loop(lo, hi, body, carry)
 
+            if has_seg:   # skip the other warpgroup's blocks, masked / unmasked / masked, skip the rest
+                at = lambda j: start_cta + j
+                lax.fori_loop(base + at(0), base + at(s0), skip, None)
+                carry = run(at(s0), at(f0), True, carry)
+                carry = run(at(f0), at(f1), False, carry)
+                carry = run(at(f1), at(s1), True, carry)
+                lax.fori_loop(base + at(s1), base + at(per_head), skip, None)
+                return carry
             lax.fori_loop(base + start_cta, base + start, skip, None)
             carry = run(start, diag_end, True, carry)
             return run(diag_end, jnp.int32(nqt), False, carry)
@@ -164,18 +178,22 @@ def _memory_loop(issue, cons, n_total, stages):
 def _dq_kernel(*refs, G, nq, nkv, bks, stages, has_seg, causal_offset, kv_len, kv_padded, scale, cap, interpret):
     """dQ body: query rows stationary, key blocks streamed."""
     if has_seg:
-        (q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, qs_ref, ks_ref, dq_ref, *scratch) = refs
+        (q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, qs_ref, ks_ref, _, bnd_ref, dq_ref, *scratch) = refs
     else:
         (q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, dq_ref, *scratch) = refs
-        qs_ref = ks_ref = None
+        qs_ref = ks_ref = bnd_ref = None
     (q_smem, do_smem, rows_smem, qs_smem, k_smem, v_smem, ks_smem, stage_smem,
      in_bar, qs_bar, k_bar, v_bar, ks_bar, cons) = scratch
     bq = gc.WG_ROWS
     h = lax.axis_index("h")
     b = lax.axis_index("b")
     wg = lax.axis_index("wg")
-    q0_cta = ((nq - 1) - lax.axis_index("q")) * CTA_ROWS
-    if causal_offset is None:
+    tile = (nq - 1) - lax.axis_index("q")
+    q0_cta = tile * CTA_ROWS
+    cta_lo = None                                  # key block streamed at step i is cta_lo + i (or i)
+    if has_seg:
+        cta_lo, cta_steps, _ = gc.read_ranges(bnd_ref, b, tile * gc.COMPUTE_WGS, None)
+    elif causal_offset is None:
         cta_steps = jnp.int32(nkv)
     else:
         cta_steps = gc.clamp(gc.cdiv(jnp.maximum(q0_cta + CTA_ROWS + causal_offset, 0), bks), 0, nkv)
@@ -192,15 +210,15 @@ def _dq_kernel(*refs, G, nq, nkv, bks, stages, has_seg, causal_offset, kv_len, k
         plgpu.copy_gmem_to_smem(dl_ref.at[b, h, rows], rows_smem.at[1, wg], in_bar.at[3, wg])
         if has_seg:
             plgpu.copy_gmem_to_smem(qs_ref.at[b, rows], qs_smem.at[wg], qs_bar.at[wg])
-        if causal_offset is None:
+        if has_seg:
+            _, _, (s0, f0, f1, wg_steps) = gc.read_ranges(bnd_ref, b, tile * gc.COMPUTE_WGS, wg)
+        elif causal_offset is None:
             wg_steps = full = jnp.int32(nkv)
         else:
             wg_steps = gc.clamp(gc.cdiv(jnp.maximum(q0 + bq + causal_offset, 0), bks), 0, nkv)
             full = jnp.minimum(gc.clamp(lax.div(jnp.maximum(q0 + causal_offset + 1, 0), jnp.int32(bks)), 0, nkv),
                                wg_steps)
-        if has_seg:
-            full = jnp.int32(0)
-        elif kv_padded:
+        if not has_seg and kv_padded:
             full = jnp.minimum(full, jnp.int32(nkv - 1))
         for j in range(4):
             plgpu.barrier_wait(in_bar.at[j, wg])
@@ -225,7 +243,8 @@ def _dq_kernel(*refs, G, nq, nkv, bks, stages, has_seg, causal_offset, kv_len, k
             mask = None
             if masked and needs_mask:
                 kv_seg = plgpu.load(ks_smem.at[slot], layout=gc.COL) if has_seg else None
-                mask = gc.visible(s.shape, q0, i * bks, rows_are_q=True, causal_offset=causal_offset,
+                col0 = (i if cta_lo is None else cta_lo + i) * bks
+                mask = gc.visible(s.shape, q0, col0, rows_are_q=True, causal_offset=causal_offset,
                                   kv_len=kv_len, kv_padded=kv_padded, seg_rows=q_seg, seg_cols=kv_seg)
             _, ds = _probs_and_dlogits(s, dp, lse2, delta, gc.bcast_rows, mask, scale, cap)
             dq = gc.mm_acc(dq, ds, kt, stage_smem.at[wg] if interpret else None, interpret)
@@ -237,8 +256,14 @@ def _dq_kernel(*refs, G, nq, nkv, bks, stages, has_seg, causal_offset, kv_len, k
             plgpu.barrier_arrive(cons.at[lax.rem(i, jnp.int32(stages))])
 
         dq = gc.zeros((bq, qw.shape[-1]))
-        dq = lax.fori_loop(0, full, functools.partial(step, masked=False), dq)
-        dq = lax.fori_loop(full, wg_steps, functools.partial(step, masked=True), dq)
+        if has_seg:   # drain the other warpgroup's leading blocks, masked / unmasked / masked, drain the rest
+            lax.fori_loop(0, s0, drain, None)
+            dq = lax.fori_loop(s0, f0, functools.partial(step, masked=True), dq)
+            dq = lax.fori_loop(f0, f1, functools.partial(step, masked=False), dq)
+            dq = lax.fori_loop(f1, wg_steps, functools.partial(step, masked=True), dq)
+        else:
+            dq = lax.fori_loop(0, full, functools.partial(step, masked=False), dq)
+            dq = lax.fori_loop(full, wg_steps, functools.partial(step, masked=True), dq)
         lax.fori_loop(wg_steps, cta_steps, drain, None)
         qw[...] = (dq * scale).astype(qw.dtype)
         plgpu.commit_smem()
@@ -251,7 +276,7 @@ def _dq_kernel(*refs, G, nq, nkv, bks, stages, has_seg, causal_offset, kv_len, k
         kvh = lax.div(h, jnp.int32(G))
 
         def issue(i, slot):
-            rows = pl.ds(i * bks, bks)
+            rows = pl.ds((i if cta_lo is None else cta_lo + i) * bks, bks)
             plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kvh], k_smem.at[slot], k_bar.at[slot])
             plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kvh], v_smem.at[slot], v_bar.at[slot])
             if has_seg:
@@ -274,10 +299,13 @@ def backward(q, k, v, q_seg, kv_seg, out, lse2, do, *, causal, scale, cap, kv_le
     stages = block_sizes.num_stages
     params = plgpu.CompilerParams(approx_math=True)
     interp = gc.INTERPRET_PARAMS if interpret else None
-    ins = (q, k, v, do, lse2, delta) + ((q_seg, kv_seg) if has_seg else ())
     wg, bq = gc.COMPUTE_WGS, gc.WG_ROWS
-
-    bqs = block_sizes.block_q_dkv
+    bqs, bks = block_sizes.block_q_dkv, block_sizes.block_kv_dq
+    ins = (q, k, v, do, lse2, delta)
+    if has_seg:   # per 64-row tile, the blocks of the streamed operand that can hold a visible pair
+        ranges = functools.partial(gc.block_ranges, causal_offset=causal_offset, kv_len=kv_len)
+        ins += (q_seg, kv_seg, ranges(kv_seg, q_seg, row_tile=bq, col_block=bqs, rows_are_q=False),
+                ranges(q_seg, kv_seg, row_tile=bq, col_block=bks, rows_are_q=True))
     types, rebuild = gc.assemble([
         gc.smem_tiles((wg, bq, Dqk), dtype), gc.smem_tiles((wg, bq, Dv), dtype),
         plgpu.SMEM((wg, bq), jnp.int32) if has_seg else None,
@@ -300,7 +328,6 @@ def backward(q, k, v, q_seg, kv_seg, out, lse2, do, *, causal, scale, cap, kv_le
         scratch_types=types, grid=(KVH, B, Sp // CTA_ROWS), grid_names=("h", "b", "kv"),
         num_threads=wg + 1, thread_name="wg", compiler_params=params, interpret=interp)(*ins)
 
-    bks = block_sizes.block_kv_dq
     types, rebuild = gc.assemble([
         gc.smem_tiles((wg, bq, Dqk), dtype), gc.smem_tiles((wg, bq, Dv), dtype),
         plgpu.SMEM((2, wg, bq), f32), plgpu.SMEM((wg, bq), jnp.int32) if has_seg else None,
