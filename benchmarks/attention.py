@@ -3,9 +3,13 @@
 Run on the GPU machine (tokamax travels as a wheel, see .notes/PREAMBLE.md):
     PYTHONUNBUFFERED=1 python3 benchmarks/attention.py --out $OUT            # check, then time all shapes
     python3 benchmarks/attention.py --sweep --shapes mha,gqa                   # also time block-size variants
-It first asserts that forward output, max logits and dq/dk/dv match the float32 reference on the device, then
-times forward and forward+backward (TFLOP/s as in benchmarks/peers.py: causal forward FLOPs = 2*B*H*T^2*(Dqk+Dv)/2,
-fwd+bwd counted as 3.5x), prints a table and writes attention.json.
+    python3 benchmarks/attention.py --shapes mla --packed                      # also packed documents (ms)
+It first asserts that forward output, max logits and dq/dk/dv match the float32 reference on the device (one
+check uses packed documents, where whole blocks are skipped), then times forward and forward+backward (TFLOP/s as
+in benchmarks/peers.py: causal forward FLOPs = 2*B*H*T^2*(Dqk+Dv)/2, fwd+bwd counted as 3.5x), prints a table and
+writes attention.json. --packed adds a row in milliseconds for the MLA shape with 2-4 documents per row: ours with
+segment ids (blocks between documents skipped) and ours without them; cuDNN and tokamax take no segment ids, so
+they are timed without segments (plain causal over the whole row) as the reference point.
 """
 from __future__ import annotations
 
@@ -52,15 +56,38 @@ def rel_err(a, b):
 INTERPRET = False   # --cpu-dry-run: Mosaic GPU interpret mode on tiny shapes, to test this script without a GPU
 
 
+def packed_segments(B, T, seed, docs=(2, 4)):
+    """Sorted segment ids [B,T] of packed documents: each row holds docs[0]..docs[1] documents of random lengths."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(B):
+        cuts = np.sort(rng.choice(np.arange(1, T), int(rng.integers(docs[0], docs[1] + 1)) - 1, replace=False))
+        rows.append(np.searchsorted(cuts, np.arange(T), side="right"))
+    return jnp.asarray(np.stack(rows), jnp.int32)
+
+
+def visible_fraction(segs):
+    """Visible (query, key) pairs with causal masking inside documents / causal pairs of the whole row."""
+    s = np.asarray(segs)
+    T = s.shape[1]
+    same = (s[:, :, None] == s[:, None, :]) & np.tril(np.ones((T, T), bool))[None]
+    return float(same.sum() / (s.shape[0] * T * (T + 1) / 2))
+
+
 def check(B, T, H, KVH, Dqk, Dv, *, causal=True, cap=CAP, seg=False, S=None, block_sizes=None, seed=0):
-    """Assert kernel == float32 reference on the device for out, max_logits, dq, dk, dv; return the errors."""
+    """Assert kernel == float32 reference on the device for out, max_logits, dq, dk, dv; return the errors.
+
+    seg: False, True (random sorted ids 0..3) or 'packed' (2-4 documents per row, see packed_segments)."""
     S = T if S is None else S
     ks = jax.random.split(jax.random.PRNGKey(seed), 5)
     q = jax.random.normal(ks[0], (B, T, H, Dqk), jnp.bfloat16)
     k = jax.random.normal(ks[1], (B, S, KVH, Dqk), jnp.bfloat16)
     v = jax.random.normal(ks[2], (B, S, KVH, Dv), jnp.bfloat16)
     do = jax.random.normal(ks[3], (B, T, H, Dv), jnp.bfloat16)
-    segs = jnp.sort(jax.random.randint(ks[4], (B, T), 0, 4), axis=1) if seg else None
+    if seg == "packed":
+        segs = packed_segments(B, T, seed)
+    else:
+        segs = jnp.sort(jax.random.randint(ks[4], (B, T), 0, 4), axis=1) if seg else None
 
     def ours(q, k, v):
         return flash_attention(q, k, v, causal=causal, logit_soft_cap=cap, segment_ids=segs, return_max_logits=True,
@@ -97,10 +124,37 @@ def time_fn(fn, q, k, v):
     return flops / peers.bench(fwd, q, k, v) / 1e12, 3.5 * flops / peers.bench(fb, q, k, v) / 1e12
 
 
-def ours_fn(cap, block_sizes=None):
-    """Our kernel: causal, optional soft-cap, max logits returned."""
+def ours_fn(cap, block_sizes=None, segment_ids=None):
+    """Our kernel: causal, optional soft-cap, max logits returned, optional segment ids."""
     return lambda q, k, v: flash_attention(q, k, v, causal=True, logit_soft_cap=cap, return_max_logits=True,
-                                           backend="gpu", block_sizes=block_sizes, interpret=INTERPRET)
+                                           segment_ids=segment_ids, backend="gpu", block_sizes=block_sizes,
+                                           interpret=INTERPRET)
+
+
+def to_ms(tflops, q, v):
+    """(fwd, fwd+bwd) TFLOP/s on causal FLOPs -> (fwd, fwd+bwd) milliseconds, passing errors through."""
+    if not isinstance(tflops, (tuple, list)):
+        return tflops
+    B, T, H, Dqk = q.shape
+    flops = peers.causal_attention_flops(B, T, H, Dqk, v.shape[-1])
+    return flops / (tflops[0] * 1e12) * 1e3, 3.5 * flops / (tflops[1] * 1e12) * 1e3
+
+
+def time_packed(args):
+    """Milliseconds of the MLA shape with 2-4 packed documents per row: ours with and without segment ids, peers."""
+    B, T, H, KVH, Dqk, Dv = SHAPES["mla"]
+    q, k, v = peers.attention_inputs(B, T, H, KVH, Dqk, Dv)
+    segs = packed_segments(B, T, seed=11)
+    r = {"docs_per_row": [int(x) + 1 for x in np.asarray(segs).max(axis=1)],
+         "visible_pairs_vs_causal": visible_fraction(segs),
+         "ours_cap_maxlogits_packed": to_ms(safe(lambda: time_fn(ours_fn(CAP, segment_ids=segs), q, k, v)), q, v),
+         "ours_cap_maxlogits_noseg": to_ms(safe(lambda: time_fn(ours_fn(CAP), q, k, v)), q, v)}
+    if not args.no_peers:
+        r["cudnn_noseg"] = to_ms(safe(lambda: peers.time_attention(peers.peer_attention("cudnn"), q, k, v)), q, v)
+        tok = safe(lambda: peers.peer_attention("tokamax_mosaic"))
+        r["tokamax_cap_noseg"] = tok if isinstance(tok, str) else to_ms(
+            safe(lambda: peers.time_attention(functools.partial(tok, cap=CAP), q, k, v)), q, v)
+    return r
 
 
 def safe(f):
@@ -118,6 +172,7 @@ def main():
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--packed", action="store_true", help="also time the MLA shape with packed documents (ms)")
     ap.add_argument("--only-check", action="store_true")
     ap.add_argument("--extra", action="store_true", help="also time ours without soft-cap and tokamax without it")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip sweep variants once this much time has passed")
@@ -136,7 +191,8 @@ def main():
     t0 = time.time()
     if not args.no_check:
         small = [dict(B=2, T=1000, H=8, KVH=2, Dqk=128, Dv=128, seg=True), dict(B=1, T=333, H=4, KVH=4, Dqk=64,
-                 Dv=64, causal=False, cap=None, S=520), dict(B=1, T=640, H=8, KVH=1, Dqk=192, Dv=128, seg=True)]
+                 Dv=64, causal=False, cap=None, S=520), dict(B=1, T=640, H=8, KVH=1, Dqk=192, Dv=128, seg=True),
+                 dict(B=2, T=2048, H=4, KVH=4, Dqk=192, Dv=128, seg="packed")]
         if args.cpu_dry_run:
             small = [dict(kw, B=1, H=2, KVH=1, T=200, S=kw.get("S") and 260) for kw in small]
         for i, kw in enumerate(small):
@@ -175,6 +231,10 @@ def main():
         res["timings"][n] = r
         dump()
         print(n, json.dumps(r), f"t={time.time() - t0:.0f}s", flush=True)
+    if args.packed:
+        res["packed"] = time_packed(args)
+        dump()
+        print("packed", json.dumps(res["packed"]), f"t={time.time() - t0:.0f}s", flush=True)
     print("\nTFLOP/s fwd / fwd+bwd (causal; ours: soft-cap 50 + max logits)")
     print(f"{'shape':5} {'ours':>13} {'cuDNN':>13} {'tokamax cap':>13} {'vs cuDNN':>9} {'vs tokamax':>10}")
     for n, r in res["timings"].items():
@@ -184,6 +244,19 @@ def main():
         o = r["ours_cap_maxlogits"]
         print(f"{n:5} {fmt(o):>13} {fmt(r.get('cudnn')):>13} {fmt(r.get('tokamax_cap')):>13} "
               f"{ratio(o, r.get('cudnn')):>9} {ratio(o, r.get('tokamax_cap')):>10}")
+
+    if args.packed:
+        p = res["packed"]
+        fmt = lambda x: f"{x[0]:6.2f} / {x[1]:6.2f}" if isinstance(x, (tuple, list)) else f"{'n/a':>15}"
+        print(f"\npacked MLA {SHAPES['mla']}, documents per row {p['docs_per_row']}, visible pairs "
+              f"{p['visible_pairs_vs_causal']:.0%} of causal: ms fwd / fwd+bwd")
+        print("  (cuDNN and tokamax take no segment ids: timed without segments, plain causal over each row)")
+        for key in ("ours_cap_maxlogits_packed", "ours_cap_maxlogits_noseg", "cudnn_noseg", "tokamax_cap_noseg"):
+            if key in p:
+                print(f"  {key:26} {fmt(p[key]):>15}")
+        a, b = p["ours_cap_maxlogits_packed"], p["ours_cap_maxlogits_noseg"]
+        if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+            print(f"  skipping speed-up vs ours without segments: fwd {b[0] / a[0]:.2f}x, fwd+bwd {b[1] / a[1]:.2f}x")
 
 
 if __name__ == "__main__":
