@@ -1,6 +1,7 @@
 """End-to-end training step of a Kanana-2-30B-A3B slice on one GPU: tokens/s, step time, peak memory, MFU.
 
     python3 benchmarks/train_step.py --layers 4 --batch 2 --seq 4096 --variants kernels,xla,tokamax --out $OUT
+    python3 benchmarks/train_step.py --layers 10 --batch 2 --accum 8 --seq 4096 --variants kernels,tokamax --out $OUT
 
 The slice keeps the full width of the 30B-A3B reconstruction (hidden 2048, 16 MLA heads, 128 experts top-6,
 2 shared, vocab 128,256) with fewer layers. Each variant times the real jitted train step (forward, backward,
@@ -39,16 +40,17 @@ from kanana_jax.train.builder import build_trainer  # noqa: E402
 
 
 def slice_config(layers: int, batch: int, seq: int, attention_impl: str, moe_impl: str, optimizer: str,
-                 remat: str, muon_clip: bool, size: str = "kanana2_30b_a3b"):
-    """A named size (default the 30B-A3B reconstruction) at full width with `layers` layers, validated."""
+                 remat: str, muon_clip: bool, size: str = "kanana2_30b_a3b", accum: int = 1):
+    """A named size (default the 30B-A3B reconstruction) at full width with `layers` layers, validated;
+    `batch` rows per microbatch, `accum` microbatches per optimizer step."""
     from experiments import sizes
     model = sizes.model_overrides(size)
     model.update(n_layers=layers, attention_impl=attention_impl, moe_impl=moe_impl, remat_policy=remat)
     values = {
         "model": model,
         "optimizer": {"name": optimizer, "learning_rate": 1e-3, "warmup_steps": 0, "schedule": "constant"},
-        "data": {"seq_len": seq, "global_batch_size": batch},
-        "train": {"steps": 1000},
+        "data": {"seq_len": seq, "global_batch_size": batch * accum},
+        "train": {"steps": 1000, "grad_accum_steps": accum},
         "mesh": {"data": -1},
     }
     if optimizer == "muon":
@@ -121,9 +123,10 @@ def run_variant(name, args, ceiling):
     if name == "tokamax":
         install_tokamax_seams()
     cfg = slice_config(args.layers, args.batch, args.seq, attention_impl, moe_impl, args.optimizer, args.remat,
-                       muon_clip=name != "tokamax", size=args.size)
+                       muon_clip=name != "tokamax", size=args.size, accum=args.accum)
     trainer = build_trainer(cfg)
-    batch = {k: jnp.asarray(v) for k, v in synthetic_batch(args.batch, args.seq, cfg.model.vocab_size).items()}
+    rows = args.batch * args.accum
+    batch = {k: jnp.asarray(v) for k, v in synthetic_batch(rows, args.seq, cfg.model.vocab_size).items()}
     with trainer.context():
         state = trainer.init(jax.random.PRNGKey(0))
         t0 = time.perf_counter()
@@ -143,7 +146,7 @@ def run_variant(name, args, ceiling):
         if args.profile and name == args.profile:
             state, top_ops = profile_top_ops(trainer, state, batch, args.out)
     step_s = statistics.median(times)
-    tokens = args.batch * args.seq
+    tokens = args.batch * args.accum * args.seq
     fpt = flops_per_token(cfg.model, args.seq)
     stats = jax.devices()[0].memory_stats() or {}
     return {"variant": name, "step_s": step_s, "tokens_per_s": tokens / step_s,
@@ -156,7 +159,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", default="kanana2_30b_a3b", help="model width (a name from experiments/sizes.py)")
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--batch", type=int, default=2, help="rows per microbatch")
+    p.add_argument("--accum", type=int, default=1, help="microbatches per optimizer step (train.grad_accum_steps)")
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--optimizer", default="muon")
     p.add_argument("--remat", default="full")
@@ -179,15 +183,15 @@ def main():
                          text=True, env=CHILD_ENV).stdout
     ceiling = float([l for l in out.splitlines() if l.startswith("RESULT ")][-1].split()[1])
     cfg = slice_config(args.layers, args.batch, args.seq, "reference", "ragged_dot", args.optimizer, args.remat,
-                       muon_clip=False, size=args.size)
+                       muon_clip=False, size=args.size, accum=args.accum)
     counts = count_params(cfg.model)
     results = {"device": str(jax.devices()[0]), "jax": jax.__version__, "matmul_ceiling_tflops": ceiling,
-               "layers": args.layers, "batch": args.batch, "seq": args.seq, "optimizer": args.optimizer,
+               "layers": args.layers, "batch": args.batch, "accum": args.accum, "seq": args.seq, "optimizer": args.optimizer,
                "params_total": counts["total"]["all"], "params_active": counts["active"]["all"],
                "flops_per_token": flops_per_token(cfg.model, args.seq), "variants": []}
     for name in args.variants.split(","):  # one process per variant: clean peak memory, no leaked seams
         cmd = [sys.executable, os.path.abspath(__file__), "--only", name, "--ceiling", str(ceiling)] + [
-            f"--{k}={getattr(args, k)}" for k in ("size", "layers", "batch", "seq", "optimizer", "remat", "reps", "profile",
+            f"--{k}={getattr(args, k)}" for k in ("size", "layers", "batch", "accum", "seq", "optimizer", "remat", "reps", "profile",
                                                   "out")]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=CHILD_ENV)
         lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
@@ -199,7 +203,7 @@ def main():
     with open(os.path.join(args.out, "train_step.json"), "w") as f:
         json.dump(results, f, indent=1, default=str)
     print(f"\nmatmul ceiling {ceiling:.0f} TFLOP/s; slice: {args.layers} layers, {counts['total']['all']/1e9:.2f}B "
-          f"total, {counts['active']['all']/1e9:.2f}B active, batch {args.batch}x{args.seq}")
+          f"total, {counts['active']['all']/1e9:.2f}B active, batch {args.accum} x {args.batch}x{args.seq}")
     print(f"{'variant':<10} {'step ms':>9} {'tok/s':>9} {'MFU':>6} {'peak GiB':>9} {'compile s':>9}")
     base = {r["variant"]: r for r in results["variants"] if "step_s" in r}
     for r in results["variants"]:

@@ -182,6 +182,8 @@ class TrainConfig:
     """Steps, logging, evaluation, checkpointing and loss weights."""
     stage: Literal["pretrain"] = "pretrain"
     steps: int = _field(200, lo=1)
+    grad_accum_steps: int = _field(1, lo=1, doc="microbatches per optimizer step; data.global_batch_size must "
+                                                "be a multiple (gradients are summed token-weighted in fp32)")
     seed: int = _field(0, lo=0)
     log_every: int = _field(10, lo=1)
     eval_every: int = _field(100, lo=0, doc="0 disables evaluation")
@@ -234,6 +236,11 @@ class ExperimentConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+
+    def __post_init__(self):
+        n, b = self.train.grad_accum_steps, self.data.global_batch_size
+        _check(b % n == 0, "train.grad_accum_steps",
+               f"{n} does not divide data.global_batch_size={b}; allowed: a divisor of {b}")
 
 
 def _type_name(tp) -> str:

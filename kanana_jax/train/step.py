@@ -48,11 +48,66 @@ def state_shardings(model, optimizer, cfg: ExperimentConfig, mesh, rules) -> Tra
                       opt_state=sharding.opt_state_shardings(abstract_opt, abstract_params, params_sharding, mesh))
 
 
+def microbatches(batch: dict, n: int) -> dict:
+    """[B, ...] -> [n, B/n, ...], microbatch i = rows i, i+n, i+2n, ...: each device's contiguous share of the
+    batch stays on that device (when B/devices is a multiple of n), so the split moves no data."""
+    def split(x):
+        if x.shape[0] % n:
+            raise ValueError(f"batch of {x.shape[0]} rows cannot be split into train.grad_accum_steps={n} "
+                             "microbatches; use a divisor of data.global_batch_size")
+        return jnp.swapaxes(x.reshape((x.shape[0] // n, n) + x.shape[1:]), 0, 1)
+    return jax.tree.map(split, batch)
+
+
+def _combine_intermediates(a, b):
+    """Sown values of two microbatches: max for attention max logits, sum for counts (expert loads)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x, y: jnp.maximum(x, y) if "max_logits" in jax.tree_util.keystr(path) else x + y, a, b)
+
+
+def accumulate_gradients(grad_fn, params, batch, cfg: ExperimentConfig):
+    """(loss, aux, grads) of the whole batch from train.grad_accum_steps microbatches run in a lax.scan.
+
+    Each microbatch is weighted by its counted tokens (aux metric 'tokens'; 1 when a stage has none), so the
+    masked-mean LM loss and its gradient equal the full-batch ones; gradients accumulate in float32; the
+    metric 'tokens' is summed, the other metrics are token-weighted means; sown intermediates are combined
+    by `_combine_intermediates` (MuonClip sees the max logit over the whole batch, the router bias the total load).
+    """
+    mb = microbatches(batch, cfg.train.grad_accum_steps)
+
+    def one(mb_i):
+        (loss, aux), grads = grad_fn(params, mb_i, cfg)
+        w = aux["metrics"].get("tokens", jnp.ones((), jnp.float32)).astype(jnp.float32)
+        return w, loss, aux, grads
+
+    first = jax.tree.map(lambda x: x[0], mb)
+    w0, loss0, aux0, grads0 = one(first)
+    weigh = lambda w, tree: jax.tree.map(lambda x: w * x.astype(jnp.float32), tree)
+    carry0 = (w0, w0 * loss0, weigh(w0, aux0["metrics"]), aux0["intermediates"], weigh(w0, grads0))
+
+    def body(carry, mb_i):
+        w_sum, loss_sum, metrics_sum, inter, grads_sum = carry
+        w, loss, aux, grads = one(mb_i)
+        add = lambda a, b: jax.tree.map(jnp.add, a, b)
+        return (w_sum + w, loss_sum + w * loss, add(metrics_sum, weigh(w, aux["metrics"])),
+                _combine_intermediates(inter, aux["intermediates"]), add(grads_sum, weigh(w, grads))), None
+
+    rest = jax.tree.map(lambda x: x[1:], mb)
+    (w_sum, loss_sum, metrics_sum, inter, grads_sum), _ = jax.lax.scan(body, carry0, rest)
+    inv = 1.0 / jnp.maximum(w_sum, 1e-9)
+    metrics = {k: (w_sum if k == "tokens" else v * inv) for k, v in metrics_sum.items()}
+    grads = jax.tree.map(lambda g, p: (g * inv).astype(p.dtype), grads_sum, params)
+    return loss_sum * inv, {"metrics": metrics, "intermediates": inter}, grads
+
+
 def train_step(state: TrainState, batch, *, model, optimizer, stage, cfg: ExperimentConfig):
     """One update: loss and grads, optimizer, post-update rules (router bias, MuonClip), metrics; a step with a
     non-finite loss or gradient skips the update (nonfinite.apply_if_finite)."""
     grad_fn = jax.value_and_grad(functools.partial(stage.loss_fn, model), has_aux=True)
-    (loss, aux), grads = grad_fn(state.params, batch, cfg)
+    if cfg.train.grad_accum_steps == 1:
+        (loss, aux), grads = grad_fn(state.params, batch, cfg)
+    else:
+        loss, aux, grads = accumulate_gradients(grad_fn, state.params, batch, cfg)
 
     def update(state):
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
