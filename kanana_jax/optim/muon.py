@@ -3,9 +3,10 @@
 `scale_by_muon` orthogonalizes every leaf it sees as a batch of matrices (batch axes = layer, expert
 and, with per_head, head axes; see `partition.matrix_axes`). Leaves whose matrices share a
 (short side, long side) pair are orthogonalized together in one batched einsum chain. With `mesh`,
-each such group is stacked along its batch axis, padded to a multiple of the device count and
-resharded over all mesh axes, so every device orthogonalizes whole matrices locally: the only
-collectives are the reshards (all-to-all / all-gather), never an all-reduce of a Gram matrix.
+each leaf is resharded on its own so that its matrix axes are whole on every device and its batch
+axes are split over all mesh axes (padded only where the device count does not divide them), and a
+`shard_map` runs the same chains on each device's local matrices: the only collectives are those
+reshards (all-to-all), never an all-reduce of a Gram matrix, and no device holds more than its share.
 
 `muon(...)` is the full optimizer: Muon for hidden matrices, AdamW for the rest, zero updates for
 'frozen' parameters, chosen per parameter path by `partition` rules.
@@ -64,30 +65,115 @@ def to_matrices(x, axes: MatrixAxes):
     return x3, restore
 
 
-def _orient(x3, tall):
-    return jnp.swapaxes(x3, 1, 2) if tall else x3
+# Mesh axes that the sharding rules put on a batch axis of parameters (the experts axis of expert weights). They
+# are placed first, and stay outermost on a batch axis they divide, so a reshard keeps them where they are and
+# moves each other axis with one all-to-all (an axis order unlike the source's costs an extra permute).
+MAJOR_AXES = ("expert",)
 
 
-def _orthogonalize_sharded(xs, mesh, **kw):
-    """Stack a group along its batch axis, pad to the device count, reshard, orthogonalize locally, unstack."""
-    talls = [x.shape[1] > x.shape[2] for x in xs]
-    stacked = jnp.concatenate([_orient(x, t) for x, t in zip(xs, talls)], axis=0)
-    n_dev = math.prod(mesh.shape.values())
-    pad = (-stacked.shape[0]) % n_dev
-    if pad:
-        stacked = jnp.concatenate([stacked, jnp.zeros((pad,) + stacked.shape[1:], stacked.dtype)], axis=0)
-    spec = NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names), None, None))
-    stacked = jax.lax.with_sharding_constraint(stacked, spec)
-    scales, dtypes = kw.pop("out_scales"), kw.pop("out_dtypes")
-    # Each member's scale is applied after unstacking (one elementwise pass that also un-transposes).
-    out, = orthogonalize.orthogonalize_group([stacked], out_scales=[1.0], out_dtypes=[stacked.dtype], **kw)
-    out = jax.lax.with_sharding_constraint(out, spec)
-    res, start = [], 0
-    for x, t, s, od in zip(xs, talls, scales, dtypes):
-        piece = out[start:start + x.shape[0]]
-        start += x.shape[0]
-        res.append((s * _orient(piece, t).astype(jnp.float32)).astype(od))
-    return res
+def shard_plan(batch_sizes: Sequence[int], axis_sizes: Sequence[tuple[str, int]], major: Sequence[str] = MAJOR_AXES):
+    """(mesh axes per batch axis, padded batch sizes) that spread a leaf's matrices over the mesh.
+
+    axis_sizes: (name, size) in mesh order. Axes in `major` are placed first, then the rest in mesh order, each on
+    the batch axis where it costs the least padding (ties: a batch axis holding fewer mesh axes, then the
+    innermost). A leaf holding a single matrix is not split (every device orthogonalizes it). On each batch axis
+    the mesh axes are listed in mesh order, except that `major` axes that divide it evenly come first.
+    """
+    order = [a for a in axis_sizes if a[0] in major] + [a for a in axis_sizes if a[0] not in major]
+    placed = [[] for _ in batch_sizes]
+    ways = [1] * len(batch_sizes)
+    leading = set()
+    if math.prod(batch_sizes) > 1:
+        for name, size in order:
+            if size == 1:
+                continue
+            costs = []
+            for i, b in enumerate(batch_sizes):
+                per = -(-b // ways[i])
+                costs.append(((-(-per // size) * size) / per, len(placed[i]), -i, per % size == 0))
+            *key, even = min(costs)
+            i = -key[2]
+            if name in major and even and not placed[i]:
+                leading.add(name)
+            placed[i].append(name)
+            ways[i] *= size
+    rank = {name: k for k, (name, _) in enumerate(axis_sizes)}
+    axes = [tuple(sorted(p, key=lambda n: (n not in leading, rank[n]))) for p in placed]
+    return axes, [-(-b // w) * w for b, w in zip(batch_sizes, ways)]
+
+
+def _leaf_spec(shape, axes: MatrixAxes, mesh):
+    """(PartitionSpec with the matrix axes whole and the batch axes over the mesh, padded shape) of one leaf."""
+    nd = len(shape)
+    matrix = {a % nd for a in axes.fan_in + axes.fan_out}
+    batch = [a for a in range(nd) if a not in matrix]
+    placed, padded = shard_plan([shape[a] for a in batch], [(n, mesh.shape[n]) for n in mesh.axis_names])
+    spec, full = [None] * nd, list(shape)
+    for a, p, size in zip(batch, placed, padded):
+        spec[a] = p[0] if len(p) == 1 else (p or None)
+        full[a] = size
+    return PartitionSpec(*spec), tuple(full)
+
+
+def _orthogonalize_on_mesh(leaves, axes_list, out_dtypes, mesh, *, scaling, rms, group, method, dtype, **kw):
+    """Polar factors of every leaf, each device orthogonalizing whole matrices of its share of the batch axes.
+
+    Each leaf is resharded (padded along a batch axis where the device count needs it) so that its matrix axes
+    are whole on every device and its batch axes are split over the mesh (`_leaf_spec`); inside one `shard_map`
+    every device runs the same chains as one device would on its local matrices. The only collectives are those
+    reshards: no partial Gram matrix is ever all-reduced and nothing is gathered beyond one leaf's share.
+    """
+    specs, pads, xs = [], [], []
+    for leaf, axes in zip(leaves, axes_list):
+        spec, full = _leaf_spec(leaf.shape, axes, mesh)
+        # orthogonalize_group casts to `dtype` first for the iterative methods: casting before the reshard moves
+        # half the bytes and gives the same numbers (svd reads its input at full precision).
+        x = leaf.astype(dtype) if method != "svd" else leaf
+        if full != leaf.shape:
+            x = jnp.pad(x, [(0, f - s) for s, f in zip(leaf.shape, full)])
+        specs.append(spec)
+        pads.append(full != leaf.shape)
+        xs.append(jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec)))
+
+    def local(*blocks):
+        mats, restores, groups = [], [], {}
+        for i, (blk, axes) in enumerate(zip(blocks, axes_list)):
+            x3, restore = to_matrices(blk, axes)
+            mats.append(x3)
+            restores.append(restore)
+            groups.setdefault((min(x3.shape[1:]), max(x3.shape[1:])) if group else i, []).append(i)
+        outs = [None] * len(blocks)
+        for members in groups.values():
+            ms = [mats[i] for i in members]
+            res = orthogonalize.orthogonalize_group(
+                ms, out_scales=[update_scale(m.shape[1], m.shape[2], scaling, rms) for m in ms],
+                out_dtypes=[out_dtypes[i] for i in members], method=method, dtype=dtype, **kw)
+            for i, r in zip(members, res):
+                outs[i] = restores[i](r)
+        return tuple(outs)
+
+    # Leaves that no mesh axis splits are computed identically on every device, hence check_vma=False.
+    outs = jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=tuple(specs), check_vma=False)(*xs)
+    return [o[tuple(slice(0, s) for s in leaf.shape)] if p else o for o, leaf, p in zip(outs, leaves, pads)]
+
+
+def _orthogonalize_local(leaves, axes_list, out_dtypes, group, scaling, rms, orth_kw):
+    """Polar factors of every leaf on one device (or left to XLA's partitioner), same-side leaves chained if group."""
+    mats, restores, groups = [], [], {}
+    for i, (leaf, axes) in enumerate(zip(leaves, axes_list)):
+        x3, restore = to_matrices(leaf, axes)
+        mats.append(x3)
+        restores.append(restore)
+        groups.setdefault((min(x3.shape[1:]), max(x3.shape[1:])) if group else i, []).append(i)
+    results = [None] * len(leaves)
+    for members in groups.values():
+        xs = [mats[i] for i in members]
+        scales = [update_scale(x.shape[1], x.shape[2], scaling, rms) for x in xs]
+        outs = orthogonalize.orthogonalize_group(xs, out_scales=scales, out_dtypes=[out_dtypes[i] for i in members],
+                                                 **orth_kw)
+        for i, o in zip(members, outs):
+            results[i] = restores[i](o)
+    return results
 
 
 def context_mesh():
@@ -115,8 +201,8 @@ def scale_by_muon(*, beta: float = 0.95, nesterov: bool = True, method: str = "p
 
     axes_fn(path, ndim) -> MatrixAxes; default `partition.matrix_axes(path, ndim, per_head)`.
     mesh: a Mesh, None (let XLA partition), or "context" (the mesh in context when the update is traced).
-    group: orthogonalize leaves with equal matrix sides in one stacked chain (default: only with a mesh,
-    where it is needed to spread small leaves over devices; on one device per-leaf chains avoid the copies).
+    group: orthogonalize leaves with equal matrix sides in one chain (their Gram matrices stacked; default:
+    only with a mesh, on each device's local matrices; on one device per-leaf chains avoid the copies).
     """
     if scaling not in SCALINGS:
         raise ValueError(f"muon scaling={scaling!r}; allowed: {SCALINGS}")
@@ -145,24 +231,13 @@ def scale_by_muon(*, beta: float = 0.95, nesterov: bool = True, method: str = "p
         stack = (mesh_ is not None) if group is None else group
         flat, treedef = jax.tree_util.tree_flatten_with_path(direction)
         out_dtypes = [leaf.dtype for leaf in jax.tree.leaves(updates)]
-        mats, restores, groups = [], [], {}
-        for i, (path, leaf) in enumerate(flat):
-            x3, restore = to_matrices(leaf, axes_fn(partition.path_str(path), leaf.ndim))
-            mats.append(x3)
-            restores.append(restore)
-            key = (min(x3.shape[1:]), max(x3.shape[1:])) if stack else i
-            groups.setdefault(key, []).append(i)
-        results = [None] * len(flat)
-        for members in groups.values():
-            xs = [mats[i] for i in members]
-            scales = [update_scale(x.shape[1], x.shape[2], scaling, rms) for x in xs]
-            dts = [out_dtypes[i] for i in members]
-            if mesh_ is not None:
-                outs = _orthogonalize_sharded(xs, mesh_, out_scales=scales, out_dtypes=dts, **orth_kw)
-            else:
-                outs = orthogonalize.orthogonalize_group(xs, out_scales=scales, out_dtypes=dts, **orth_kw)
-            for i, o in zip(members, outs):
-                results[i] = restores[i](o)
+        axes_list = [axes_fn(partition.path_str(path), leaf.ndim) for path, leaf in flat]
+        if mesh_ is not None:
+            results = _orthogonalize_on_mesh([leaf for _, leaf in flat], axes_list, out_dtypes, mesh_,
+                                             scaling=scaling, rms=rms, group=stack, **orth_kw)
+        else:
+            results = _orthogonalize_local([leaf for _, leaf in flat], axes_list, out_dtypes, stack, scaling, rms,
+                                           orth_kw)
         new_updates = jax.tree_util.tree_unflatten(treedef, results)
         mu = jax.tree.map(lambda m, old: m.astype(old.dtype), mu, state.mu)
         return new_updates, MuonState(count=optax.safe_increment(state.count), mu=mu)
