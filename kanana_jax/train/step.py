@@ -80,10 +80,15 @@ def accumulate_gradients(grad_fn, params, batch, cfg: ExperimentConfig):
         w = aux["metrics"].get("tokens", jnp.ones((), jnp.float32)).astype(jnp.float32)
         return w, loss, aux, grads
 
-    first = jax.tree.map(lambda x: x[0], mb)
-    w0, loss0, aux0, grads0 = one(first)
+    # Zero-initialized carry (max logits start at -inf): the microbatch body is traced and compiled once.
+    shapes = jax.eval_shape(one, jax.tree.map(lambda x: x[0], mb))
+    zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), tree)
+    inter0 = jax.tree_util.tree_map_with_path(
+        lambda path, s: jnp.full(s.shape, -jnp.inf if "max_logits" in jax.tree_util.keystr(path) else 0, s.dtype),
+        shapes[2]["intermediates"])
+    carry0 = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros(shapes[2]["metrics"]), inter0,
+              zeros(shapes[3]))
     weigh = lambda w, tree: jax.tree.map(lambda x: w * x.astype(jnp.float32), tree)
-    carry0 = (w0, w0 * loss0, weigh(w0, aux0["metrics"]), aux0["intermediates"], weigh(w0, grads0))
 
     def body(carry, mb_i):
         w_sum, loss_sum, metrics_sum, inter, grads_sum = carry
@@ -92,8 +97,7 @@ def accumulate_gradients(grad_fn, params, batch, cfg: ExperimentConfig):
         return (w_sum + w, loss_sum + w * loss, add(metrics_sum, weigh(w, aux["metrics"])),
                 _combine_intermediates(inter, aux["intermediates"]), add(grads_sum, weigh(w, grads))), None
 
-    rest = jax.tree.map(lambda x: x[1:], mb)
-    (w_sum, loss_sum, metrics_sum, inter, grads_sum), _ = jax.lax.scan(body, carry0, rest)
+    (w_sum, loss_sum, metrics_sum, inter, grads_sum), _ = jax.lax.scan(body, carry0, mb)
     inv = 1.0 / jnp.maximum(w_sum, 1e-9)
     metrics = {k: (w_sum if k == "tokens" else v * inv) for k, v in metrics_sum.items()}
     grads = jax.tree.map(lambda g, p: (g * inv).astype(p.dtype), grads_sum, params)
