@@ -137,6 +137,9 @@ class OptimizerConfig:
         "rms_match", doc="rms_match: 0.2*sqrt(max(fan_in, fan_out)), so AdamW learning rates carry over")
     muon_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     muon_algorithm: Literal["auto", "gram", "direct"] = "auto"
+    # gram schedule: "robust" recomputes X and its Gram matrix at steps 1 and 3 (bf16-safe on ill-conditioned
+    # inputs); "none" never does (11% faster on the H200, can blow up on adversarial spectra; BENCHMARKS.md Muon)
+    muon_restarts: Literal["robust", "none"] = "robust"
     muon_per_head: bool = _field(False, doc="orthogonalize attention projections per head")
     adamw_lr_multiplier: float = _field(1.0, lo=0.0, doc="AdamW-group learning rate = this * learning_rate")
     partition_rules: tuple = _field((), doc="((regex, 'muon'|'adamw'|'frozen'), ...) tried before the defaults")

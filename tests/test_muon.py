@@ -218,3 +218,31 @@ def test_tiny_muon_run_loss_falls_faster_than_adamw_at_tuned_rates(capsys):
             print(f"\n{k}: " + " ".join(f"{x:.2f}" for x in v))
     for v in curves.values():
         assert np.all(np.isfinite(v)) and np.mean(v[-3:]) < np.mean(v[:3])
+
+
+def test_muon_restarts_config_switches_the_gram_schedule():
+    """optimizer.muon_restarts='none' builds the restart-free gram schedule: equal to scale_by_muon without
+    restarts, and different (in bf16 round-off) from the default robust schedule."""
+    from kanana_jax.optim import muon_factory
+    base = config_lib.load(pretrain.get_config("size=tiny,optimizer=muon")).optimizer
+    key = jax.random.PRNGKey(3)
+    params = {"moe_layers": {"moe": {"experts": {"w_up": jax.random.normal(key, (2, 4, 64, 32))}}}}
+    grads = jax.tree.map(lambda p: jax.random.normal(jax.random.PRNGKey(4), p.shape), params)
+    rules = (("experts", "muon"),)
+    upd = {}
+    for restarts in ("robust", "none"):
+        cfg = type(base)(**{**base.__dict__, "muon_restarts": restarts, "partition_rules": rules, "weight_decay": 0.0,
+                            "muon_algorithm": "gram"})
+        tx = muon_factory.make(cfg, lambda step: 1.0)
+        upd[restarts], _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    direct = optax.chain(kmuon.scale_by_muon(beta=base.muon_beta, scaling=base.muon_scaling, algorithm="gram",
+                                             max_segment_gain=float("inf"), max_segment_steps=10**6),
+                         optax.scale_by_learning_rate(1.0))
+    want, _ = jax.jit(direct.update)(grads, direct.init(params), params)
+    got = lambda u: np.asarray(u["moe_layers"]["moe"]["experts"]["w_up"])
+    np.testing.assert_allclose(got(upd["none"]), got(want), rtol=1e-6, atol=1e-7)
+    assert not np.array_equal(got(upd["none"]), got(upd["robust"]))
+    bad = pretrain.get_config("size=tiny,optimizer=muon")
+    config_lib.apply_overrides(bad, {"optimizer.muon_restarts": "sometimes"})
+    with pytest.raises(config_lib.ConfigError, match="muon_restarts.*'robust', 'none'"):
+        config_lib.load(bad)

@@ -31,7 +31,8 @@ def make(cfg: OptimizerConfig, schedule) -> optax.GradientTransformation:
         beta=cfg.muon_beta, nesterov=cfg.muon_nesterov, method=cfg.muon_method,
         coeffs=cfg.muon_coeffs if cfg.muon_method == "polar_express" else None,
         steps=cfg.muon_steps, scaling=cfg.muon_scaling, dtype=jnp.dtype(cfg.muon_dtype),
-        algorithm=cfg.muon_algorithm, per_head=cfg.muon_per_head, mesh="context")
+        algorithm=cfg.muon_algorithm, per_head=cfg.muon_per_head, mesh="context",
+        **({} if cfg.muon_restarts == "robust" else dict(max_segment_gain=float("inf"), max_segment_steps=10**6)))
 
 
 def partition_rules(cfg: OptimizerConfig) -> tuple:
