@@ -1,7 +1,7 @@
 """End-to-end training step of a Kanana-2-30B-A3B slice on one GPU: tokens/s, step time, peak memory, MFU.
 
     python3 benchmarks/train_step.py --layers 4 --batch 2 --seq 4096 --variants kernels,xla,tokamax --out $OUT
-    python3 benchmarks/train_step.py --layers 10 --batch 2 --accum 8 --seq 4096 --variants kernels,tokamax --out $OUT
+    python3 benchmarks/train_step.py --layers 8 --batch 4 --accum 4 --seq 4096 --remat none --variants kernels,tokamax --out $OUT
 
 The slice keeps the full width of the 30B-A3B reconstruction (hidden 2048, 16 MLA heads, 128 experts top-6,
 2 shared, vocab 128,256) with fewer layers. Each variant times the real jitted train step (forward, backward,

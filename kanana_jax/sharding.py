@@ -192,15 +192,23 @@ def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
     return NamedSharding(mesh, P(axes, None))
 
 
-def check_batch_divides(global_batch_size: int, mesh: Mesh, rules) -> None:
-    """Raises unless the global batch splits evenly over the mesh axes that `activation_batch` maps to."""
+def check_batch_divides(global_batch_size: int, mesh: Mesh, rules, grad_accum_steps: int = 1) -> None:
+    """Raises unless each microbatch (global batch / grad_accum_steps rows) splits evenly over the mesh axes that
+    `activation_batch` maps to."""
     axes = dict(rules)["activation_batch"]
     axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
     shards = math.prod(mesh.shape[a] for a in axes)
-    if global_batch_size % shards:
+    rows = global_batch_size // grad_accum_steps
+    if rows % shards:
         sizes = " x ".join(f"{a} {mesh.shape[a]}" for a in axes)
-        raise ValueError(f"data.global_batch_size={global_batch_size} cannot be split over the batch mesh axes "
-                         f"({sizes} = {shards} shards); use a multiple of {shards} or a mesh with fewer batch shards")
+        if grad_accum_steps == 1:
+            raise ValueError(f"data.global_batch_size={global_batch_size} cannot be split over the batch mesh axes "
+                             f"({sizes} = {shards} shards); use a multiple of {shards} or a mesh with fewer batch "
+                             "shards")
+        raise ValueError(f"a microbatch of data.global_batch_size={global_batch_size} / train.grad_accum_steps="
+                         f"{grad_accum_steps} = {rows} rows cannot be split over the batch mesh axes ({sizes} = "
+                         f"{shards} shards); use fewer accumulation steps or a global batch that is a multiple of "
+                         f"{shards * grad_accum_steps}")
 
 
 def put_batch(batch: dict, sharding: NamedSharding) -> dict:

@@ -81,7 +81,7 @@ def compile_for_topology(cfg, slice_) -> dict:
     from kanana_jax.sharding import check_batch_divides
     devices = topology_devices(slice_)
     trainer = build_trainer(cfg, devices=devices)
-    check_batch_divides(cfg.data.global_batch_size, trainer.mesh, trainer.rules)
+    check_batch_divides(cfg.data.global_batch_size, trainer.mesh, trainer.rules, cfg.train.grad_accum_steps)
     chips = len(devices)
     tokens = cfg.data.global_batch_size * cfg.data.seq_len
     report = {"topology": slice_.name, "num_slices": slice_.num_slices, "chips": chips,

@@ -21,6 +21,9 @@ PRESET_MESHES = {  # preset -> mesh overrides on 8 devices; fsdp_ep also spans t
     "fsdp": ["mesh.data=2", "mesh.fsdp=4"],
     "fsdp_ep": ["mesh.data=1", "mesh.fsdp=2", "mesh.expert=2", "mesh.dcn_data=2"],
     "fsdp_tp_ep": ["mesh.data=1", "mesh.fsdp=2", "mesh.expert=2", "mesh.tensor=2"],
+    # 16 rows as 2 microbatches of 8 (train.grad_accum_steps) against the one-device step over all 16 rows
+    "fsdp_ep+accum": ["mesh.rules=fsdp_ep", "mesh.data=1", "mesh.fsdp=2", "mesh.expert=4",
+                      "data.global_batch_size=16", "train.grad_accum_steps=2"],
 }
 
 
@@ -50,6 +53,9 @@ def test_batch_must_split_over_the_batch_axes():
     sharding.check_batch_divides(32, mesh, sharding.RULES["fsdp_tp_ep"])
     with pytest.raises(ValueError, match=r"global_batch_size=24 .*data 2 x fsdp 4 x expert 2 = 16 shards"):
         sharding.check_batch_divides(24, mesh, sharding.RULES["fsdp_tp_ep"])
+    sharding.check_batch_divides(64, mesh, sharding.RULES["fsdp_tp_ep"], grad_accum_steps=4)
+    with pytest.raises(ValueError, match=r"64 / train.grad_accum_steps=8 = 8 rows .* multiple of 128"):
+        sharding.check_batch_divides(64, mesh, sharding.RULES["fsdp_tp_ep"], grad_accum_steps=8)
 
 
 def test_hybrid_mesh_by_device_order_keeps_slices_contiguous():
@@ -140,12 +146,18 @@ def presets_equal_single_device():
     import jax
     from kanana_jax.cli import build_config
     from kanana_jax.data import pipeline
-    _, cfg = build_config("experiments/pretrain.py:size=tiny", BASE)
-    batch = next(pipeline.make_iterator(cfg.data, split="train", seed=0))
-    _, p0_ref, p1_ref, m_ref = _trainer_and_step(["mesh.data=1"], jax.devices()[:1], batch)
+    refs = {}
+    for rows in (8, 16):
+        _, cfg = build_config("experiments/pretrain.py:size=tiny", BASE + [f"data.global_batch_size={rows}"])
+        batch = next(pipeline.make_iterator(cfg.data, split="train", seed=0))
+        refs[rows] = (batch, *_trainer_and_step(["mesh.data=1", f"data.global_batch_size={rows}"],
+                                                jax.devices()[:1], batch)[1:])
     out = {}
     for preset, mesh in PRESET_MESHES.items():
-        trainer, p0, p1, m = _trainer_and_step([f"mesh.rules={preset}", *mesh], jax.devices(), batch)
+        rows = 16 if "data.global_batch_size=16" in mesh else 8
+        batch, p0_ref, p1_ref, m_ref = refs[rows]
+        rules = [] if any(o.startswith("mesh.rules=") for o in mesh) else [f"mesh.rules={preset}"]
+        trainer, p0, p1, m = _trainer_and_step([*rules, *mesh], jax.devices(), batch)
         diff = lambda a, b: max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
                                 for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
         out[preset] = {"mesh": dict(trainer.mesh.shape), "loss": float(m["loss"]), "ref_loss": float(m_ref["loss"]),

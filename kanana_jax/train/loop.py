@@ -54,6 +54,7 @@ def run(cfg: ExperimentConfig, workdir: str, *, stop_after: int | None = None) -
     os.replace(tmp, path)
     check_vocab(cfg, make_tokenizer(cfg.data.tokenizer))
     trainer = build_trainer(cfg)
+    sharding.check_batch_divides(cfg.data.global_batch_size, trainer.mesh, trainer.rules, cfg.train.grad_accum_steps)
     with trainer.context():
         return _train(trainer, workdir, stop_after)
 
