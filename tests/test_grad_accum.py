@@ -81,3 +81,24 @@ def test_train_step_with_accumulation_matches_one_shot_step():
 def test_accum_steps_must_divide_the_batch():
     with pytest.raises(ConfigError, match="train.grad_accum_steps.*divisor of 8"):
         _cfg(3)
+
+
+@pytest.mark.parametrize("attention", ["mla", "gqa"])
+def test_bf16_copy_of_compute_weights_gives_the_same_gradients(attention):
+    """With bf16 compute, differentiating through the once-per-step bf16 copy (what accumulation does) gives
+    exactly the gradients of the float32 parameters: the model only reads those weights through a cast."""
+    _, cfg = build_config("experiments/pretrain.py:size=tiny,steps=10,batch=4,seq_len=32",
+                          ["model.dtype=bfloat16", f"model.attention_type={attention}"])
+    trainer = build_trainer(cfg)
+    batch = _batch(cfg, seed=1)
+    with trainer.context():
+        params = trainer.init(jax.random.PRNGKey(0)).params
+        grad_fn = jax.grad(lambda p, b: trainer.stage.loss_fn(trainer.model, p, b, cfg)[0])
+        g32 = jax.jit(grad_fn)(params, batch)
+        g16 = jax.jit(lambda p, b: grad_fn(step_lib.compute_dtype_copy(p, cfg), b))(params, batch)
+    cast = 0
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g32), jax.tree.leaves(g16)):
+        cast += b.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(b.astype(jnp.float32)), np.asarray(a),
+                                      err_msg=jax.tree_util.keystr(path))
+    assert cast >= 8    # attention projections, dense MLP, shared and routed experts

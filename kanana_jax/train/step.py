@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import re
 
 import flax
 import jax
@@ -10,6 +11,8 @@ import optax
 
 from kanana_jax import sharding
 from kanana_jax.config import ExperimentConfig
+from kanana_jax.model.layers import DTYPES
+from kanana_jax.optim.partition import path_str
 from kanana_jax.train import hooks, nonfinite
 
 
@@ -65,6 +68,22 @@ def _combine_intermediates(a, b):
         lambda path, x, y: jnp.maximum(x, y) if "max_logits" in jax.tree_util.keystr(path) else x + y, a, b)
 
 
+# Weights the model reads only through `w.astype(model.dtype)` (attention projections, dense / shared / routed
+# expert matrices); not the embedding (gathered in fp32, then cast), LM head (fp32 gradient), norms or router.
+_READ_IN_COMPUTE_DTYPE = re.compile(r"(^|/)(attn/w[a-z_]*|mlp/w_(gate|up|down)|(experts|shared)/w_(gate|up|down))$")
+
+
+def compute_dtype_copy(params, cfg: ExperimentConfig):
+    """`params` with the weights the model only reads cast to model.dtype already cast (once per step instead of
+    once per microbatch). Their gradients come out in model.dtype with the same values the float32 parameters
+    would get (the cast's backward is only a convert), at half the bytes."""
+    dt = DTYPES[cfg.model.dtype]
+    if dt == DTYPES[cfg.model.param_dtype]:
+        return params
+    return jax.tree_util.tree_map_with_path(
+        lambda path, p: p.astype(dt) if _READ_IN_COMPUTE_DTYPE.search(path_str(path)) else p, params)
+
+
 def accumulate_gradients(grad_fn, params, batch, cfg: ExperimentConfig):
     """(loss, aux, grads) of the whole batch from train.grad_accum_steps microbatches run in a lax.scan.
 
@@ -74,9 +93,10 @@ def accumulate_gradients(grad_fn, params, batch, cfg: ExperimentConfig):
     by `_combine_intermediates` (MuonClip sees the max logit over the whole batch, the router bias the total load).
     """
     mb = microbatches(batch, cfg.train.grad_accum_steps)
+    params_c = compute_dtype_copy(params, cfg)
 
     def one(mb_i):
-        (loss, aux), grads = grad_fn(params, mb_i, cfg)
+        (loss, aux), grads = grad_fn(params_c, mb_i, cfg)
         w = aux["metrics"].get("tokens", jnp.ones((), jnp.float32)).astype(jnp.float32)
         return w, loss, aux, grads
 
