@@ -74,9 +74,9 @@ _READ_IN_COMPUTE_DTYPE = re.compile(r"(^|/)(attn/w[a-z_]*|mlp/w_(gate|up|down)|(
 
 
 def compute_dtype_copy(params, cfg: ExperimentConfig):
-    """`params` with the weights the model only reads cast to model.dtype already cast (once per step instead of
-    once per microbatch). Their gradients come out in model.dtype with the same values the float32 parameters
-    would get (the cast's backward is only a convert), at half the bytes."""
+    """`params` with the weights that the model reads only through a cast to model.dtype cast up front, once per
+    step instead of once per microbatch. Their gradients come out in model.dtype with the values the float32
+    parameters would get (the cast's backward is only a convert), at half the bytes."""
     dt = DTYPES[cfg.model.dtype]
     if dt == DTYPES[cfg.model.param_dtype]:
         return params
