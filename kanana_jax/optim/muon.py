@@ -136,21 +136,8 @@ def _orthogonalize_on_mesh(leaves, axes_list, out_dtypes, mesh, *, scaling, rms,
         xs.append(jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec)))
 
     def local(*blocks):
-        mats, restores, groups = [], [], {}
-        for i, (blk, axes) in enumerate(zip(blocks, axes_list)):
-            x3, restore = to_matrices(blk, axes)
-            mats.append(x3)
-            restores.append(restore)
-            groups.setdefault((min(x3.shape[1:]), max(x3.shape[1:])) if group else i, []).append(i)
-        outs = [None] * len(blocks)
-        for members in groups.values():
-            ms = [mats[i] for i in members]
-            res = orthogonalize.orthogonalize_group(
-                ms, out_scales=[update_scale(m.shape[1], m.shape[2], scaling, rms) for m in ms],
-                out_dtypes=[out_dtypes[i] for i in members], method=method, dtype=dtype, **kw)
-            for i, r in zip(members, res):
-                outs[i] = restores[i](r)
-        return tuple(outs)
+        return tuple(_orthogonalize_local(blocks, axes_list, out_dtypes, group, scaling, rms,
+                                          dict(kw, method=method, dtype=dtype)))
 
     # Leaves that no mesh axis splits are computed identically on every device, hence check_vma=False.
     outs = jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=tuple(specs), check_vma=False)(*xs)
