@@ -64,17 +64,21 @@ def _store_rows(src_smem, dst_gmem_rows, start, count, max_rows):
         p //= 2
 
 
+def _persistent_kernel(body, out_type, interpret):
+    """A persistent kernel: one CTA per SM, three warpgroups, warpgroup lowering semantics."""
+    return plgpu.kernel(body, out_type=out_type, grid=(_num_sms(interpret),), grid_names=("sm",), num_threads=3,
+                        thread_name="wg",
+                        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+                        interpret=_interpret_params(interpret))
+
+
 def gmm(lhs_MxK, rhs, group_sizes_E, *, transpose_rhs=False, out_dtype=None, tiling: Tiling | None = None,
         interpret=False):
     """out[M,N] = lhs rows of group g @ rhs[g] ([E,K,N], or [E,N,K] when transpose_rhs); rows past the groups are 0."""
     _check_dtypes(lhs_MxK, rhs, "gmm")
     t = tiling or DEFAULT_GMM
     out_dtype = jnp.dtype(out_dtype or lhs_MxK.dtype)
-    m, k = lhs_MxK.shape
-    num_experts = rhs.shape[0]
-    n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    if (rhs.shape[2] if transpose_rhs else rhs.shape[1]) != k:
-        raise ValueError(f"gmm: lhs is [M={m}, K={k}] but rhs is {rhs.shape} (transpose_rhs={transpose_rhs})")
+    m, k, n, num_experts = tiling_lib.gmm_dims(lhs_MxK, rhs, transpose_rhs)
     tm, tk, tn = t.tm, t.tk, t.tn
     if tm % 64 or tk % 64 or tn % 128 or k % tk or n % tn:
         raise ValueError(
@@ -160,16 +164,7 @@ def gmm(lhs_MxK, rhs, group_sizes_E, *, transpose_rhs=False, out_dtype=None, til
             def _():
                 plgpu.wait_smem_to_gmem(0)
 
-    kernel = plgpu.kernel(
-        body,
-        out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
-        grid=(_num_sms(interpret),),
-        grid_names=("sm",),
-        num_threads=3,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=_interpret_params(interpret),
-    )
+    kernel = _persistent_kernel(body, jax.ShapeDtypeStruct((m, n), out_dtype), interpret)
     return kernel(meta.group_ids, meta.row_start, meta.lo, meta.hi, lhs_MxK, rhs)
 
 
@@ -277,14 +272,5 @@ def tgmm(lhs_MxK, rhs_MxN, group_sizes_E, *, out_dtype=None, tiling: Tiling | No
             def _():
                 plgpu.wait_smem_to_gmem(0)
 
-    kernel = plgpu.kernel(
-        body,
-        out_type=jax.ShapeDtypeStruct((num_experts, k, n), out_dtype),
-        grid=(_num_sms(interpret),),
-        grid_names=("sm",),
-        num_threads=3,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=_interpret_params(interpret),
-    )
+    kernel = _persistent_kernel(body, jax.ShapeDtypeStruct((num_experts, k, n), out_dtype), interpret)
     return kernel(starts, ends, bases, lhs_MxK, rhs_MxN)

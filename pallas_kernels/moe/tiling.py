@@ -47,6 +47,15 @@ def as_gmm_tilings(tiling) -> GmmTilings:
     raise TypeError(f"tiling must be None, a Tiling or a (fwd, dlhs, drhs) tuple of Tilings, got {tiling!r}")
 
 
+def gmm_dims(lhs_MxK, rhs, transpose_rhs: bool) -> tuple[int, int, int, int]:
+    """(M, K, N, E) of gmm(lhs[M,K], rhs[E,K,N] or [E,N,K] with transpose_rhs); ValueError if K disagrees."""
+    m, k = lhs_MxK.shape
+    num_experts, n = rhs.shape[0], (rhs.shape[1] if transpose_rhs else rhs.shape[2])
+    if (rhs.shape[2] if transpose_rhs else rhs.shape[1]) != k:
+        raise ValueError(f"gmm: lhs is [M={m}, K={k}] but rhs is {rhs.shape} (transpose_rhs={transpose_rhs})")
+    return m, k, n, num_experts
+
+
 def group_offsets(group_sizes_E: jax.Array) -> jax.Array:
     """[E+1] int32 exclusive cumulative sum: rows of group g are [offsets[g], offsets[g+1])."""
     ends = jnp.cumsum(group_sizes_E.astype(jnp.int32))

@@ -45,11 +45,7 @@ def gmm(lhs_MxK, rhs, group_sizes_E, *, transpose_rhs=False, out_dtype=None, til
     """out[M,N] = lhs rows of group g @ rhs[g] ([E,K,N], or [E,N,K] when transpose_rhs); rows past the groups are 0."""
     t = tiling or DEFAULT_GMM
     out_dtype = jnp.dtype(out_dtype or lhs_MxK.dtype)
-    m, k = lhs_MxK.shape
-    num_experts = rhs.shape[0]
-    n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    if (rhs.shape[2] if transpose_rhs else rhs.shape[1]) != k:
-        raise ValueError(f"gmm: lhs is [M={m}, K={k}] but rhs is {rhs.shape} (transpose_rhs={transpose_rhs})")
+    m, k, n, num_experts = tiling_lib.gmm_dims(lhs_MxK, rhs, transpose_rhs)
     tm = min(t.tm, -(-m // _sublane(lhs_MxK.dtype)) * _sublane(lhs_MxK.dtype))
     if tm % _sublane(lhs_MxK.dtype):
         raise ValueError(f"gmm TPU tiling: tm={tm} must be a multiple of {_sublane(lhs_MxK.dtype)}")
