@@ -45,3 +45,15 @@ def test_gpu_kernels_lower_for_hopper(shape):
     text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(
         sds(B, T, H, Dqk), sds(B, T, KVH, Dqk), sds(B, T, KVH, Dv), seg).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("mosaic_gpu") >= 3     # forward, dK/dV and dQ kernels
+
+
+@pytest.mark.parametrize("topology", ["v5p:2x2x1", "v6e:2x2"])
+def test_packed_segment_skipping_compiles_for_tpu(topology):
+    """Segment ids: scalar-prefetched block bounds in SMEM and bound-clamped index maps, with dK/dV and dQ tiles of
+    256 rows next to 128-row forward tiles, a padded T=300 (non-causal, soft-cap) and a causal MLA batch."""
+    import jax.numpy as jnp
+    from pallas_kernels.attention import BlockSizes
+    cases = [(2, 300, 300, 4, 2, 128, 128, jnp.bfloat16, False, 30.0, True),
+             (2, 1024, 1024, 8, 1, 192, 128, jnp.bfloat16, True, 50.0, True)]
+    times = compile_attention(topology, cases=cases, block_sizes=BlockSizes(block_kv_dkv=256, block_q_dq=256))
+    assert set(times) == set(cases)

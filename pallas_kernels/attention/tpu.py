@@ -4,6 +4,8 @@ Kernels work on head-major [B, H, T, D] copies of the inputs so that every block
 Row statistics travel lane-dense as [B, H, 1, T] (lse, max logits, delta); causal grids skip blocks above the
 diagonal by clamping the block index (no DMA) and guarding the compute. The dK/dV kernel computes transposed
 (key-rows) blocks so that it needs no in-kernel transposes; the GQA group's query heads are its innermost loop.
+With segment ids, segment_ranges.block_ranges bounds each row tile's streamed blocks (scalar prefetch, SMEM): blocks
+outside [lo, hi) are neither fetched (clamped index) nor computed, and blocks in [full_lo, full_hi) skip the mask.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.attention.block_sizes import BlockSizes
+from pallas_kernels.attention.segment_ranges import block_ranges
 
 LANES = 128
 MASK_S = -1e30
@@ -74,9 +77,9 @@ def _last_kv_block(i, bq, bk, causal_offset, nkv):
     return jnp.where(last_row < 0, -1, jnp.minimum(lax.div(jnp.maximum(last_row, 0), bk), nkv - 1))
 
 
-def _needs_mask(i, j, bq, bk, causal_offset, kv_padded, has_seg, nkv):
-    """Whether block (query block i, key block j) has any hidden entry."""
-    need = jnp.bool_(has_seg)
+def _needs_mask(i, j, bq, bk, causal_offset, kv_padded, nkv):
+    """Whether block (query block i, key block j) has any hidden entry (no segment ids)."""
+    need = jnp.bool_(False)
     if causal_offset is not None:
         need = need | ((j + 1) * bk - 1 > i * bq + causal_offset)
     if kv_padded:
@@ -84,9 +87,33 @@ def _needs_mask(i, j, bq, bk, causal_offset, kv_padded, has_seg, nkv):
     return need
 
 
-def _fwd_kernel(*refs, bq, bk, nkv, has_seg, causal_offset, kv_len, kv_padded, scale, cap):
+def segment_bounds(rows_seg_BxR, cols_seg_BxC, *, row_tile, col_block, rows_are_q, causal_offset, kv_len):
+    """block_ranges flattened to int32 [B * R/row_tile * 4] for scalar prefetch (1-D keeps SMEM padding small)."""
+    return block_ranges(rows_seg_BxR, cols_seg_BxC, row_tile=row_tile, col_block=col_block, rows_are_q=rows_are_q,
+                        causal_offset=causal_offset, kv_len=kv_len).reshape(-1)
+
+
+def _read_bounds(bounds_ref, b, tile, n_tiles):
+    """(lo, full_lo, full_hi, hi) of row tile `tile` of batch row b from segment_bounds' flat SMEM array."""
+    base = (b * n_tiles + tile) * 4
+    return tuple(bounds_ref[base + k] for k in range(4))
+
+
+def _clamp_to_range(x, bounds_ref, b, tile, n_tiles):
+    """Streamed block index x clamped into [lo, hi - 1] (0 for an empty range); a repeated index skips the DMA."""
+    lo, _, _, hi = _read_bounds(bounds_ref, b, tile, n_tiles)
+    return jnp.maximum(jnp.minimum(jnp.maximum(x, lo), hi - 1), 0)
+
+
+def _visit(x, bounds_ref, b, tile, n_tiles):
+    """(streamed block x holds a visible pair, block x needs a mask) from the bounds."""
+    lo, full_lo, full_hi, hi = _read_bounds(bounds_ref, b, tile, n_tiles)
+    return (lo <= x) & (x < hi), (x < full_lo) | (x >= full_hi)
+
+
+def _fwd_kernel(*refs, bq, bk, nq, nkv, has_seg, causal_offset, kv_len, kv_padded, scale, cap):
     if has_seg:
-        q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, ml_ref, acc, m_raw, m_cap, l_sum = refs
+        bounds_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, ml_ref, acc, m_raw, m_cap, l_sum = refs
     else:
         q_ref, k_ref, v_ref, o_ref, lse_ref, ml_ref, acc, m_raw, m_cap, l_sum = refs
     i, j = pl.program_id(2), pl.program_id(3)
@@ -118,8 +145,11 @@ def _fwd_kernel(*refs, bq, bk, nkv, has_seg, causal_offset, kv_len, kv_padded, s
         m_raw[...] = m_raw_new
         m_cap[...] = m_new
 
-    visible = j <= _last_kv_block(i, bq, bk, causal_offset, nkv)
-    need = _needs_mask(i, j, bq, bk, causal_offset, kv_padded, has_seg, nkv)
+    if has_seg:
+        visible, need = _visit(j, bounds_ref, pl.program_id(0), i, nq)
+    else:
+        visible = j <= _last_kv_block(i, bq, bk, causal_offset, nkv)
+        need = _needs_mask(i, j, bq, bk, causal_offset, kv_padded, nkv)
     pl.when(visible & need)(functools.partial(step, True))
     pl.when(visible & jnp.logical_not(need))(functools.partial(step, False))
 
@@ -134,9 +164,9 @@ def _fwd_kernel(*refs, bq, bk, nkv, has_seg, causal_offset, kv_len, kv_padded, s
         ml_ref[...] = _col_to_row(jnp.where(mr > 0.5 * MASK_S, mr * scale, -jnp.inf))
 
 
-def _dq_kernel(*refs, bq, bk, nkv, has_seg, causal_offset, kv_len, kv_padded, scale, cap):
+def _dq_kernel(*refs, bq, bk, nq, nkv, has_seg, causal_offset, kv_len, kv_padded, scale, cap):
     if has_seg:
-        q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, qs_ref, ks_ref, dq_ref, acc, lse_c, dl_c = refs
+        bounds_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, qs_ref, ks_ref, dq_ref, acc, lse_c, dl_c = refs
     else:
         q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, dq_ref, acc, lse_c, dl_c = refs
     i, j = pl.program_id(2), pl.program_id(3)
@@ -162,8 +192,11 @@ def _dq_kernel(*refs, bq, bk, nkv, has_seg, causal_offset, kv_len, kv_padded, sc
             ds = ds * (1.0 - t * t)
         acc[...] += jnp.dot(ds.astype(k_ref.dtype), k_ref[...], preferred_element_type=jnp.float32)
 
-    visible = j <= _last_kv_block(i, bq, bk, causal_offset, nkv)
-    need = _needs_mask(i, j, bq, bk, causal_offset, kv_padded, has_seg, nkv)
+    if has_seg:
+        visible, need = _visit(j, bounds_ref, pl.program_id(0), i, nq)
+    else:
+        visible = j <= _last_kv_block(i, bq, bk, causal_offset, nkv)
+        need = _needs_mask(i, j, bq, bk, causal_offset, kv_padded, nkv)
     pl.when(visible & need)(functools.partial(step, True))
     pl.when(visible & jnp.logical_not(need))(functools.partial(step, False))
 
@@ -179,9 +212,10 @@ def _first_q_block(j, bq, bk, causal_offset):
     return lax.div(jnp.maximum(j * bk - causal_offset, 0), bq)
 
 
-def _dkv_kernel(*refs, bq, bk, nq, n_steps, has_seg, causal_offset, scale, cap):
+def _dkv_kernel(*refs, bq, bk, nq, nkv, n_steps, has_seg, causal_offset, scale, cap):
     if has_seg:
-        q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, qs_ref, ks_ref, dk_ref, dv_ref, dk_acc, dv_acc = refs
+        (bounds_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, qs_ref, ks_ref, dk_ref, dv_ref, dk_acc,
+         dv_acc) = refs
     else:
         q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, dk_ref, dv_ref, dk_acc, dv_acc = refs
     j, n = pl.program_id(2), pl.program_id(3)
@@ -208,10 +242,13 @@ def _dkv_kernel(*refs, bq, bk, nq, n_steps, has_seg, causal_offset, scale, cap):
             ds_t = ds_t * (1.0 - t_t * t_t)
         dk_acc[...] += jnp.dot(ds_t.astype(q_ref.dtype), q_ref[...], preferred_element_type=jnp.float32)
 
-    visible = i >= _first_q_block(j, bq, bk, causal_offset)
-    need = jnp.bool_(has_seg)
-    if causal_offset is not None:
-        need = need | ((j + 1) * bk - 1 > i * bq + causal_offset)
+    if has_seg:
+        visible, need = _visit(i, bounds_ref, pl.program_id(0), j, nkv)
+    else:
+        visible = i >= _first_q_block(j, bq, bk, causal_offset)
+        need = jnp.bool_(False)
+        if causal_offset is not None:
+            need = need | ((j + 1) * bk - 1 > i * bq + causal_offset)
     pl.when(visible & need)(functools.partial(step, True))
     pl.when(visible & jnp.logical_not(need))(functools.partial(step, False))
 
@@ -229,6 +266,15 @@ def _params(interpret):
     return pltpu.InterpretParams() if interpret else False
 
 
+def _kv_block_fn(has_seg, bq, bk, nq, nkv, causal_offset):
+    """Index map piece for query-stationary grids: (b, i, j, *prefetch) -> key block to fetch (clamped, no DMA)."""
+    def kv_block(b, i, j, *prefetch):
+        if has_seg:
+            return _clamp_to_range(j, prefetch[0], b, i, nq)
+        return jnp.maximum(jnp.minimum(j, _last_kv_block(i, bq, bk, causal_offset, nkv)), 0)
+    return kv_block
+
+
 def forward(q, k, v, q_seg, kv_seg, *, causal, scale, cap, kv_len, q_len, block_sizes: BlockSizes, interpret):
     """Padded [B,T,H,D] inputs -> (out[B,T,H,Dv], lse[B,H,1,T] (natural log), max_logits[B,H,T])."""
     B, Tp, H, Dqk = q.shape
@@ -238,28 +284,31 @@ def forward(q, k, v, q_seg, kv_seg, *, causal, scale, cap, kv_len, q_len, block_
     nq, nkv = Tp // bq, Sp // bk
     off = (kv_len - q_len) if causal else None
     has_seg = q_seg is not None
-    kv_idx = lambda b, h, i, j: (b, h // G, jnp.maximum(jnp.minimum(j, _last_kv_block(i, bq, bk, off, nkv)), 0), 0)
-    in_specs = [pl.BlockSpec((None, None, bq, Dqk), lambda b, h, i, j: (b, h, i, 0)),
+    kv_block = _kv_block_fn(has_seg, bq, bk, nq, nkv, off)
+    kv_idx = lambda b, h, i, j, *pf: (b, h // G, kv_block(b, i, j, *pf), 0)
+    in_specs = [pl.BlockSpec((None, None, bq, Dqk), lambda b, h, i, j, *_: (b, h, i, 0)),
                 pl.BlockSpec((None, None, bk, Dqk), kv_idx), pl.BlockSpec((None, None, bk, Dv), kv_idx)]
-    args = [_head_major(q), _head_major(k), _head_major(v)]
+    args, prefetch = [_head_major(q), _head_major(k), _head_major(v)], []
     if has_seg:
-        in_specs += [pl.BlockSpec((None, bq, 1), lambda b, h, i, j: (b, i, 0)),
-                     pl.BlockSpec((None, 1, bk), lambda b, h, i, j: (b, 0, kv_idx(b, h, i, j)[2]))]
+        prefetch = [segment_bounds(q_seg, kv_seg, row_tile=bq, col_block=bk, rows_are_q=True, causal_offset=off,
+                                   kv_len=kv_len)]
+        in_specs += [pl.BlockSpec((None, bq, 1), lambda b, h, i, j, *_: (b, i, 0)),
+                     pl.BlockSpec((None, 1, bk), lambda b, h, i, j, *pf: (b, 0, kv_block(b, i, j, *pf)))]
         args += [q_seg[:, :, None], kv_seg[:, None, :]]
-    row_spec = pl.BlockSpec((None, None, 1, bq), lambda b, h, i, j: (b, h, 0, i))
-    kernel = functools.partial(_fwd_kernel, bq=bq, bk=bk, nkv=nkv, has_seg=has_seg, causal_offset=off,
+    row_spec = pl.BlockSpec((None, None, 1, bq), lambda b, h, i, j, *_: (b, h, 0, i))
+    kernel = functools.partial(_fwd_kernel, bq=bq, bk=bk, nq=nq, nkv=nkv, has_seg=has_seg, causal_offset=off,
                                kv_len=kv_len, kv_padded=Sp != kv_len, scale=scale, cap=cap)
     out, lse, ml = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=0, grid=(B, H, nq, nkv), in_specs=in_specs,
-            out_specs=[pl.BlockSpec((None, None, bq, Dv), lambda b, h, i, j: (b, h, i, 0)), row_spec, row_spec],
+            num_scalar_prefetch=len(prefetch), grid=(B, H, nq, nkv), in_specs=in_specs,
+            out_specs=[pl.BlockSpec((None, None, bq, Dv), lambda b, h, i, j, *_: (b, h, i, 0)), row_spec, row_spec],
             scratch_shapes=[pltpu.VMEM((bq, Dv), jnp.float32)] + [pltpu.VMEM((bq, LANES), jnp.float32)] * 3),
         out_shape=[jax.ShapeDtypeStruct((B, H, Tp, Dv), q.dtype), jax.ShapeDtypeStruct((B, H, 1, Tp), jnp.float32),
                    jax.ShapeDtypeStruct((B, H, 1, Tp), jnp.float32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=_params(interpret),
-    )(*args)
+    )(*prefetch, *args)
     return _head_major(out), lse, ml[:, :, 0]
 
 
@@ -280,55 +329,61 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, do, *, causal, scale, cap, kv_len
     nq, nkv = Tp // bq, Sp // bk
     n_steps = G * nq
 
-    def q_idx(b, kvh, j, n):
-        i = jnp.maximum(lax.rem(n, nq), _first_q_block(j, bq, bk, off))
-        return b, kvh * G + lax.div(n, nq), jnp.minimum(i, nq - 1)
+    def q_idx(b, kvh, j, n, *prefetch):
+        if has_seg:
+            i = _clamp_to_range(lax.rem(n, nq), prefetch[0], b, j, nkv)
+        else:
+            i = jnp.minimum(jnp.maximum(lax.rem(n, nq), _first_q_block(j, bq, bk, off)), nq - 1)
+        return b, kvh * G + lax.div(n, nq), i
 
-    in_specs = [pl.BlockSpec((None, None, bq, Dqk), lambda *g: (*q_idx(*g), 0)),
-                pl.BlockSpec((None, None, bk, Dqk), lambda b, kvh, j, n: (b, kvh, j, 0)),
-                pl.BlockSpec((None, None, bk, Dv), lambda b, kvh, j, n: (b, kvh, j, 0)),
+    kv_spec = lambda d: pl.BlockSpec((None, None, bk, d), lambda b, kvh, j, n, *_: (b, kvh, j, 0))
+    in_specs = [pl.BlockSpec((None, None, bq, Dqk), lambda *g: (*q_idx(*g), 0)), kv_spec(Dqk), kv_spec(Dv),
                 pl.BlockSpec((None, None, bq, Dv), lambda *g: (*q_idx(*g), 0)),
                 pl.BlockSpec((None, None, 1, bq), lambda *g: (*q_idx(*g)[:2], 0, q_idx(*g)[2])),
                 pl.BlockSpec((None, None, 1, bq), lambda *g: (*q_idx(*g)[:2], 0, q_idx(*g)[2]))]
-    args = [qh, kh, vh, doh, lse, delta]
+    args, prefetch = [qh, kh, vh, doh, lse, delta], []
     if has_seg:
+        prefetch = [segment_bounds(kv_seg, q_seg, row_tile=bk, col_block=bq, rows_are_q=False, causal_offset=off,
+                                   kv_len=kv_len)]
         in_specs += [pl.BlockSpec((None, 1, bq), lambda *g: (g[0], 0, q_idx(*g)[2])),
-                     pl.BlockSpec((None, bk, 1), lambda b, kvh, j, n: (b, j, 0))]
+                     pl.BlockSpec((None, bk, 1), lambda b, kvh, j, n, *_: (b, j, 0))]
         args += [q_seg[:, None, :], kv_seg[:, :, None]]
-    kernel = functools.partial(_dkv_kernel, bq=bq, bk=bk, nq=nq, n_steps=n_steps, has_seg=has_seg,
+    kernel = functools.partial(_dkv_kernel, bq=bq, bk=bk, nq=nq, nkv=nkv, n_steps=n_steps, has_seg=has_seg,
                                causal_offset=off, scale=scale, cap=cap)
     dk, dv = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=0, grid=(B, KVH, nkv, n_steps), in_specs=in_specs,
-            out_specs=[pl.BlockSpec((None, None, bk, Dqk), lambda b, kvh, j, n: (b, kvh, j, 0)),
-                       pl.BlockSpec((None, None, bk, Dv), lambda b, kvh, j, n: (b, kvh, j, 0))],
+            num_scalar_prefetch=len(prefetch), grid=(B, KVH, nkv, n_steps), in_specs=in_specs,
+            out_specs=[kv_spec(Dqk), kv_spec(Dv)],
             scratch_shapes=[pltpu.VMEM((bk, Dqk), jnp.float32), pltpu.VMEM((bk, Dv), jnp.float32)]),
         out_shape=[jax.ShapeDtypeStruct(kh.shape, k.dtype), jax.ShapeDtypeStruct(vh.shape, v.dtype)],
         compiler_params=sem, interpret=_params(interpret),
-    )(*args)
+    )(*prefetch, *args)
 
     # dQ: grid (B, H, query block i, key block j).
     bq, bk = block_sizes.block_q_dq, block_sizes.block_kv_dq
     nq, nkv = Tp // bq, Sp // bk
-    kv_idx = lambda b, h, i, j: (b, h // G, jnp.maximum(jnp.minimum(j, _last_kv_block(i, bq, bk, off, nkv)), 0), 0)
-    q_spec = lambda d: pl.BlockSpec((None, None, bq, d), lambda b, h, i, j: (b, h, i, 0))
-    row_spec = pl.BlockSpec((None, None, 1, bq), lambda b, h, i, j: (b, h, 0, i))
+    kv_block = _kv_block_fn(has_seg, bq, bk, nq, nkv, off)
+    kv_idx = lambda b, h, i, j, *pf: (b, h // G, kv_block(b, i, j, *pf), 0)
+    q_spec = lambda d: pl.BlockSpec((None, None, bq, d), lambda b, h, i, j, *_: (b, h, i, 0))
+    row_spec = pl.BlockSpec((None, None, 1, bq), lambda b, h, i, j, *_: (b, h, 0, i))
     in_specs = [q_spec(Dqk), pl.BlockSpec((None, None, bk, Dqk), kv_idx), pl.BlockSpec((None, None, bk, Dv), kv_idx),
                 q_spec(Dv), row_spec, row_spec]
-    args = [qh, kh, vh, doh, lse, delta]
+    args, prefetch = [qh, kh, vh, doh, lse, delta], []
     if has_seg:
-        in_specs += [pl.BlockSpec((None, bq, 1), lambda b, h, i, j: (b, i, 0)),
-                     pl.BlockSpec((None, 1, bk), lambda b, h, i, j: (b, 0, kv_idx(b, h, i, j)[2]))]
+        prefetch = [segment_bounds(q_seg, kv_seg, row_tile=bq, col_block=bk, rows_are_q=True, causal_offset=off,
+                                   kv_len=kv_len)]
+        in_specs += [pl.BlockSpec((None, bq, 1), lambda b, h, i, j, *_: (b, i, 0)),
+                     pl.BlockSpec((None, 1, bk), lambda b, h, i, j, *pf: (b, 0, kv_block(b, i, j, *pf)))]
         args += [q_seg[:, :, None], kv_seg[:, None, :]]
-    kernel = functools.partial(_dq_kernel, bq=bq, bk=bk, nkv=nkv, has_seg=has_seg, causal_offset=off,
+    kernel = functools.partial(_dq_kernel, bq=bq, bk=bk, nq=nq, nkv=nkv, has_seg=has_seg, causal_offset=off,
                                kv_len=kv_len, kv_padded=Sp != kv_len, scale=scale, cap=cap)
     dq = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=0, grid=(B, H, nq, nkv), in_specs=in_specs, out_specs=q_spec(Dqk),
+            num_scalar_prefetch=len(prefetch), grid=(B, H, nq, nkv), in_specs=in_specs, out_specs=q_spec(Dqk),
             scratch_shapes=[pltpu.VMEM((bq, Dqk), jnp.float32)] + [pltpu.VMEM((bq, LANES), jnp.float32)] * 2),
         out_shape=jax.ShapeDtypeStruct(qh.shape, q.dtype),
         compiler_params=sem, interpret=_params(interpret),
-    )(*args)
+    )(*prefetch, *args)
     return _head_major(dq), _head_major(dk), _head_major(dv)
