@@ -139,15 +139,8 @@ def _fwd_kernel(*refs, G, nq, nkv, bk, stages, has_seg, causal_offset, kv_len, k
         carry = (gc.zeros((bq, v_smem.shape[-1])), gc.row_full(bq, gc.MASK_S), gc.row_full(bq, -jnp.inf),
                  gc.row_full(bq, 0.0))
         pl.when(wg == 1)(sched_sync)
-        if has_seg:   # drain the other warpgroup's leading blocks, masked / unmasked / masked, drain the rest
-            lax.fori_loop(0, s0, drain, None)
-            carry = lax.fori_loop(s0, f0, functools.partial(step, masked=True), carry)
-            carry = lax.fori_loop(f0, f1, functools.partial(step, masked=False), carry)
-            carry = lax.fori_loop(f1, wg_steps, functools.partial(step, masked=True), carry)
-        else:
-            carry = lax.fori_loop(0, full, functools.partial(step, masked=False), carry)
-            carry = lax.fori_loop(full, wg_steps, functools.partial(step, masked=True), carry)
-        lax.fori_loop(wg_steps, cta_steps, drain, None)
+        carry = gc.walk_blocks(step, drain, carry, seg_steps=(s0, f0, f1) if has_seg else None,
+                               full=None if has_seg else full, wg_steps=wg_steps, cta_steps=cta_steps)
         pl.when(wg == 0)(sched_sync)
 
         acc, m_raw, m2, l = carry

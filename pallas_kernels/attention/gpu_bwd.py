@@ -256,15 +256,8 @@ def _dq_kernel(*refs, G, nq, nkv, bks, stages, has_seg, causal_offset, kv_len, k
             plgpu.barrier_arrive(cons.at[lax.rem(i, jnp.int32(stages))])
 
         dq = gc.zeros((bq, qw.shape[-1]))
-        if has_seg:   # drain the other warpgroup's leading blocks, masked / unmasked / masked, drain the rest
-            lax.fori_loop(0, s0, drain, None)
-            dq = lax.fori_loop(s0, f0, functools.partial(step, masked=True), dq)
-            dq = lax.fori_loop(f0, f1, functools.partial(step, masked=False), dq)
-            dq = lax.fori_loop(f1, wg_steps, functools.partial(step, masked=True), dq)
-        else:
-            dq = lax.fori_loop(0, full, functools.partial(step, masked=False), dq)
-            dq = lax.fori_loop(full, wg_steps, functools.partial(step, masked=True), dq)
-        lax.fori_loop(wg_steps, cta_steps, drain, None)
+        dq = gc.walk_blocks(step, drain, dq, seg_steps=(s0, f0, f1) if has_seg else None,
+                               full=None if has_seg else full, wg_steps=wg_steps, cta_steps=cta_steps)
         qw[...] = (dq * scale).astype(qw.dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(qw, dq_ref.at[b, rows, h])

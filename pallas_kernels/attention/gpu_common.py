@@ -12,6 +12,7 @@ same code on both paths.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -154,3 +155,24 @@ def read_ranges(bounds_ref, b, tile0, wg):
         prev = jnp.minimum(jnp.maximum(mine[j] - cta_lo, prev), n_steps)
         steps.append(prev)
     return cta_lo, n_steps, tuple(steps)
+
+
+def walk_blocks(step, drain, carry, *, seg_steps, full, wg_steps, cta_steps):
+    """Runs one compute warpgroup over the CTA's ring steps and returns the carry.
+
+    With segment ids, seg_steps = (s0, f0, f1) from read_ranges: drain [0, s0), masked [s0, f0), unmasked
+    [f0, f1), masked [f1, wg_steps); without (seg_steps None), unmasked [0, full), masked [full, wg_steps).
+    Then drain [wg_steps, cta_steps), so every warpgroup observes every slot the memory warpgroup fills.
+    step(i, carry, masked=...) -> carry; drain(i, None) -> None.
+    """
+    if seg_steps is not None:
+        s0, f0, f1 = seg_steps
+        lax.fori_loop(0, s0, drain, None)
+        carry = lax.fori_loop(s0, f0, functools.partial(step, masked=True), carry)
+        carry = lax.fori_loop(f0, f1, functools.partial(step, masked=False), carry)
+        carry = lax.fori_loop(f1, wg_steps, functools.partial(step, masked=True), carry)
+    else:
+        carry = lax.fori_loop(0, full, functools.partial(step, masked=False), carry)
+        carry = lax.fori_loop(full, wg_steps, functools.partial(step, masked=True), carry)
+    lax.fori_loop(wg_steps, cta_steps, drain, None)
+    return carry
