@@ -62,10 +62,15 @@ def microbatches(batch: dict, n: int) -> dict:
     return jax.tree.map(split, batch)
 
 
+def _reduced_by_max(path) -> bool:
+    """Sown values combined over microbatches by max (attention max logits); the rest (expert loads) add up."""
+    return "max_logits" in jax.tree_util.keystr(path)
+
+
 def _combine_intermediates(a, b):
     """Sown values of two microbatches: max for attention max logits, sum for counts (expert loads)."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, x, y: jnp.maximum(x, y) if "max_logits" in jax.tree_util.keystr(path) else x + y, a, b)
+        lambda path, x, y: jnp.maximum(x, y) if _reduced_by_max(path) else x + y, a, b)
 
 
 # Weights the model reads only through `w.astype(model.dtype)` (attention projections, dense / shared / routed
@@ -104,7 +109,7 @@ def accumulate_gradients(grad_fn, params, batch, cfg: ExperimentConfig):
     shapes = jax.eval_shape(one, jax.tree.map(lambda x: x[0], mb))
     zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), tree)
     inter0 = jax.tree_util.tree_map_with_path(
-        lambda path, s: jnp.full(s.shape, -jnp.inf if "max_logits" in jax.tree_util.keystr(path) else 0, s.dtype),
+        lambda path, s: jnp.full(s.shape, -jnp.inf if _reduced_by_max(path) else 0, s.dtype),
         shapes[2]["intermediates"])
     carry0 = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros(shapes[2]["metrics"]), inter0,
               zeros(shapes[3]))
