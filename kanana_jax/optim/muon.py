@@ -182,6 +182,7 @@ def scale_by_muon(*, beta: float = 0.95, nesterov: bool = True, method: str = "p
                   dtype=jnp.bfloat16, mu_dtype=None, algorithm: str = "auto", max_segment_gain: float = 16.0,
                   max_segment_steps: int = 2,
                   per_head: bool = False, group: bool | None = None, epilogue_dtype=None,
+                  kernel_backend: str | None = None,
                   axes_fn: Callable[[str, int], MatrixAxes] | None = None,
                   mesh: jax.sharding.Mesh | str | None = None) -> optax.GradientTransformation:
     """Muon direction: EMA momentum (Nesterov optional), polar factor per matrix, times `update_scale`.
@@ -190,6 +191,7 @@ def scale_by_muon(*, beta: float = 0.95, nesterov: bool = True, method: str = "p
     mesh: a Mesh, None (let XLA partition), or "context" (the mesh in context when the update is traced).
     group: orthogonalize leaves with equal matrix sides in one chain (their Gram matrices stacked; default:
     only with a mesh, on each device's local matrices; on one device per-leaf chains avoid the copies).
+    kernel_backend: the step polynomial's kernel (`pallas_kernels.polar`; None: fused GPU kernel on a GPU).
     """
     if scaling not in SCALINGS:
         raise ValueError(f"muon scaling={scaling!r}; allowed: {SCALINGS}")
@@ -198,7 +200,8 @@ def scale_by_muon(*, beta: float = 0.95, nesterov: bool = True, method: str = "p
     axes_fn = axes_fn or (lambda path, ndim: partition.matrix_axes(path, ndim, per_head))
     orth_kw = dict(method=method, coeffs=coeffs, steps=steps, dtype=dtype, algorithm=algorithm,
                    max_segment_gain=max_segment_gain,
-                   max_segment_steps=max_segment_steps, epilogue_dtype=epilogue_dtype)
+                   max_segment_steps=max_segment_steps, epilogue_dtype=epilogue_dtype,
+                   kernel_backend=kernel_backend)
     if isinstance(mesh, str) and mesh != "context":
         raise ValueError(f"muon mesh={mesh!r}; pass a Mesh, None or 'context'")
 

@@ -15,8 +15,8 @@ gram    keep Q (m x m) with X_k = Q X_0 and iterate on m x m matrices only, A_k 
 Scalars are folded into compile-time GEMM alphas, which XLA GPU fuses into the cuBLAS call:
 P = a P~ with P~ = I + A~ + kappa A~^2, A~ = (b/a) A, kappa = c a / b^2; Q and X are stored
 divided by the running product of the a's, and the Frobenius norm (from trace(X X^T)) is folded
-into the first Q. Per step that leaves one elementwise pass over an m x m matrix (forming P~) and
-none over the m x n matrices.
+into the first Q. P~ itself is one fused Gram-plus-affine kernel on a GPU (`pallas_kernels.polar`), elsewhere
+a GEMM and one elementwise pass over m x m; no step makes an elementwise pass over the m x n matrices.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from kanana_jax.optim import polar_express
+from pallas_kernels.polar import ops as polar_ops
 
 Quintic = polar_express.Quintic
 F32 = jnp.float32
@@ -77,10 +78,9 @@ def _mm(spec: str, lhs, rhs, ep):
     return jnp.einsum(spec, lhs, rhs, preferred_element_type=ep)
 
 
-def _gram(x, tall: bool, ep, alpha: float = 1.0):
-    """alpha * x x^T on the short side: [B, m, m]."""
-    out = _mm("bji,bjk->bik" if tall else "bij,bkj->bik", x, x, ep)
-    return out if alpha == 1.0 else alpha * out
+def _gram(x, tall: bool, dtype, kernel, alpha: float = 1.0):
+    """alpha * x x^T on the short side: [B, m, m] (one symmetric kernel on a GPU, `pallas_kernels.polar`)."""
+    return polar_ops.gram_affine(x, None, alpha, 0.0, 0.0, transposed=tall, out_dtype=dtype, **kernel)
 
 
 def _apply_left(q_BxMxM, x, tall: bool, ep, alpha: float = 1.0):
@@ -96,29 +96,25 @@ def _check_coeffs(coeffs: Sequence[Quintic]):
                              "iteration divides by both (use method='svd' for exact polar factors)")
 
 
-def _poly(at, kappa: float, eye, ep, dtype, scale=None):
-    """P~ = (I + A~ + kappa A~^2) * scale, with A~ = (b/a) A: the step polynomial is P = a P~.
+def _poly(at, kappa: float, dtype, kernel, scale=None):
+    """P~ = (I + A~ + kappa A~ A~^T) * scale for symmetric A~, with A~ = (b/a) A: the step polynomial is P = a P~.
 
-    One GEMM (alpha = kappa) and one elementwise pass over m x m; XLA does not fuse matrix-bias adds into
-    batched cuBLAS GEMMs, so the identity and A~ terms are added here rather than as GEMM biases.
+    One pass (`pallas_kernels.polar`): on a GPU one fused kernel; elsewhere one GEMM and one elementwise pass
+    (XLA does not fuse matrix-bias adds into batched cuBLAS GEMMs). scale: None or [B, 1, 1].
     """
-    sq = kappa * _mm("bij,bjk->bik", at, at, ep)
-    out = eye + at.astype(F32) + sq.astype(F32)
-    return (out if scale is None else out * scale).astype(dtype)
+    s = 1.0 if scale is None else scale.reshape(-1)
+    return polar_ops.gram_affine(at, at, kappa * s, s, s, out_dtype=dtype, **kernel)
 
 
-def _gram_iteration(xs, talls, coeffs, safety, dtype, ep, restarts, out_scales, out_dtypes, eps):
+def _gram_iteration(xs, talls, coeffs, safety, dtype, ep, restarts, out_scales, out_dtypes, eps, kernel):
     """Gram-space schedule for members xs[i] [B_i, r, c] sharing (m, n); returns their polar factors."""
     steps = len(coeffs)
     sizes = [x.shape[0] for x in xs]
     splits = [sum(sizes[:i + 1]) for i in range(len(sizes) - 1)]
     cat = (lambda arrs: arrs[0]) if len(xs) == 1 else (lambda arrs: jnp.concatenate(arrs, axis=0))
     split = (lambda a: [a]) if len(xs) == 1 else (lambda a: jnp.split(a, splits, axis=0))
-    m = min(xs[0].shape[1:])
-    eye = jnp.eye(m, dtype=F32)
-
     base = list(xs)                                   # X_b per member; true X_T = rho * X_b
-    a_base = cat([_gram(x, t, ep).astype(dtype) for x, t in zip(base, talls)])   # A_b_true = f_base * a_base
+    a_base = cat([_gram(x, t, dtype, kernel) for x, t in zip(base, talls)])   # A_b_true = f_base * a_base
     nu2 = jnp.trace(a_base.astype(F32), axis1=1, axis2=2) * safety**2 + eps
     rho = jax.lax.rsqrt(nu2)[:, None, None]           # runtime 1/||X||_F, folded into the first segment's Q
     f_base = 1.0
@@ -127,16 +123,16 @@ def _gram_iteration(xs, talls, coeffs, safety, dtype, ep, restarts, out_scales, 
         if k in restarts:
             base = [_apply_left(qi, x, t, ep, sigma).astype(dtype) for qi, x, t in zip(split(q), base, talls)]
             # Store (b/a) X X^T directly so the segment needs no elementwise pass on A.
-            a_base = cat([_gram(x, t, ep, b / a).astype(dtype) for x, t in zip(base, talls)])
+            a_base = cat([_gram(x, t, dtype, kernel, b / a) for x, t in zip(base, talls)])
             f_base, q, sigma, rho = a / b, None, 1.0, None
             at = a_base
         elif q is None:
             at = ((b / a) * a_base.astype(F32) * (rho * rho)).astype(dtype)
         kappa = c * a / (b * b)
         if q is None:
-            q = _poly(at, kappa, eye, ep, dtype, rho)
+            q = _poly(at, kappa, dtype, kernel, rho)
         else:
-            q = _mm("bij,bjk->bik", _poly(at, kappa, eye, ep, dtype), q, ep).astype(dtype)
+            q = _mm("bij,bjk->bik", _poly(at, kappa, dtype, kernel), q, ep).astype(dtype)
         sigma *= a
         if k < steps - 1 and (k + 1) not in restarts:
             a1, b1, _ = coeffs[k + 1]
@@ -146,18 +142,16 @@ def _gram_iteration(xs, talls, coeffs, safety, dtype, ep, restarts, out_scales, 
             for qi, x, t, od, s in zip(split(q), base, talls, out_dtypes, out_scales)]
 
 
-def _direct_iteration(x, tall, coeffs, safety, dtype, ep, out_scale, out_dtype, eps):
+def _direct_iteration(x, tall, coeffs, safety, dtype, ep, out_scale, out_dtype, eps, kernel):
     """X-space schedule for one member [B, r, c]."""
-    m = min(x.shape[1:])
-    eye = jnp.eye(m, dtype=F32)
     x32 = x.astype(F32)
     nu = jnp.sqrt(jnp.sum(x32 * x32, axis=(1, 2), keepdims=True)) * safety + eps
     xt, sigma = (x32 / nu).astype(dtype), 1.0          # X_true = sigma * xt
     for k, (a, b, c) in enumerate(coeffs):
-        at = _gram(xt, tall, ep, (b / a) * sigma * sigma).astype(dtype)
+        at = _gram(xt, tall, dtype, kernel, (b / a) * sigma * sigma)
         sigma *= a
         alpha = sigma * out_scale if k == len(coeffs) - 1 else 1.0
-        xt = _apply_left(_poly(at, c * a / (b * b), eye, ep, dtype), xt, tall,
+        xt = _apply_left(_poly(at, c * a / (b * b), dtype, kernel), xt, tall,
                          F32 if k == len(coeffs) - 1 else ep, alpha)
     return xt.astype(out_dtype)
 
@@ -173,11 +167,13 @@ def orthogonalize_group(xs: Sequence[jax.Array], *, method: str = "polar_express
                         safety: float | None = None, dtype=jnp.bfloat16, algorithm: str = "auto",
                         max_segment_gain: float = 16.0, max_segment_steps: int = 2,
                         out_scales: Sequence[float] | None = None, out_dtypes: Sequence | None = None, epilogue_dtype=None,
-                        eps: float = 1e-30) -> list[jax.Array]:
+                        eps: float = 1e-30, kernel_backend: str | None = None,
+                        interpret: bool = False) -> list[jax.Array]:
     """Polar factors of xs[i] [B_i, r_i, c_i] sharing (min, max) of (r, c), as one batched einsum chain.
 
     out_scales[i] (python floats) multiply member i's result inside the last GEMM. epilogue_dtype (default:
-    dtype) is the GEMM output type in which `alpha * L @ R + C` is formed.
+    dtype) is the GEMM output type in which `alpha * L @ R + C` is formed. kernel_backend / interpret pick the
+    step-polynomial kernel (`pallas_kernels.polar.ops.gram_affine`; None: the fused GPU kernel on a GPU).
     """
     if not xs:
         return []
@@ -208,10 +204,11 @@ def orthogonalize_group(xs: Sequence[jax.Array], *, method: str = "polar_express
     talls = [x.shape[1] > x.shape[2] for x in xs]
     xs = [x.astype(dtype) for x in xs]
     ep = dtype if epilogue_dtype is None else epilogue_dtype
+    kernel = dict(backend=kernel_backend, interpret=interpret)
     if algorithm == "gram":
-        return _gram_iteration(xs, talls, sched, safety, dtype, ep, restarts, out_scales, out_dtypes, eps)
+        return _gram_iteration(xs, talls, sched, safety, dtype, ep, restarts, out_scales, out_dtypes, eps, kernel)
     if algorithm == "direct":
-        return [_direct_iteration(x, t, sched, safety, dtype, ep, s, od, eps)
+        return [_direct_iteration(x, t, sched, safety, dtype, ep, s, od, eps, kernel)
                 for x, t, s, od in zip(xs, talls, out_scales, out_dtypes)]
     raise ValueError(f"algorithm={algorithm!r}; allowed: 'auto', 'gram', 'direct'")
 

@@ -15,40 +15,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import hopper
 from pallas_kernels.moe import tiling as tiling_lib
 from pallas_kernels.moe.tiling import Tiling
 
 DEFAULT_GMM = Tiling(tm=128, tk=64, tn=256, stages=3)
 DEFAULT_TGMM = Tiling(tm=64, tk=128, tn=256, stages=3)
-_INTERPRET_SMS = 3  # CTAs in interpret mode: small, but > 1 so the persistent loop strides
-_MEMORY_REGISTERS = 40
 _ALIGN = 8  # TMA into (8, 64)-tiled shared memory needs row offsets that are multiples of 8
-
-
-def _num_sms(interpret) -> int:
-    if interpret:
-        return _INTERPRET_SMS
-    return jax.devices()[0].core_count
-
-
-def _interpret_params(interpret):
-    if not interpret:
-        return None
-    return interpret if isinstance(interpret, plgpu.InterpretGPUParams) else plgpu.InterpretGPUParams()
-
-
-def _transforms(dtype):
-    """Swizzled 128-byte layout for 16-bit tiles whose minor dimension is a multiple of 64."""
-    swizzle = 128
-    elems = swizzle // jnp.dtype(dtype).itemsize
-    return plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(swizzle)
-
-
-def _check_dtypes(lhs, rhs, name):
-    if lhs.dtype != rhs.dtype or jnp.dtype(lhs.dtype).itemsize != 2:
-        raise ValueError(
-            f"{name} on GPU takes bf16/fp16 operands of one dtype (wgmma), got {lhs.dtype} and {rhs.dtype}; "
-            "cast them to bfloat16 or pass backend='reference'")
 
 
 def _store_rows(src_smem, dst_gmem_rows, start, count, max_rows):
@@ -64,18 +37,10 @@ def _store_rows(src_smem, dst_gmem_rows, start, count, max_rows):
         p //= 2
 
 
-def _persistent_kernel(body, out_type, interpret):
-    """A persistent kernel: one CTA per SM, three warpgroups, warpgroup lowering semantics."""
-    return plgpu.kernel(body, out_type=out_type, grid=(_num_sms(interpret),), grid_names=("sm",), num_threads=3,
-                        thread_name="wg",
-                        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-                        interpret=_interpret_params(interpret))
-
-
 def gmm(lhs_MxK, rhs, group_sizes_E, *, transpose_rhs=False, out_dtype=None, tiling: Tiling | None = None,
         interpret=False):
     """out[M,N] = lhs rows of group g @ rhs[g] ([E,K,N], or [E,N,K] when transpose_rhs); rows past the groups are 0."""
-    _check_dtypes(lhs_MxK, rhs, "gmm")
+    hopper.check_wgmma_dtypes(lhs_MxK, rhs, "gmm")
     t = tiling or DEFAULT_GMM
     out_dtype = jnp.dtype(out_dtype or lhs_MxK.dtype)
     m, k, n, num_experts = tiling_lib.gmm_dims(lhs_MxK, rhs, transpose_rhs)
@@ -93,7 +58,7 @@ def gmm(lhs_MxK, rhs, group_sizes_E, *, transpose_rhs=False, out_dtype=None, til
     meta = tiling_lib.group_tiles(sizes, tm, max_tiles, _ALIGN)
     grid_n = n // tn
     half_n = tn // 2
-    transforms = _transforms(lhs_MxK.dtype)
+    transforms = hopper.swizzled_transforms(lhs_MxK.dtype)
     stages = max(2, min(t.stages, k // tk))
 
     def mma(_, lhs_smem, rhs_smem, acc_ref):
@@ -115,7 +80,7 @@ def gmm(lhs_MxK, rhs, group_sizes_E, *, transpose_rhs=False, out_dtype=None, til
         return plgpu.emit_pipeline_warp_specialized(
             mma,
             grid=(k // tk,),
-            memory_registers=_MEMORY_REGISTERS,
+            memory_registers=hopper.MEMORY_REGISTERS,
             in_specs=[
                 plgpu.BlockSpec((pl.Element(tm), tk), lambda kk: (row0, kk), transforms=transforms),
                 plgpu.BlockSpec(rhs_block, (lambda kk: (ni, kk)) if transpose_rhs else (lambda kk: (kk, ni)),
@@ -164,13 +129,13 @@ def gmm(lhs_MxK, rhs, group_sizes_E, *, transpose_rhs=False, out_dtype=None, til
             def _():
                 plgpu.wait_smem_to_gmem(0)
 
-    kernel = _persistent_kernel(body, jax.ShapeDtypeStruct((m, n), out_dtype), interpret)
+    kernel = hopper.persistent_kernel(body, jax.ShapeDtypeStruct((m, n), out_dtype), interpret)
     return kernel(meta.group_ids, meta.row_start, meta.lo, meta.hi, lhs_MxK, rhs)
 
 
 def tgmm(lhs_MxK, rhs_MxN, group_sizes_E, *, out_dtype=None, tiling: Tiling | None = None, interpret=False):
     """out[E,K,N] = lhs[rows of g].T @ rhs[rows of g]; empty groups give zeros. Note lhs is row-major [M,K]."""
-    _check_dtypes(lhs_MxK, rhs_MxN, "tgmm")
+    hopper.check_wgmma_dtypes(lhs_MxK, rhs_MxN, "tgmm")
     t = tiling or DEFAULT_TGMM
     out_dtype = jnp.dtype(out_dtype or lhs_MxK.dtype)
     m, k = lhs_MxK.shape
@@ -192,7 +157,7 @@ def tgmm(lhs_MxK, rhs_MxN, group_sizes_E, *, out_dtype=None, tiling: Tiling | No
     bases = starts // _ALIGN * _ALIGN
     grid_k, grid_n = k // tk, n // tn
     half_k = tk // 2
-    transforms = _transforms(lhs_MxK.dtype)
+    transforms = hopper.swizzled_transforms(lhs_MxK.dtype)
 
     def body(starts_ref, ends_ref, bases_ref, lhs_gmem, rhs_gmem, out_gmem):
         wg = lax.axis_index("wg")
@@ -249,7 +214,7 @@ def tgmm(lhs_MxK, rhs_MxN, group_sizes_E, *, out_dtype=None, tiling: Tiling | No
                     plgpu.emit_pipeline_warp_specialized(
                         mma,
                         grid=(steps,),
-                        memory_registers=_MEMORY_REGISTERS,
+                        memory_registers=hopper.MEMORY_REGISTERS,
                         in_specs=[
                             plgpu.BlockSpec((pl.Element(tm), tk),
                                             lambda s: (pl.multiple_of(base + s * tm, _ALIGN), ki),
@@ -272,5 +237,5 @@ def tgmm(lhs_MxK, rhs_MxN, group_sizes_E, *, out_dtype=None, tiling: Tiling | No
             def _():
                 plgpu.wait_smem_to_gmem(0)
 
-    kernel = _persistent_kernel(body, jax.ShapeDtypeStruct((num_experts, k, n), out_dtype), interpret)
+    kernel = hopper.persistent_kernel(body, jax.ShapeDtypeStruct((num_experts, k, n), out_dtype), interpret)
     return kernel(starts, ends, bases, lhs_MxK, rhs_MxN)
