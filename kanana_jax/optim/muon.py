@@ -191,7 +191,8 @@ def scale_by_muon(*, beta: float = 0.95, nesterov: bool = True, method: str = "p
     mesh: a Mesh, None (let XLA partition), or "context" (the mesh in context when the update is traced).
     group: orthogonalize leaves with equal matrix sides in one chain (their Gram matrices stacked; default:
     only with a mesh, on each device's local matrices; on one device per-leaf chains avoid the copies).
-    kernel_backend: the step polynomial's kernel (`pallas_kernels.polar`; None: fused GPU kernel on a GPU).
+    kernel_backend: kernel of the Gram matrices and step polynomials (`pallas_kernels.polar`; None: the symmetric
+    Mosaic GPU kernel on a GPU, XLA elsewhere; 'reference': XLA everywhere).
     """
     if scaling not in SCALINGS:
         raise ValueError(f"muon scaling={scaling!r}; allowed: {SCALINGS}")

@@ -15,8 +15,9 @@ gram    keep Q (m x m) with X_k = Q X_0 and iterate on m x m matrices only, A_k 
 Scalars are folded into compile-time GEMM alphas, which XLA GPU fuses into the cuBLAS call:
 P = a P~ with P~ = I + A~ + kappa A~^2, A~ = (b/a) A, kappa = c a / b^2; Q and X are stored
 divided by the running product of the a's, and the Frobenius norm (from trace(X X^T)) is folded
-into the first Q. P~ itself is one fused Gram-plus-affine kernel on a GPU (`pallas_kernels.polar`), elsewhere
-a GEMM and one elementwise pass over m x m; no step makes an elementwise pass over the m x n matrices.
+into the first Q. On a GPU, X X^T and P~ are each one symmetric Gram-plus-affine kernel (`pallas_kernels.polar`:
+upper tiles only, P~ formed in its epilogue); elsewhere a GEMM, and for P~ one elementwise pass over m x m. No step
+makes an elementwise pass over the m x n matrices.
 """
 from __future__ import annotations
 
@@ -173,7 +174,8 @@ def orthogonalize_group(xs: Sequence[jax.Array], *, method: str = "polar_express
 
     out_scales[i] (python floats) multiply member i's result inside the last GEMM. epilogue_dtype (default:
     dtype) is the GEMM output type in which `alpha * L @ R + C` is formed. kernel_backend / interpret pick the
-    step-polynomial kernel (`pallas_kernels.polar.ops.gram_affine`; None: the fused GPU kernel on a GPU).
+    kernel of the Gram matrices and step polynomials (`pallas_kernels.polar.ops.gram_affine`; None: the symmetric
+    GPU kernel on a GPU).
     """
     if not xs:
         return []

@@ -37,9 +37,7 @@ def gram_affine(x, c_BxMxM, alpha_B, beta_B, gamma_B, *, transposed: bool = Fals
 
     alpha, beta, gamma: per-batch fp32 scalars or floats; c: symmetric [B, M, M] or None; fp32 accumulation.
     """
-    if c_BxMxM is not None:
-        hopper.check_wgmma_dtypes(x, c_BxMxM, "gram_affine")
-    hopper.check_wgmma_dtypes(x, x, "gram_affine")
+    hopper.check_wgmma_dtypes(x, x if c_BxMxM is None else c_BxMxM, "gram_affine")
     b, k, m = x.shape if transposed else (x.shape[0], x.shape[2], x.shape[1])
     if c_BxMxM is not None and c_BxMxM.shape != (b, m, m):
         raise ValueError(f"gram_affine: c must be [B, M, M] = {(b, m, m)} for x {x.shape}, got {c_BxMxM.shape}")
