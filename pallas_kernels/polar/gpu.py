@@ -36,7 +36,16 @@ def gram_affine(x, c_BxMxM, alpha_B, beta_B, gamma_B, *, transposed: bool = Fals
     """[B, M, M] in x's dtype = alpha x x^T + beta c + gamma I (x [B, M, K]; [B, K, M] and x^T x if transposed).
 
     alpha, beta, gamma: per-batch fp32 scalars or floats; c: symmetric [B, M, M] or None; fp32 accumulation.
+    The kernel sits behind a jit keyed by shapes and flags only (the scalars are runtime arrays), so the many
+    calls of one Muon update with the same matrix shape lower and compile one Mosaic GPU kernel, not one per call.
     """
+    b = x.shape[0]
+    scalars = [jnp.broadcast_to(jnp.asarray(v, F32), (b,)) for v in (alpha_B, beta_B, gamma_B)]
+    return _gram_affine(x, c_BxMxM, *scalars, transposed=transposed, tiling=tiling, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("transposed", "tiling", "interpret"))
+def _gram_affine(x, c_BxMxM, alpha_B, beta_B, gamma_B, *, transposed, tiling, interpret):
     hopper.check_wgmma_dtypes(x, x if c_BxMxM is None else c_BxMxM, "gram_affine")
     b, k, m = x.shape if transposed else (x.shape[0], x.shape[2], x.shape[1])
     if c_BxMxM is not None and c_BxMxM.shape != (b, m, m):
@@ -54,7 +63,6 @@ def gram_affine(x, c_BxMxM, alpha_B, beta_B, gamma_B, *, transposed: bool = Fals
     tile_i = jnp.array([i for i, _ in upper], jnp.int32)
     tile_j = jnp.array([j for _, j in upper], jnp.int32)
     transforms = hopper.swizzled_transforms(x.dtype)
-    scalars = [jnp.broadcast_to(jnp.asarray(v, F32), (b,)) for v in (alpha_B, beta_B, gamma_B)]
     has_c = c_BxMxM is not None
 
     def mma(_, lhs_smem, rhs_smem, acc_ref):
@@ -144,4 +152,4 @@ def gram_affine(x, c_BxMxM, alpha_B, beta_B, gamma_B, *, transposed: bool = Fals
                 plgpu.wait_smem_to_gmem(0)
 
     kernel = hopper.persistent_kernel(body, jax.ShapeDtypeStruct((b, m, m), out_dtype), interpret)
-    return kernel(*scalars, tile_i, tile_j, x, *([c_BxMxM] if has_c else []))
+    return kernel(alpha_B, beta_B, gamma_B, tile_i, tile_j, x, *([c_BxMxM] if has_c else []))
