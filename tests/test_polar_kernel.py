@@ -85,3 +85,18 @@ def test_gpu_kernel_lowers_for_hopper_at_the_muon_expert_shapes(shape, transpose
     fn = lambda a: gpu.gram_affine(a, a if with_c else None, 0.25, 1.0, 1.0, transposed=transposed)
     text = jax.jit(fn).trace(sds).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
+
+
+def test_equal_shape_calls_share_one_lowered_kernel():
+    """A Muon update calls the kernel many times per matrix shape; they must lower (and compile) one kernel."""
+    import re
+    from pallas_kernels.polar import gpu
+
+    def two_steps(a):
+        b = gpu.gram_affine(a, a, 0.25, 1.0, 1.0)
+        return gpu.gram_affine(b, b, 0.5, 2.0, 1.0)
+
+    text = jax.jit(two_steps).trace(jax.ShapeDtypeStruct((4, 256, 256), jnp.bfloat16)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert len(re.findall(r"func\.func private @_gram_affine", text)) == 1
+    assert len(re.findall(r"call @_gram_affine", text)) == 2
