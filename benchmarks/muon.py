@@ -35,7 +35,7 @@ VARIANTS = {  # name -> scale_by_muon keyword arguments
     "pe_gram_norestart": dict(algorithm="gram", max_segment_gain=float("inf"), max_segment_steps=99),
     "pe_direct": dict(algorithm="direct"),
     "pe_gram_mu_bf16": dict(algorithm="gram", mu_dtype=jnp.bfloat16),
-    "pe_gram_xla_poly": dict(algorithm="gram", kernel_backend="reference"),  # step polynomial: cuBLAS + a pass
+    "pe_gram_xla_poly": dict(algorithm="gram", kernel_backend="reference"),  # Gram + polynomial in XLA (cuBLAS)
 }
 
 
