@@ -17,7 +17,7 @@ BACKENDS = ("reference", "gpu")
 def gpu_fits(x, c_BxMxM=None, out_dtype=None, transposed: bool = False) -> bool:
     """Whether the GPU kernel takes these operands."""
     from pallas_kernels.polar import gpu
-    k, m = x.shape[1:] if transposed else x.shape[:0:-1]
+    m, k = (x.shape[2], x.shape[1]) if transposed else (x.shape[1], x.shape[2])
     sixteen_bit = jnp.dtype(x.dtype).itemsize == 2 and (c_BxMxM is None or c_BxMxM.dtype == x.dtype)
     return sixteen_bit and jnp.dtype(out_dtype or x.dtype) == x.dtype and gpu.tiling_for(m, k) is not None
 
