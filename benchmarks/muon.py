@@ -27,7 +27,6 @@ import optax  # noqa: E402
 from benchmarks import peers  # noqa: E402
 from kanana_jax.optim import muon as kmuon  # noqa: E402
 from kanana_jax.optim import orthogonalize, polar_express  # noqa: E402
-from pallas_kernels.polar import ops as polar_ops  # noqa: E402
 
 LR = 1e-3
 VARIANTS = {  # name -> scale_by_muon keyword arguments
@@ -154,19 +153,6 @@ def main():
     B, m, n = xs[1].shape
     res["calibration"] = {"bmm_m3_ms": t3, "bmm_m3_tflops": 2 * B * a.shape[1]**3 / t3 / 1e9,
                           "gram_m2n_ms": tn, "gram_m2n_tflops": 2 * B * m * m * n / tn / 1e9, "mxm_pass_ms": te}
-    # The step polynomial I + A + kappa A^2 on [B, m, m]: fused kernel vs the XLA path (cuBLAS + one pass).
-    sym = (a + jnp.swapaxes(a, 1, 2)) * 0.5
-    for backend in ("gpu", "reference"):
-        if backend == "gpu" and not polar_ops.gpu_fits(sym, sym):
-            continue
-        poly = jax.jit(lambda s, be=backend: polar_ops.gram_affine(s, s, 0.25, 1.0, 1.0, backend=be))
-        ms = 1e3 * peers.bench(poly, sym, reps=args.reps)
-        res["calibration"][f"poly_{backend}_ms"] = ms
-        res["calibration"][f"poly_{backend}_tflops"] = 2 * B * sym.shape[1]**3 / ms / 1e9
-    if "poly_gpu_ms" in res["calibration"]:
-        got, want = (polar_ops.gram_affine(sym, sym, 0.25, 1.0, 1.0, backend=be).astype(jnp.float32)
-                     for be in ("gpu", "reference"))
-        res["calibration"]["poly_gpu_max_err_rel"] = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
     print("calibration", res["calibration"], flush=True)
 
     best = min(VARIANTS, key=lambda k: res[k]["ms"])

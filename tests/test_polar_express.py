@@ -50,13 +50,16 @@ def test_composition_bound_shrinks_and_presets_resolve():
         pe.resolve("polar_express_6")
 
 
-def _matrices(cond, shape=(3, 40, 112), seed=0):
-    """Random [B, m, n] with singular values log-spaced over [1/cond, 1]."""
+def _matrices(cond, shape=(3, 40, 112), seed=0, kind="log"):
+    """Random [B, m, n] with singular values in [1/cond, 1]: log-spaced, three spikes over a flat floor, or two
+    levels (the adversarial spectra of the restart test)."""
     rng = np.random.default_rng(seed)
     b, m, n = shape
     u, _ = np.linalg.qr(rng.standard_normal((b, m, m)))
     v, _ = np.linalg.qr(rng.standard_normal((b, n, m)))
-    s = np.logspace(0, -np.log10(cond), m)
+    s = {"log": np.logspace(0, -np.log10(cond), m),
+         "spike": np.concatenate([[1.0, 0.5, 0.3], np.full(m - 3, 1 / cond)]),
+         "two": np.where(np.arange(m) < m // 2, 1.0, 1 / cond)}[kind]
     return (u * s[None, None, :]) @ np.swapaxes(v, 1, 2)
 
 
@@ -127,25 +130,13 @@ def test_zero_matrix_maps_to_zero_and_flop_model_prefers_gram_for_wide_matrices(
     assert ot.flops(768, 2048, 5, "gram", restarts) < 0.86 * ot.flops(768, 2048, 5, "direct")
 
 
-def _spectrum_matrices(kind, cond, shape=(4, 48, 128), seed=3):
-    """Random [B, m, n] with adversarial spectra: log-spaced, three spikes over a flat floor, or two levels."""
-    rng = np.random.default_rng(seed)
-    b, m, n = shape
-    u, _ = np.linalg.qr(rng.standard_normal((b, m, m)))
-    v, _ = np.linalg.qr(rng.standard_normal((b, n, m)))
-    s = {"log": np.logspace(0, -np.log10(cond), m),
-         "spike": np.concatenate([[1.0, 0.5, 0.3], np.full(m - 3, 1 / cond)]),
-         "two": np.where(np.arange(m) < m // 2, 1.0, 1 / cond)}[kind]
-    return jnp.asarray((u * s[None, None, :]) @ np.swapaxes(v, 1, 2), jnp.float32)
-
-
 @pytest.mark.parametrize("kind", ["log", "spike", "two"])
 @pytest.mark.parametrize("cond", [1e2, 1e3])
 def test_gram_schedule_with_default_restarts_tracks_the_direct_schedule_in_bf16(kind, cond):
     """bf16 round-off in the stored Gram matrix is amplified by a segment's gain; with the default restarts (steps 1
     and 3) no singular value leaves (0, 2) and the gram schedule stays within 0.12 of the X-space schedule's
     |sigma - 1| (worst over seeds 0-5 of these cases: 0.11), while without restarts it blows up."""
-    x = _spectrum_matrices(kind, cond)
+    x = jnp.asarray(_matrices(cond, shape=(4, 48, 128), seed=3, kind=kind), jnp.float32)
     direct = _sv_dev(ot.polar(x, algorithm="direct"))
     gram = _sv_dev(ot.polar(x, algorithm="gram"))
     assert gram < 1.0 and gram <= direct + 0.12, (gram, direct)
