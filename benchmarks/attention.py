@@ -26,6 +26,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import peers  # noqa: E402
+from benchmarks.device_ops import device_op_ms  # noqa: E402
 from pallas_kernels.attention import BlockSizes, flash_attention  # noqa: E402
 from pallas_kernels.attention.reference import attention_reference  # noqa: E402
 
@@ -36,11 +37,12 @@ SHAPES = {  # name: (B, T, H, KVH, Dqk, Dv)
     "d64": (4, 4096, 32, 8, 64, 64),
     "mla": (4, 4096, 16, 16, 192, 128),
 }
-SWEEP = [
+SWEEP = [   # block_kv (forward), block_q_dkv (dK/dV stream), block_kv_dq (dQ stream), ring depth
     BlockSizes(block_kv=128, block_q_dkv=64, block_kv_dq=64, num_stages=2),
+    BlockSizes(block_kv=128, block_q_dkv=128, block_kv_dq=128, num_stages=2),
     BlockSizes(block_kv=128, block_q_dkv=64, block_kv_dq=128, num_stages=2),
-    BlockSizes(block_kv=64, block_q_dkv=64, block_kv_dq=64, num_stages=3),
     BlockSizes(block_kv=128, block_q_dkv=128, block_kv_dq=64, num_stages=2),
+    BlockSizes(block_kv=64, block_q_dkv=64, block_kv_dq=64, num_stages=3),
 ]
 
 
@@ -157,6 +159,14 @@ def time_packed(args):
     return r
 
 
+def profile_fwd_bwd(fn, q, k, v):
+    """{kernel name: device ms} of one forward+backward of fn, plus 'busy' (sum) from a jax.profiler trace."""
+    first = lambda r: r[0] if isinstance(r, tuple) else r
+    fb = jax.jit(jax.grad(lambda q, k, v: first(fn(q, k, v)).astype(jnp.float32).sum(), argnums=(0, 1, 2)))
+    rows, (busy, _) = device_op_ms(fb, q, k, v, runs=3, top=6, with_span=True)
+    return {**{name[:48]: round(ms, 3) for name, ms, _ in rows}, "busy": round(busy, 3)}
+
+
 def safe(f):
     """Call f(); return its value or the error text (a peer that cannot serve a shape is reported, not hidden)."""
     try:
@@ -175,6 +185,7 @@ def main():
     ap.add_argument("--packed", action="store_true", help="also time the MLA shape with packed documents (ms)")
     ap.add_argument("--only-check", action="store_true")
     ap.add_argument("--extra", action="store_true", help="also time ours without soft-cap and tokamax without it")
+    ap.add_argument("--profile", action="store_true", help="also trace fwd+bwd: device ms per kernel, ours and cuDNN")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip sweep variants once this much time has passed")
     ap.add_argument("--cpu-dry-run", action="store_true")
     args = ap.parse_args()
@@ -222,6 +233,10 @@ def main():
                     r["tokamax"] = safe(lambda: peers.time_attention(tok, q, k, v))
             else:
                 r["tokamax_cap"] = tok
+        if args.profile:
+            r["device_ms_ours"] = safe(lambda: profile_fwd_bwd(ours_fn(CAP), q, k, v))
+            if not args.no_peers and Dqk == Dv:
+                r["device_ms_cudnn"] = safe(lambda: profile_fwd_bwd(peers.peer_attention("cudnn"), q, k, v))
         if args.sweep:
             for bs in SWEEP:
                 if time.time() - t0 > args.budget_s:

@@ -10,9 +10,9 @@ class BlockSizes:
     """Tile sizes in sequence rows.
 
     Forward: block_q query rows x block_kv key rows. dK/dV kernel: block_kv_dkv stationary key rows, block_q_dkv
-    streamed query rows. dQ kernel: block_q_dq stationary query rows, block_kv_dq streamed key rows. num_stages is
-    the depth of the GPU shared-memory ring. On GPU the stationary blocks are fixed at 128 rows (two warpgroups of
-    64), so block_q, block_kv_dkv and block_q_dq only apply on TPU.
+    streamed query rows (also in the fused GPU backward). dQ kernel: block_q_dq stationary query rows, block_kv_dq
+    streamed key rows. num_stages is the depth of the GPU shared-memory ring. On GPU the stationary blocks are fixed
+    at 128 rows (two warpgroups of 64), so block_q, block_kv_dkv and block_q_dq only apply on TPU.
     """
     block_q: int = 128
     block_kv: int = 128

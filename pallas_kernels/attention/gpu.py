@@ -4,7 +4,7 @@ Layout per CTA: 128 query rows (two compute warpgroups of 64, ping-ponging softm
 a shared "schedule" barrier) and one memory warpgroup streaming K/V blocks. Causal CTAs stop at the diagonal; the
 blocks left of it run without masks. With segment ids every warpgroup instead walks the key-block range that
 gc.block_ranges computed for it (blocks of other documents are skipped, fully visible blocks run without masks).
-Backward kernels live in gpu_bwd.py.
+Backward kernels live in gpu_bwd.py (dK/dV + dQ kernels) and gpu_bwd_fused.py (one kernel, dQ by TMA reduce-add).
 """
 from __future__ import annotations
 
@@ -232,6 +232,7 @@ def forward(q, k, v, q_seg, kv_seg, *, causal, scale, cap, kv_len, q_len, block_
     call = plgpu.kernel(
         entry, out_type=out_type, scratch_types=types,
         grid=(H, B, nq), grid_names=("h", "b", "q"), num_threads=gc.COMPUTE_WGS + 1, thread_name="wg",
+        kernel_name="flash_fwd",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=gc.INTERPRET_PARAMS if interpret else None)
     if has_seg:

@@ -278,27 +278,12 @@ def _dq_kernel(*refs, G, nq, nkv, bks, stages, has_seg, causal_offset, kv_len, k
         _memory_loop(issue, cons, cta_steps, stages)
 
 
-def backward(q, k, v, q_seg, kv_seg, out, lse2, do, *, causal, scale, cap, kv_len, q_len,
-             block_sizes: BlockSizes, interpret):
-    """Padded inputs and forward residuals -> (dq, dk, dv) in the inputs' dtypes."""
-    B, Tp, H, Dqk = q.shape
+def _dkv_call(ins, k, v, *, G, has_seg, causal_offset, scale, cap, block_sizes: BlockSizes, interpret):
+    """The dK/dV kernel over ins = (q, k, v, do, lse2, delta[, q_seg, kv_seg, dkv_bounds, dq_bounds]) -> (dk, dv)."""
+    B, Tp, _, Dqk = ins[0].shape
     Sp, KVH, Dv = k.shape[1], k.shape[2], v.shape[-1]
-    G = H // KVH
-    has_seg = q_seg is not None
-    dtype = q.dtype
-    f32 = jnp.float32
-    delta = jnp.einsum("bthd,bthd->bht", out.astype(f32), do.astype(f32))
-    causal_offset = (kv_len - q_len) if causal else None
-    stages = block_sizes.num_stages
-    params = plgpu.CompilerParams(approx_math=True)
-    interp = gc.INTERPRET_PARAMS if interpret else None
-    wg, bq = gc.COMPUTE_WGS, gc.WG_ROWS
-    bqs, bks = block_sizes.block_q_dkv, block_sizes.block_kv_dq
-    ins = (q, k, v, do, lse2, delta)
-    if has_seg:   # per 64-row tile, the blocks of the streamed operand that can hold a visible pair
-        ranges = functools.partial(gc.block_ranges, causal_offset=causal_offset, kv_len=kv_len)
-        ins += (q_seg, kv_seg, ranges(kv_seg, q_seg, row_tile=bq, col_block=bqs, rows_are_q=False),
-                ranges(q_seg, kv_seg, row_tile=bq, col_block=bks, rows_are_q=True))
+    dtype, f32, stages = k.dtype, jnp.float32, block_sizes.num_stages
+    wg, bq, bqs = gc.COMPUTE_WGS, gc.WG_ROWS, block_sizes.block_q_dkv
     types, rebuild = gc.assemble([
         gc.smem_tiles((wg, bq, Dqk), dtype), gc.smem_tiles((wg, bq, Dv), dtype),
         plgpu.SMEM((wg, bq), jnp.int32) if has_seg else None,
@@ -315,12 +300,22 @@ def backward(q, k, v, q_seg, kv_seg, out, lse2, do, *, causal, scale, cap, kv_le
     body = functools.partial(_dkv_kernel, G=G, nqt=Tp // bqs, bqs=bqs, stages=stages, has_seg=has_seg,
                              causal_offset=causal_offset, scale=scale, cap=cap, interpret=interpret)
     n_in = len(ins)
-    dk, dv = plgpu.kernel(
+    return plgpu.kernel(
         lambda *r: body(*r[:n_in + 2], *rebuild(r[n_in + 2:])),
         out_type=(jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype)),
         scratch_types=types, grid=(KVH, B, Sp // CTA_ROWS), grid_names=("h", "b", "kv"),
-        num_threads=wg + 1, thread_name="wg", compiler_params=params, interpret=interp)(*ins)
+        num_threads=wg + 1, thread_name="wg", kernel_name="flash_bwd_dkv",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=gc.INTERPRET_PARAMS if interpret else None)(*ins)
 
+
+def _dq_call(ins, k, v, *, G, has_seg, causal_offset, kv_len, scale, cap, block_sizes: BlockSizes, interpret):
+    """The dQ kernel over the same ins as _dkv_call -> dq."""
+    q = ins[0]
+    B, Tp, H, Dqk = q.shape
+    Sp, Dv = k.shape[1], v.shape[-1]
+    dtype, f32, stages = q.dtype, jnp.float32, block_sizes.num_stages
+    wg, bq, bks = gc.COMPUTE_WGS, gc.WG_ROWS, block_sizes.block_kv_dq
     types, rebuild = gc.assemble([
         gc.smem_tiles((wg, bq, Dqk), dtype), gc.smem_tiles((wg, bq, Dv), dtype),
         plgpu.SMEM((2, wg, bq), f32), plgpu.SMEM((wg, bq), jnp.int32) if has_seg else None,
@@ -333,12 +328,40 @@ def backward(q, k, v, q_seg, kv_seg, out, lse2, do, *, causal, scale, cap, kv_le
         plgpu.Barrier(num_arrivals=wg, num_barriers=stages),
     ])
     nq = Tp // CTA_ROWS
-    body_dq = functools.partial(_dq_kernel, G=G, nq=nq, nkv=Sp // bks, bks=bks, stages=stages, has_seg=has_seg,
-                                causal_offset=causal_offset, kv_len=kv_len, kv_padded=Sp != kv_len, scale=scale,
-                                cap=cap, interpret=interpret)
-    dq = plgpu.kernel(
-        lambda *r: body_dq(*r[:n_in + 1], *rebuild(r[n_in + 1:])),
+    body = functools.partial(_dq_kernel, G=G, nq=nq, nkv=Sp // bks, bks=bks, stages=stages, has_seg=has_seg,
+                             causal_offset=causal_offset, kv_len=kv_len, kv_padded=Sp != kv_len, scale=scale,
+                             cap=cap, interpret=interpret)
+    n_in = len(ins)
+    return plgpu.kernel(
+        lambda *r: body(*r[:n_in + 1], *rebuild(r[n_in + 1:])),
         out_type=jax.ShapeDtypeStruct(q.shape, dtype),
         scratch_types=types, grid=(H, B, nq), grid_names=("h", "b", "q"),
-        num_threads=wg + 1, thread_name="wg", compiler_params=params, interpret=interp)(*ins)
-    return dq, dk, dv
+        num_threads=wg + 1, thread_name="wg", kernel_name="flash_bwd_dq",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=gc.INTERPRET_PARAMS if interpret else None)(*ins)
+
+
+def backward_inputs(q, k, v, q_seg, kv_seg, out, lse2, do, *, causal, kv_len, q_len, block_sizes: BlockSizes):
+    """Forward residuals -> the kernels' inputs (q, k, v, do, lse2, delta[, segment ids and block bounds])."""
+    delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
+    ins = (q, k, v, do, lse2, delta)
+    if q_seg is not None:   # per 64-row tile, the blocks of the streamed operand that can hold a visible pair
+        ranges = functools.partial(gc.block_ranges, causal_offset=(kv_len - q_len) if causal else None,
+                                   kv_len=kv_len)
+        bq = gc.WG_ROWS
+        ins += (q_seg, kv_seg,
+                ranges(kv_seg, q_seg, row_tile=bq, col_block=block_sizes.block_q_dkv, rows_are_q=False),
+                ranges(q_seg, kv_seg, row_tile=bq, col_block=block_sizes.block_kv_dq, rows_are_q=True))
+    return ins
+
+
+def backward(q, k, v, q_seg, kv_seg, out, lse2, do, *, causal, scale, cap, kv_len, q_len,
+             block_sizes: BlockSizes, interpret):
+    """Padded inputs and forward residuals -> (dq, dk, dv) in the inputs' dtypes (dK/dV kernel, then dQ kernel)."""
+    ins = backward_inputs(q, k, v, q_seg, kv_seg, out, lse2, do, causal=causal, kv_len=kv_len, q_len=q_len,
+                          block_sizes=block_sizes)
+    kw = dict(G=q.shape[2] // k.shape[2], has_seg=q_seg is not None,
+              causal_offset=(kv_len - q_len) if causal else None, scale=scale, cap=cap, block_sizes=block_sizes,
+              interpret=interpret)
+    dk, dv = _dkv_call(ins, k, v, **kw)
+    return _dq_call(ins, k, v, kv_len=kv_len, **kw), dk, dv
