@@ -38,8 +38,8 @@ FUSED_WIDE = [
 
 @pytest.mark.parametrize("case", FUSED_WIDE, ids=["G4_cap_seg_d128", "mla_noncausal"])
 def test_fused_backward_matches_reference_at_wide_heads(case, monkeypatch):
-    from pallas_kernels.attention import gpu_bwd_fused
-    monkeypatch.setattr(gpu_bwd_fused, "preferred", lambda d_qk: True)
+    from pallas_kernels.attention import gpu_bwd
+    monkeypatch.setattr(gpu_bwd, "fused_preferred", lambda d_qk: True)
     compare_with_reference("gpu", seed=sum(map(ord, str(case))) % 1000, dtype=jnp.bfloat16, **case)
 
 

@@ -4,7 +4,7 @@ Layout per CTA: 128 query rows (two compute warpgroups of 64, ping-ponging softm
 a shared "schedule" barrier) and one memory warpgroup streaming K/V blocks. Causal CTAs stop at the diagonal; the
 blocks left of it run without masks. With segment ids every warpgroup instead walks the key-block range that
 gc.block_ranges computed for it (blocks of other documents are skipped, fully visible blocks run without masks).
-Backward kernels live in gpu_bwd.py (dK/dV + dQ kernels) and gpu_bwd_fused.py (one kernel, dQ by TMA reduce-add).
+Backward kernels live in gpu_bwd.py (dK/dV + dQ kernels, or one fused kernel with dQ by TMA reduce-add).
 """
 from __future__ import annotations
 

@@ -1,7 +1,15 @@
 """Mosaic GPU (Hopper) flash-attention backward: a dK/dV kernel (key rows stationary, query blocks of every head of
 the GQA group streamed) and a dQ kernel (query rows stationary, key blocks streamed). Probabilities are recomputed
 from the forward's log2-sum-exp; the soft-cap derivative is (1 - tanh^2). With segment ids both kernels visit only
-the blocks gc.block_ranges keeps (blocks between different documents are skipped)."""
+the blocks gc.block_ranges keeps (blocks between different documents are skipped).
+
+Fused variant (used where fused_preferred says): the dK/dV kernel also produces dQ, so S and dP are not recomputed
+by a second kernel (5 block matmuls per block pair instead of 7). Each warpgroup writes its 64x64 block of dS^T
+(bf16) to shared memory; after a barrier between the two warpgroups, the block's dQ = dS [64 q, 128 keys] @ K is
+computed in 64-column chunks (chunk j by the warpgroup with (j + step + wg) even, so the work alternates) and added
+to a float32 dQ accumulator in global memory by TMA reduce-add. Interpret mode has no TMA reduce-add: there each
+CTA writes its chunks to its own slice of a [kv_ctas, ...] buffer that the wrapper sums (same arithmetic).
+"""
 from __future__ import annotations
 
 import functools
@@ -16,6 +24,13 @@ from pallas_kernels.attention import gpu_common as gc
 from pallas_kernels.attention.block_sizes import BlockSizes
 
 CTA_ROWS = gc.COMPUTE_WGS * gc.WG_ROWS
+DQ_CHUNK = 64          # fused variant: dQ columns per matmul (one 128-byte swizzle tile of K)
+
+
+def fused_preferred(d_qk: int) -> bool:
+    """Whether backward() uses the fused variant. On the H200 it is faster only at Dqk = 64 (d64 shape: 2.03 vs
+    2.55 ms of backward kernels) and slower at 128 (2.04 vs 1.74) and 192 (4.30 vs 2.76): BENCHMARKS.md."""
+    return d_qk <= 64
 
 
 def _probs_and_dlogits(s, dp, lse2, delta, bcast, mask, scale, cap):
@@ -30,15 +45,17 @@ def _probs_and_dlogits(s, dp, lse2, delta, bcast, mask, scale, cap):
     return p, ds
 
 
-def _dkv_kernel(*refs, G, nqt, bqs, stages, has_seg, causal_offset, scale, cap, interpret):
-    """dK/dV body. Rows of the transposed blocks are keys, columns are queries."""
+def _dkv_kernel(*refs, G, nqt, bqs, stages, has_seg, causal_offset, scale, cap, interpret, dq_acc=None):
+    """dK/dV body (and dQ by reduce-add into the closed-over f32 ref dq_acc when given). Rows of the transposed
+    blocks are keys, columns are queries."""
     if has_seg:
         (q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, qs_ref, ks_ref, bnd_ref, _, dk_ref, dv_ref, *scratch) = refs
     else:
         (q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, dk_ref, dv_ref, *scratch) = refs
         qs_ref = ks_ref = bnd_ref = None
     (k_smem, v_smem, ks_smem, q_smem, do_smem, lse_smem, dl_smem, qs_smem, stage_smem,
-     kv_bar, ks_bar, q_bar, do_bar, lse_bar, dl_bar, qs_bar, cons) = scratch
+     kv_bar, ks_bar, q_bar, do_bar, lse_bar, dl_bar, qs_bar, cons, ds_smem, dq_smem, ds_ready) = scratch
+    fused = dq_acc is not None
     bk = gc.WG_ROWS
     kvh = lax.axis_index("h")
     b = lax.axis_index("b")
@@ -76,7 +93,8 @@ def _dkv_kernel(*refs, G, nqt, bqs, stages, has_seg, causal_offset, scale, cap, 
             else:
                 diag_end = gc.clamp(gc.cdiv(jnp.maximum(kv0 + bk - 1 - causal_offset, 0), bqs), 0, nqt)
                 diag_end = jnp.maximum(diag_end, start)
-        plgpu.barrier_wait(kv_bar.at[0, wg])
+        for w in range(gc.COMPUTE_WGS) if fused else (wg,):   # fused dQ reads the other warpgroup's K rows too
+            plgpu.barrier_wait(kv_bar.at[0, w])
         plgpu.barrier_wait(kv_bar.at[1, wg])
         kv_seg = None
         if has_seg:
@@ -87,7 +105,34 @@ def _dkv_kernel(*refs, G, nqt, bqs, stages, has_seg, causal_offset, scale, cap, 
             for bar in (q_bar, do_bar, lse_bar, dl_bar) + ((qs_bar,) if has_seg else ()):
                 plgpu.barrier_wait(bar.at[slot])
 
-        def step(n, carry, tile, masked):
+        def dq_share(n, tile, g):
+            """Fused: once both halves of dS^T for stream step n are in shared memory, this warpgroup's dQ chunks."""
+            par = lax.rem(n, jnp.int32(2))
+            plgpu.commit_smem()
+            plgpu.barrier_arrive(ds_ready.at[par])
+            plgpu.barrier_wait(ds_ready.at[par])
+            rows, h, store_cols = pl.ds(tile * bqs, bqs), kvh * G + g, dq_smem.shape[-1]
+            for j in range(k_smem.shape[-1] // DQ_CHUNK):
+                @pl.when(lax.rem(n + wg + j, jnp.int32(2)) == 0)
+                def _chunk():
+                    def body(acc_ref):
+                        for w in range(gc.COMPUTE_WGS):
+                            plgpu.wgmma(acc_ref, ds_smem.at[par, w].T, k_smem.at[w, :, pl.ds(j * DQ_CHUNK, DQ_CHUNK)])
+                        return acc_ref[...]
+
+                    dq = pl.run_scoped(body, plgpu.ACC((bqs, DQ_CHUNK), jnp.float32))
+                    out = dq_smem.at[wg]
+                    for c0 in range(0, DQ_CHUNK, store_cols):   # MLA stores 32-column halves (shared memory)
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the previous store left the buffer
+                        out[...] = dq if store_cols == DQ_CHUNK else dq[:, c0:c0 + store_cols]
+                        plgpu.commit_smem()
+                        cols = pl.ds(j * DQ_CHUNK + c0, store_cols)
+                        if interpret:
+                            plgpu.copy_smem_to_gmem(out, dq_acc.at[kv_tile, b, rows, h, cols])
+                        else:
+                            plgpu.copy_smem_to_gmem(out, dq_acc.at[b, rows, h, cols], reduction_op="add")
+
+        def step(n, carry, tile, g, masked):
             dk, dv = carry
             slot = lax.rem(n, jnp.int32(stages))
             wait_inputs(slot)
@@ -102,36 +147,53 @@ def _dkv_kernel(*refs, G, nqt, bqs, stages, has_seg, causal_offset, scale, cap, 
             lse2 = plgpu.load(lse_smem.at[slot], layout=gc.COL)
             delta = plgpu.load(dl_smem.at[slot], layout=gc.COL)
             p_T, ds_T = _probs_and_dlogits(s_T, dp_T, lse2, delta, gc.bcast_cols, mask, scale, cap)
+            if fused:
+                ds_T = ds_T.astype(qt.dtype)
+                ds_smem.at[lax.rem(n, jnp.int32(2)), wg][...] = ds_T
             st = stage_smem.at[wg] if interpret else None
             dv = gc.mm_acc(dv, p_T, dot, st, interpret)
             dk = gc.mm_acc(dk, ds_T, qt, st, interpret)
             plgpu.barrier_arrive(cons.at[slot])
+            if fused:
+                dq_share(n, tile, g)
             return dk, dv
 
-        def skip(n, _):
+        def skip(n, base, g):
+            """A query block none of this warpgroup's keys see (fused: zero dS^T keeps the shared dQ chunks exact)."""
             wait_inputs(lax.rem(n, jnp.int32(stages)))
+            if fused:
+                ds_smem.at[lax.rem(n, jnp.int32(2)), wg][...] = jnp.zeros(ds_smem.shape[2:], ds_smem.dtype)
             plgpu.barrier_arrive(cons.at[lax.rem(n, jnp.int32(stages))])
+            if fused:
+                dq_share(n, n - base, g)
 
         def head(g, carry):
             base = g * per_head - start_cta       # stream index of q tile `tile` of head g is base + tile
 
             def run(lo, hi, masked, carry):
-                body = lambda tile, c: step(base + tile, c, tile, masked)
+                body = lambda tile, c: step(base + tile, c, tile, g, masked)
                 return lax.fori_loop(lo, hi, body, carry)
+
+            def skip_range(lo, hi):
+                lax.fori_loop(base + lo, base + hi, lambda n, _: skip(n, base, g), None)
 
             if has_seg:   # skip the other warpgroup's blocks, masked / unmasked / masked, skip the rest
                 at = lambda j: start_cta + j
-                lax.fori_loop(base + at(0), base + at(s0), skip, None)
+                skip_range(at(0), at(s0))
                 carry = run(at(s0), at(f0), True, carry)
                 carry = run(at(f0), at(f1), False, carry)
                 carry = run(at(f1), at(s1), True, carry)
-                lax.fori_loop(base + at(s1), base + at(per_head), skip, None)
+                skip_range(at(s1), at(per_head))
                 return carry
-            lax.fori_loop(base + start_cta, base + start, skip, None)
+            skip_range(start_cta, start)
             carry = run(start, diag_end, True, carry)
             return run(diag_end, jnp.int32(nqt), False, carry)
 
         dk, dv = lax.fori_loop(0, G, head, (gc.zeros((bk, kw.shape[-1])), gc.zeros((bk, vw.shape[-1]))))
+        if fused:   # the other warpgroup may still read our K rows for its last dQ chunk; reuse kw after it is done
+            plgpu.wait_smem_to_gmem(0)
+            plgpu.barrier_arrive(ds_ready.at[lax.rem(n_total, jnp.int32(2))])
+            plgpu.barrier_wait(ds_ready.at[lax.rem(n_total, jnp.int32(2))])
         kw[...] = (dk * scale).astype(kw.dtype)
         vw[...] = dv.astype(vw.dtype)
         plgpu.commit_smem()
@@ -278,12 +340,16 @@ def _dq_kernel(*refs, G, nq, nkv, bks, stages, has_seg, causal_offset, kv_len, k
         _memory_loop(issue, cons, cta_steps, stages)
 
 
-def _dkv_call(ins, k, v, *, G, has_seg, causal_offset, scale, cap, block_sizes: BlockSizes, interpret):
-    """The dK/dV kernel over ins = (q, k, v, do, lse2, delta[, q_seg, kv_seg, dkv_bounds, dq_bounds]) -> (dk, dv)."""
+def _dkv_call(ins, k, v, *, G, has_seg, causal_offset, scale, cap, block_sizes: BlockSizes, interpret,
+              dq_acc=None):
+    """The dK/dV kernel over ins = (q, k, v, do, lse2, delta[, q_seg, kv_seg, dkv_bounds, dq_bounds]) -> (dk, dv);
+    with dq_acc (a float32 ref) also dQ / scale, added into dq_acc (the fused variant)."""
     B, Tp, _, Dqk = ins[0].shape
     Sp, KVH, Dv = k.shape[1], k.shape[2], v.shape[-1]
     dtype, f32, stages = k.dtype, jnp.float32, block_sizes.num_stages
     wg, bq, bqs = gc.COMPUTE_WGS, gc.WG_ROWS, block_sizes.block_q_dkv
+    fused = dq_acc is not None
+    store_cols = DQ_CHUNK if Dqk + Dv <= 256 else DQ_CHUNK // 2   # MLA: 16 KB less shared memory
     types, rebuild = gc.assemble([
         gc.smem_tiles((wg, bq, Dqk), dtype), gc.smem_tiles((wg, bq, Dv), dtype),
         plgpu.SMEM((wg, bq), jnp.int32) if has_seg else None,
@@ -296,15 +362,18 @@ def _dkv_call(ins, k, v, *, G, has_seg, causal_offset, scale, cap, block_sizes: 
         plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
         plgpu.Barrier(num_barriers=stages) if has_seg else None,
         plgpu.Barrier(num_arrivals=wg, num_barriers=stages),
+        gc.smem_tiles((2, wg, bq, bqs), dtype) if fused else None,         # dS^T, double-buffered by step parity
+        plgpu.SMEM((wg, bqs, store_cols), f32) if fused else None,          # dQ columns on their way out
+        plgpu.Barrier(num_arrivals=wg, num_barriers=2) if fused else None,  # both halves of dS^T written
     ])
     body = functools.partial(_dkv_kernel, G=G, nqt=Tp // bqs, bqs=bqs, stages=stages, has_seg=has_seg,
-                             causal_offset=causal_offset, scale=scale, cap=cap, interpret=interpret)
+                             causal_offset=causal_offset, scale=scale, cap=cap, interpret=interpret, dq_acc=dq_acc)
     n_in = len(ins)
     return plgpu.kernel(
         lambda *r: body(*r[:n_in + 2], *rebuild(r[n_in + 2:])),
         out_type=(jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype)),
         scratch_types=types, grid=(KVH, B, Sp // CTA_ROWS), grid_names=("h", "b", "kv"),
-        num_threads=wg + 1, thread_name="wg", kernel_name="flash_bwd_dkv",
+        num_threads=wg + 1, thread_name="wg", kernel_name="flash_bwd_fused" if fused else "flash_bwd_dkv",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=gc.INTERPRET_PARAMS if interpret else None)(*ins)
 
@@ -357,11 +426,20 @@ def backward_inputs(q, k, v, q_seg, kv_seg, out, lse2, do, *, causal, kv_len, q_
 
 def backward(q, k, v, q_seg, kv_seg, out, lse2, do, *, causal, scale, cap, kv_len, q_len,
              block_sizes: BlockSizes, interpret):
-    """Padded inputs and forward residuals -> (dq, dk, dv) in the inputs' dtypes (dK/dV kernel, then dQ kernel)."""
+    """Padded inputs and forward residuals -> (dq, dk, dv) in the inputs' dtypes: the fused kernel where
+    fused_preferred(Dqk), else the dK/dV kernel and then the dQ kernel."""
     ins = backward_inputs(q, k, v, q_seg, kv_seg, out, lse2, do, causal=causal, kv_len=kv_len, q_len=q_len,
                           block_sizes=block_sizes)
     kw = dict(G=q.shape[2] // k.shape[2], has_seg=q_seg is not None,
               causal_offset=(kv_len - q_len) if causal else None, scale=scale, cap=cap, block_sizes=block_sizes,
               interpret=interpret)
-    dk, dv = _dkv_call(ins, k, v, **kw)
-    return _dq_call(ins, k, v, kv_len=kv_len, **kw), dk, dv
+    if not fused_preferred(q.shape[-1]):
+        dk, dv = _dkv_call(ins, k, v, **kw)
+        return _dq_call(ins, k, v, kv_len=kv_len, **kw), dk, dv
+    if q.shape[-1] % DQ_CHUNK:
+        raise ValueError(f"the fused gpu backward needs Dqk a multiple of {DQ_CHUNK}; got {q.shape[-1]}")
+    n_kv = k.shape[1] // CTA_ROWS   # interpret mode: one dQ slice per key CTA, summed below
+    dq_acc = jax.new_ref(jnp.zeros(((n_kv,) if interpret else ()) + q.shape, jnp.float32))
+    dk, dv = _dkv_call(ins, k, v, dq_acc=dq_acc, **kw)
+    dq = dq_acc[...].sum(axis=0) if interpret else dq_acc[...]
+    return (dq * scale).astype(q.dtype), dk, dv

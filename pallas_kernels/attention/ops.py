@@ -26,13 +26,13 @@ class _Config:
     interpret: bool
 
 
-def _kernels(backend, d_qk):
-    """(forward, backward) functions of a kernel backend for head dim d_qk."""
+def _kernels(backend):
+    """(forward, backward) functions of a kernel backend."""
     if backend == "tpu":
         from pallas_kernels.attention import tpu
         return tpu.forward, tpu.backward
-    from pallas_kernels.attention import gpu, gpu_bwd, gpu_bwd_fused
-    return gpu.forward, (gpu_bwd_fused.backward if gpu_bwd_fused.preferred(d_qk) else gpu_bwd.backward)
+    from pallas_kernels.attention import gpu, gpu_bwd
+    return gpu.forward, gpu_bwd.backward
 
 
 def _pad_rows(x, n, value=0):
@@ -53,7 +53,7 @@ def _padded(cfg: _Config, q, k, v, q_seg, kv_seg):
 
 
 def _run_forward(cfg: _Config, q, k, v, q_seg, kv_seg):
-    fwd, _ = _kernels(cfg.backend, q.shape[-1])
+    fwd, _ = _kernels(cfg.backend)
     qp, kp, vp, qsp, ksp, _ = _padded(cfg, q, k, v, q_seg, kv_seg)
     out, lse, max_logits = fwd(qp, kp, vp, qsp, ksp, causal=cfg.causal, scale=cfg.scale, cap=cfg.cap,
                                kv_len=cfg.kv_len, q_len=cfg.q_len, block_sizes=cfg.block_sizes,
@@ -76,7 +76,7 @@ def _flash_fwd(cfg: _Config, q, k, v, q_seg, kv_seg):
 def _flash_bwd(cfg: _Config, res, cotangents):
     q, k, v, q_seg, kv_seg, out, lse = res
     d_out, _ = cotangents              # max_logits carries no gradient
-    _, bwd = _kernels(cfg.backend, q.shape[-1])
+    _, bwd = _kernels(cfg.backend)
     qp, kp, vp, qsp, ksp, tp = _padded(cfg, q, k, v, q_seg, kv_seg)
     dq, dk, dv = bwd(qp, kp, vp, qsp, ksp, _pad_rows(out, tp), lse, _pad_rows(d_out.astype(q.dtype), tp),
                      causal=cfg.causal, scale=cfg.scale, cap=cfg.cap, kv_len=cfg.kv_len, q_len=cfg.q_len,
