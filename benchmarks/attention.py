@@ -163,7 +163,7 @@ def profile_fwd_bwd(fn, q, k, v):
     """{kernel name: device ms} of one forward+backward of fn, plus 'busy' (sum) from a jax.profiler trace."""
     first = lambda r: r[0] if isinstance(r, tuple) else r
     fb = jax.jit(jax.grad(lambda q, k, v: first(fn(q, k, v)).astype(jnp.float32).sum(), argnums=(0, 1, 2)))
-    rows, (busy, _) = device_op_ms(fb, q, k, v, runs=3, top=6, with_span=True)
+    rows, (busy, _) = device_op_ms(lambda: fb(q, k, v), runs=3, top=6, with_span=True)
     return {**{name[:48]: round(ms, 3) for name, ms, _ in rows}, "busy": round(busy, 3)}
 
 

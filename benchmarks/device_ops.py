@@ -10,16 +10,17 @@ from collections import defaultdict
 import jax
 
 
-def device_op_ms(fn, *args, runs: int = 3, top: int = 12, trace_dir: str | None = None, with_span: bool = False):
-    """[(op name, ms per run, share of device time)] of fn(*args), largest first (fn already compiled).
+def device_op_ms(run, *, runs: int = 3, top: int = 12, trace_dir: str | None = None, with_span: bool = False):
+    """[(op name, ms per run, share of device time)], largest first, of `runs` back-to-back calls of run() (which
+    returns what to wait for; it is called once more before tracing, so compilation stays out of the trace).
 
-    with_span: also return (busy ms, span ms) per run, where span is first start to last end over `runs`
-    back-to-back calls divided by runs: span > busy means the device waited on the host between kernels."""
+    with_span: also return (busy ms, span ms) per run, where span is first start to last end over the runs divided
+    by runs: span > busy means the device waited on the host between kernels."""
     trace_dir = trace_dir or tempfile.mkdtemp(prefix="trace_")
-    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(run())
     jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
     for _ in range(runs):
-        out = fn(*args)
+        out = run()
     jax.block_until_ready(out)
     jax.profiler.stop_trace()
     paths = [os.path.join(r, f) for r, _, fs in os.walk(trace_dir) for f in fs if f.endswith(".trace.json.gz")]

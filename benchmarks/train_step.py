@@ -15,14 +15,12 @@ tokamax = tokamax attention and ragged_dot in the model's two seams (attention w
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
-from collections import defaultdict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CHILD_ENV = dict(os.environ)
@@ -33,6 +31,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.device_ops import device_op_ms  # noqa: E402
 from benchmarks.peers import bench  # noqa: E402
 from kanana_jax import config as config_lib  # noqa: E402
 from kanana_jax.model.flops import count_params, flops_per_token  # noqa: E402
@@ -94,27 +93,15 @@ def install_tokamax_seams():
 
 
 def profile_top_ops(trainer, state, batch, out_dir: str, top: int = 15):
-    """Traces 3 steps and returns [(op name, ms per step, share)] of device time, largest first."""
-    trace_dir = os.path.join(out_dir, "trace")
-    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
-    for _ in range(3):
-        state, metrics = trainer.train_step(state, batch)
-    jax.block_until_ready(metrics)
-    jax.profiler.stop_trace()
-    paths = [os.path.join(r, f) for r, _, fs in os.walk(trace_dir) for f in fs if f.endswith(".trace.json.gz")]
-    if not paths:
-        return state, []
-    with gzip.open(paths[0]) as f:
-        events = json.load(f).get("traceEvents", [])
-    pids = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
-    device_pids = {p for p, n in pids.items() if "/device:" in n or "GPU" in n or "gpu" in n}
-    totals = defaultdict(float)
-    for e in events:
-        if e.get("ph") == "X" and e.get("pid") in device_pids:
-            totals[e["name"]] += e.get("dur", 0.0) / 1e3 / 3
-    all_ms = sum(totals.values()) or 1.0
-    rows = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
-    return state, [(name, ms, ms / all_ms) for name, ms in rows]
+    """Traces 3 steps (after one more untraced) -> (state, [(op name, ms per step, share of device time)])."""
+    latest = {"state": state}
+
+    def one_step():
+        latest["state"], metrics = trainer.train_step(latest["state"], batch)
+        return metrics
+
+    rows = device_op_ms(one_step, runs=3, top=top, trace_dir=os.path.join(out_dir, "trace"))
+    return latest["state"], rows
 
 
 def run_variant(name, args, ceiling):
