@@ -27,9 +27,9 @@ def test_gpu_kernel_matches_reference(case):
     compare_with_reference("gpu", seed=sum(map(ord, str(case))) % 1000, dtype=jnp.bfloat16, **case)
 
 
-# The fused backward (dQ by reduce-add from the dK/dV kernel) is what ops picks at Dqk <= 64, which the cases above
-# cover; the kernel itself is general, so it is also checked where ops keeps the split backward: GQA 4 with soft-cap,
-# segment ids and a padded T, and MLA head dims (dQ stored in 32-column halves there).
+# The fused backward (dQ by reduce-add from the dK/dV kernel) is what the GPU backward uses at Dqk <= 64, which the
+# cases above cover; the kernel itself is general, so it is also checked where the split backward is used: GQA 4
+# with soft-cap, segment ids and a padded T, and MLA head dims (dQ stored in 32-column halves there).
 FUSED_WIDE = [
     dict(B=1, T=200, S=200, H=4, KVH=1, Dqk=128, Dv=128, causal=True, cap=20.0, seg=True, block_sizes=None),
     dict(B=1, T=192, S=192, H=2, KVH=2, Dqk=192, Dv=128, causal=False, cap=None, seg=False, block_sizes=None),
