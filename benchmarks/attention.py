@@ -4,6 +4,7 @@ Run on the GPU machine (tokamax travels as a wheel, see .notes/PREAMBLE.md):
     PYTHONUNBUFFERED=1 python3 benchmarks/attention.py --out $OUT            # check, then time all shapes
     python3 benchmarks/attention.py --sweep --shapes mha,gqa                   # also time block-size variants
     python3 benchmarks/attention.py --shapes mla --packed                      # also packed documents (ms)
+    python3 benchmarks/attention.py --extra --profile                          # + no-cap rows, device ms per kernel
 It first asserts that forward output, max logits and dq/dk/dv match the float32 reference on the device (one
 check uses packed documents, where whole blocks are skipped), then times forward and forward+backward (TFLOP/s as
 in benchmarks/peers.py: causal forward FLOPs = 2*B*H*T^2*(Dqk+Dv)/2, fwd+bwd counted as 3.5x), prints a table and
