@@ -1,0 +1,108 @@
+"""FP8 grouped matmul (routed experts): e4m3 activations and weights forward, e4m3/e5m2 output gradient for dlhs.
+
+    gmm_fp8(x[M,K], w[E,K,N], group_sizes[E]) ~= gmm(x, w, group_sizes)      (custom_vjp)
+    forward  out  = gmm(q(x), q(w)^T[E,N,K]) * s_x s_w[g]             e4m3 x e4m3, fp32 accumulation
+    backward dx   = gmm(q(g), q(w)[E,K,N])   * s_g s_w[g]             grad dtype x e4m3
+             dw   = tgmm(x^T, g)                                       bf16 (the operands' dtype), not fp8
+
+Scales are powers of two (pallas_kernels/fp8.py), current scaling: one per tensor for x and g, one per expert
+for w (experts' weight ranges differ; a per-group scale costs nothing in the kernels, which multiply group g's
+accumulator by its scale before the cast). Both forward products read their rhs as [E, N_out, K_contract]:
+the layout wgmma needs for 8-bit operands, made by the quantizing pass (the weights are quantized once per call,
+in both layouts). The weight gradient stays a bf16 tgmm: in fp8 it would need both activations transposed
+to [K, M] with the ragged group boundaries along the minor dimension, which our tgmm kernel does not handle.
+
+Backends: 'reference' (dequantize to f32, blocked jnp; the CPU path and the oracle), 'gpu' (Mosaic GPU wgmma on
+fp8 operands, Hopper), 'tpu' (Mosaic TPU: fp8 storage, dequantized to bf16 in the kernel; v5p/v6e have no fp8 MXU).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import fp8 as fp8_lib
+from pallas_kernels.moe import ops, reference
+from pallas_kernels.moe.tiling import GmmTilings, as_gmm_tilings
+
+
+def quantize_weights(w_ExKxN):
+    """(q [E,K,N], q^T [E,N,K], scales [E]) of expert weights in e4m3, one power-of-two scale per expert."""
+    s_E = fp8_lib.scale_for(fp8_lib.amax(w_ExKxN, axis=(1, 2)), fp8_lib.E4M3)
+    q = fp8_lib.quantize(w_ExKxN, fp8_lib.E4M3, s_E[:, None, None])
+    return q, jnp.swapaxes(q, 1, 2), s_E
+
+
+def quantize_tensor(x, dtype=fp8_lib.E4M3):
+    """(q, scalar scale) with current per-tensor scaling."""
+    s = fp8_lib.scale_for(fp8_lib.amax(x), dtype)
+    return fp8_lib.quantize(x, dtype, s), s
+
+
+def scaled_gmm(q_lhs_MxK, q_rhs_ExNxK, group_sizes_E, scales_E, *, out_dtype, tiling=None, backend="reference",
+               interpret=False):
+    """out[rows of g] = (q_lhs rows @ q_rhs[g]^T) * scales[g] for fp8 q_lhs [M,K], q_rhs [E,N,K] -> [M,N]."""
+    if backend == "gpu":
+        from pallas_kernels.moe import gpu
+        return gpu.gmm(q_lhs_MxK, q_rhs_ExNxK, group_sizes_E, transpose_rhs=True, out_dtype=out_dtype,
+                       tiling=tiling, interpret=interpret, scales_E=scales_E)
+    if backend == "tpu":
+        from pallas_kernels.moe import tpu
+        return tpu.gmm(q_lhs_MxK, q_rhs_ExNxK, group_sizes_E, transpose_rhs=True, out_dtype=out_dtype,
+                       tiling=tiling, interpret=interpret, scales_E=scales_E)
+    rhs = q_rhs_ExNxK.astype(jnp.float32) * scales_E[:, None, None]
+    out = reference.gmm_blocked(q_lhs_MxK.astype(jnp.float32), rhs, group_sizes_E, transpose_rhs=True,
+                                out_dtype=jnp.float32, block_rows=tiling.tm if tiling else None)
+    return out.astype(out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _gmm_fp8(x_MxK, w_ExKxN, group_sizes_E, grad_dtype, tilings, backend, interpret):
+    return _gmm_fp8_fwd(x_MxK, w_ExKxN, group_sizes_E, grad_dtype, tilings, backend, interpret)[0]
+
+
+def _gmm_fp8_fwd(x_MxK, w_ExKxN, group_sizes_E, grad_dtype, tilings, backend, interpret):
+    qx, sx = quantize_tensor(x_MxK)
+    qw, qw_t, sw_E = quantize_weights(w_ExKxN)
+    out = scaled_gmm(qx, qw_t, group_sizes_E, sx * sw_E, out_dtype=x_MxK.dtype, tiling=tilings.fwd,
+                     backend=backend, interpret=interpret)
+    return out, (x_MxK, qw, sw_E, group_sizes_E, jnp.zeros((0,), w_ExKxN.dtype))
+
+
+def _gmm_fp8_bwd(grad_dtype, tilings, backend, interpret, res, g_MxN):
+    x_MxK, qw, sw_E, group_sizes_E, w_proto = res
+    qg, sg = quantize_tensor(g_MxN, fp8_lib.format_dtype(grad_dtype))
+    # dx[rows of g] = g rows @ w[g]^T: rhs read as [E, K_out, N_contract] = q(w) as stored
+    dx = scaled_gmm(qg, qw, group_sizes_E, sg * sw_E, out_dtype=x_MxK.dtype, tiling=tilings.dlhs,
+                    backend=backend, interpret=interpret)
+    g = g_MxN.astype(x_MxK.dtype)
+    dw = ops.tgmm(x_MxK.T, g, group_sizes_E, preferred_element_type=w_proto.dtype, tiling=tilings.drhs,
+                  backend=backend, interpret=interpret)
+    return dx, dw, None
+
+
+_gmm_fp8.defvjp(_gmm_fp8_fwd, _gmm_fp8_bwd)
+
+
+def gmm_fp8(lhs_MxK, rhs_ExKxN, group_sizes_E, *, grad_dtype="e5m2", tiling: GmmTilings | None = None,
+            backend: str | None = None, interpret=False):
+    """Grouped matmul [M,K] x [E,K,N] -> [M,N] (lhs dtype) through fp8 products; differentiable in lhs and rhs.
+
+    Same row convention as `ops.gmm` (rows sorted by group; rows past sum(group_sizes) give 0). Gradients come
+    back in the operands' dtypes. grad_dtype: format of the quantized output gradient, 'e4m3' or 'e5m2'."""
+    if lhs_MxK.ndim != 2 or rhs_ExKxN.ndim != 3 or lhs_MxK.shape[1] != rhs_ExKxN.shape[1]:
+        raise ValueError(f"gmm_fp8: want lhs[M,K], rhs[E,K,N]; got {lhs_MxK.shape}, {rhs_ExKxN.shape}")
+    if rhs_ExKxN.shape[0] != group_sizes_E.shape[0]:
+        raise ValueError(f"gmm_fp8: rhs has {rhs_ExKxN.shape[0]} groups, group_sizes {group_sizes_E.shape[0]}")
+    fp8_lib.format_dtype(grad_dtype)
+    return _gmm_fp8(lhs_MxK, rhs_ExKxN, group_sizes_E.astype(jnp.int32), grad_dtype, as_gmm_tilings(tiling),
+                    ops.resolve_backend(backend), interpret)
+
+
+def gmm_fp8_reference(lhs_MxK, rhs_ExKxN, group_sizes_E):
+    """float32 oracle of gmm_fp8's forward: the same quantization, dequantized, through the per-group loop."""
+    qx, sx = quantize_tensor(lhs_MxK)
+    qw, _, sw_E = quantize_weights(rhs_ExKxN)
+    return reference.gmm_reference(fp8_lib.dequantize(qx, sx), fp8_lib.dequantize(qw, sw_E[:, None, None]),
+                                   group_sizes_E, out_dtype=jnp.float32)
