@@ -51,7 +51,9 @@ def scale_for(amax_value, dtype):
     amax_value = jnp.asarray(amax_value, jnp.float32)
     ok = (amax_value > 0) & jnp.isfinite(amax_value)
     ratio = jnp.where(ok, amax_value, 1.0) / fp8_max(dtype)
-    return jnp.where(ok, jnp.exp2(jnp.ceil(jnp.log2(ratio))), 1.0).astype(jnp.float32)
+    mant, exp = jnp.frexp(ratio)  # ratio = mant 2^exp, mant in [0.5, 1): ceil(log2 ratio) = exp (exp-1 at 0.5)
+    exp = jnp.where(mant == 0.5, exp - 1, exp)
+    return jnp.where(ok, jnp.ldexp(jnp.ones_like(ratio), exp), 1.0).astype(jnp.float32)
 
 
 def quantize(x, dtype, scale):

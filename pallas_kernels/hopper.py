@@ -25,18 +25,24 @@ def interpret_params(interpret):
 
 
 def swizzled_transforms(dtype):
-    """Swizzled 128-byte layout for 16-bit tiles whose minor dimension is a multiple of 64."""
+    """Swizzled 128-byte layout for tiles whose minor dimension is a multiple of 128 bytes (64 bf16, 128 fp8)."""
     swizzle = 128
     elems = swizzle // jnp.dtype(dtype).itemsize
     return plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(swizzle)
 
 
-def check_wgmma_dtypes(lhs, rhs, name):
-    """wgmma takes two 16-bit operands of one dtype; anything else gets an error naming the fix."""
+_FP8 = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
+
+
+def check_wgmma_dtypes(lhs, rhs, name, allow_fp8=False):
+    """wgmma takes two 16-bit operands of one dtype, or (kernels reading both operands K-major, allow_fp8) two
+    fp8 operands (e4m3/e5m2, mixed allowed); anything else gets an error naming the fix."""
+    if allow_fp8 and jnp.dtype(lhs.dtype) in _FP8 and jnp.dtype(rhs.dtype) in _FP8:
+        return
     if lhs.dtype != rhs.dtype or jnp.dtype(lhs.dtype).itemsize != 2:
         raise ValueError(
-            f"{name} on GPU takes bf16/fp16 operands of one dtype (wgmma), got {lhs.dtype} and {rhs.dtype}; "
-            "cast them to bfloat16 or pass backend='reference'")
+            f"{name} on GPU takes bf16/fp16 operands of one dtype or two fp8 (e4m3/e5m2) operands (wgmma), got "
+            f"{lhs.dtype} and {rhs.dtype}; cast them to bfloat16 or pass backend='reference'")
 
 
 def persistent_kernel(body, out_type, interpret):

@@ -20,6 +20,7 @@ from pallas_kernels.moe import tiling as tiling_lib
 from pallas_kernels.moe.tiling import Tiling
 
 DEFAULT_GMM = Tiling(tm=128, tk=64, tn=256, stages=3)
+DEFAULT_GMM_FP8 = Tiling(tm=128, tk=128, tn=256, stages=3)  # 128-byte rows of K: one swizzle width of fp8
 DEFAULT_TGMM = Tiling(tm=64, tk=128, tn=256, stages=3)
 _ALIGN = 8  # TMA into (8, 64)-tiled shared memory needs row offsets that are multiples of 8
 
@@ -38,21 +39,34 @@ def _store_rows(src_smem, dst_gmem_rows, start, count, max_rows):
 
 
 def gmm(lhs_MxK, rhs, group_sizes_E, *, transpose_rhs=False, out_dtype=None, tiling: Tiling | None = None,
-        interpret=False):
-    """out[M,N] = lhs rows of group g @ rhs[g] ([E,K,N], or [E,N,K] when transpose_rhs); rows past the groups are 0."""
-    hopper.check_wgmma_dtypes(lhs_MxK, rhs, "gmm")
-    t = tiling or DEFAULT_GMM
+        interpret=False, scales_E=None):
+    """out[M,N] = lhs rows of group g @ rhs[g] ([E,K,N], or [E,N,K] when transpose_rhs); rows past the groups are 0.
+
+    fp8 operands (e4m3/e5m2, mixed allowed) need transpose_rhs=True (wgmma reads 8-bit operands K-major only);
+    `scales_E` (float32 [E], optional) multiplies group g's fp32 accumulator before the cast to out_dtype."""
+    hopper.check_wgmma_dtypes(lhs_MxK, rhs, "gmm", allow_fp8=True)
+    fp8 = jnp.dtype(lhs_MxK.dtype).itemsize == 1
+    if fp8 and not transpose_rhs:
+        raise ValueError("gmm on GPU with fp8 operands needs rhs as [E,N,K] (transpose_rhs=True): wgmma reads "
+                         "8-bit operands K-major only; transpose the quantized weights once")
+    t = tiling or (DEFAULT_GMM_FP8 if fp8 else DEFAULT_GMM)
     out_dtype = jnp.dtype(out_dtype or lhs_MxK.dtype)
     m, k, n, num_experts = tiling_lib.gmm_dims(lhs_MxK, rhs, transpose_rhs)
     tm, tk, tn = t.tm, t.tk, t.tn
-    if tm % 64 or tk % 64 or tn % 128 or k % tk or n % tn:
+    tk_align = 128 // jnp.dtype(lhs_MxK.dtype).itemsize  # one 128-byte swizzle row
+    if tm % 64 or tk % tk_align or tn % 128 or k % tk or n % tn:
         raise ValueError(
-            f"gmm GPU tiling {t} needs tm % 64 == 0, tk % 64 == 0, tn % 128 == 0, K={k} % tk == 0 and "
-            f"N={n} % tn == 0; pass a Tiling that divides the shape")
+            f"gmm GPU tiling {t} needs tm % 64 == 0, tk % {tk_align} == 0 ({lhs_MxK.dtype}), tn % 128 == 0, "
+            f"K={k} % tk == 0 and N={n} % tn == 0; pass a Tiling that divides the shape")
+    if scales_E is not None and scales_E.shape != (num_experts,):
+        raise ValueError(f"gmm: scales_E must be [E={num_experts}] float32, got {scales_E.shape}")
     if m < tm:  # TMA boxes may not exceed the array: pad tiny inputs
         out = gmm(jnp.pad(lhs_MxK, ((0, tm - m), (0, 0))), rhs, group_sizes_E, transpose_rhs=transpose_rhs,
-                  out_dtype=out_dtype, tiling=t, interpret=interpret)
+                  out_dtype=out_dtype, tiling=t, interpret=interpret, scales_E=scales_E)
         return out[:m]
+    # group E (rows past the groups) writes a zero accumulator; its scale is never used
+    scales = (jnp.ones((num_experts + 1,), jnp.float32) if scales_E is None else
+              jnp.concatenate([scales_E.astype(jnp.float32), jnp.ones((1,), jnp.float32)]))
     sizes = tiling_lib.with_tail_group(group_sizes_E, m)
     max_tiles = tiling_lib.max_group_tiles(m, tm, num_experts + 1, _ALIGN)
     meta = tiling_lib.group_tiles(sizes, tm, max_tiles, _ALIGN)
@@ -92,7 +106,7 @@ def gmm(lhs_MxK, rhs, group_sizes_E, *, transpose_rhs=False, out_dtype=None, til
             compute_context=compute_context,
         )
 
-    def body(gid_ref, start_ref, lo_ref, hi_ref, lhs_gmem, rhs_gmem, out_gmem):
+    def body(gid_ref, start_ref, lo_ref, hi_ref, scale_ref, lhs_gmem, rhs_gmem, out_gmem):
         ignore = lambda *_, **__: None
         allocs = make_pipeline(0, 0, ignore).get_allocations(lhs_gmem, rhs_gmem.at[0])
 
@@ -109,7 +123,10 @@ def gmm(lhs_MxK, rhs, group_sizes_E, *, transpose_rhs=False, out_dtype=None, til
                 row0 = pl.multiple_of(start_ref[tile], _ALIGN)
 
                 def epilogue(acc_ref):
-                    acc = acc_ref[...].astype(out_dtype)
+                    acc = acc_ref[...]
+                    if scales_E is not None:
+                        acc = acc * scale_ref[g]
+                    acc = acc.astype(out_dtype)
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # previous tile's stores have read out_smem
                     out_smem.at[wg][...] = acc
                     plgpu.commit_smem()
@@ -130,7 +147,7 @@ def gmm(lhs_MxK, rhs, group_sizes_E, *, transpose_rhs=False, out_dtype=None, til
                 plgpu.wait_smem_to_gmem(0)
 
     kernel = hopper.persistent_kernel(body, jax.ShapeDtypeStruct((m, n), out_dtype), interpret)
-    return kernel(meta.group_ids, meta.row_start, meta.lo, meta.hi, lhs_MxK, rhs)
+    return kernel(meta.group_ids, meta.row_start, meta.lo, meta.hi, scales, lhs_MxK, rhs)
 
 
 def tgmm(lhs_MxK, rhs_MxN, group_sizes_E, *, out_dtype=None, tiling: Tiling | None = None, interpret=False):

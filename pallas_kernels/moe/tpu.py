@@ -41,9 +41,13 @@ def _sublane(dtype) -> int:
 
 
 def gmm(lhs_MxK, rhs, group_sizes_E, *, transpose_rhs=False, out_dtype=None, tiling: Tiling | None = None,
-        interpret=False):
-    """out[M,N] = lhs rows of group g @ rhs[g] ([E,K,N], or [E,N,K] when transpose_rhs); rows past the groups are 0."""
+        interpret=False, scales_E=None):
+    """out[M,N] = lhs rows of group g @ rhs[g] ([E,K,N], or [E,N,K] when transpose_rhs); rows past the groups are 0.
+
+    fp8 operands (storage only: v5p/v6e have no fp8 MXU) are dequantized to bf16 in the kernel; `scales_E`
+    (float32 [E], optional) multiplies group g's fp32 accumulator before the cast to out_dtype."""
     t = tiling or DEFAULT_GMM
+    fp8 = jnp.dtype(lhs_MxK.dtype).itemsize == 1 or jnp.dtype(rhs.dtype).itemsize == 1
     out_dtype = jnp.dtype(out_dtype or lhs_MxK.dtype)
     m, k, n, num_experts = tiling_lib.gmm_dims(lhs_MxK, rhs, transpose_rhs)
     tm = min(t.tm, -(-m // _sublane(lhs_MxK.dtype)) * _sublane(lhs_MxK.dtype))
@@ -55,8 +59,13 @@ def gmm(lhs_MxK, rhs, group_sizes_E, *, transpose_rhs=False, out_dtype=None, til
     meta = tiling_lib.aligned_visits(sizes, m, tm, visit_empty=False)
     num_visits_max = meta.group_ids.shape[0]
     dims = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
+    if scales_E is not None and scales_E.shape != (num_experts,):
+        raise ValueError(f"gmm: scales_E must be [E={num_experts}] float32, got {scales_E.shape}")
+    scales = (jnp.ones((num_experts + 1,), jnp.float32) if scales_E is None else
+              jnp.concatenate([scales_E.astype(jnp.float32), jnp.ones((1,), jnp.float32)]))
+    compute = jnp.bfloat16 if fp8 else None
 
-    def kernel(offsets_ref, gid_ref, mtile_ref, nv_ref, lhs_ref, rhs_ref, out_ref, acc_ref):
+    def kernel(offsets_ref, gid_ref, mtile_ref, nv_ref, scale_ref, lhs_ref, rhs_ref, out_ref, acc_ref):
         v, kk = pl.program_id(1), pl.program_id(2)
         g = gid_ref[v]
         active = v < nv_ref[0]
@@ -67,15 +76,19 @@ def gmm(lhs_MxK, rhs, group_sizes_E, *, transpose_rhs=False, out_dtype=None, til
 
         @pl.when(active & (g < num_experts))
         def _():
-            acc_ref[...] += lax.dot_general(lhs_ref[...], rhs_ref[...], dims, preferred_element_type=jnp.float32)
+            lhs, rhs_blk = lhs_ref[...], rhs_ref[...]
+            if compute is not None:
+                lhs, rhs_blk = lhs.astype(compute), rhs_blk.astype(compute)
+            acc_ref[...] += lax.dot_general(lhs, rhs_blk, dims, preferred_element_type=jnp.float32)
 
         @pl.when(active & (kk == pl.num_programs(2) - 1))
         def _():
             rows = mtile_ref[v] * tm + lax.broadcasted_iota(jnp.int32, (tm, tn), 0)
             mine = (rows >= offsets_ref[g]) & (rows < offsets_ref[g + 1])
-            out_ref[...] = jnp.where(mine, acc_ref[...].astype(out_dtype), out_ref[...])
+            acc = acc_ref[...] if scales_E is None else acc_ref[...] * scale_ref[g]
+            out_ref[...] = jnp.where(mine, acc.astype(out_dtype), out_ref[...])
 
-    def rhs_map(ni, v, kk, offs, gid, mt, nv):
+    def rhs_map(ni, v, kk, offs, gid, mt, nv, sc):
         g = jnp.minimum(gid[v], num_experts - 1)
         return (g, ni, kk) if transpose_rhs else (g, kk, ni)
 
@@ -84,13 +97,13 @@ def gmm(lhs_MxK, rhs, group_sizes_E, *, transpose_rhs=False, out_dtype=None, til
         kernel,
         out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=4,
+            num_scalar_prefetch=5,
             grid=(n // tn, num_visits_max, k // tk),
             in_specs=[
-                pl.BlockSpec((tm, tk), lambda ni, v, kk, offs, gid, mt, nv: (mt[v], kk)),
+                pl.BlockSpec((tm, tk), lambda ni, v, kk, offs, gid, mt, nv, sc: (mt[v], kk)),
                 pl.BlockSpec(rhs_block, rhs_map),
             ],
-            out_specs=pl.BlockSpec((tm, tn), lambda ni, v, kk, offs, gid, mt, nv: (mt[v], ni)),
+            out_specs=pl.BlockSpec((tm, tn), lambda ni, v, kk, offs, gid, mt, nv, sc: (mt[v], ni)),
             scratch_shapes=[pltpu.VMEM((tm, tn), jnp.float32)],
         ),
         compiler_params=pltpu.CompilerParams(
@@ -98,7 +111,7 @@ def gmm(lhs_MxK, rhs, group_sizes_E, *, transpose_rhs=False, out_dtype=None, til
         interpret=_interpret_params(interpret),
         name="moe_gmm",
     )
-    return call(meta.offsets, meta.group_ids, meta.m_tile_ids, meta.num_visits, lhs_MxK, rhs)
+    return call(meta.offsets, meta.group_ids, meta.m_tile_ids, meta.num_visits, scales, lhs_MxK, rhs)
 
 
 def tgmm(lhs_KxM, rhs_MxN, group_sizes_E, *, out_dtype=None, tiling: Tiling | None = None, interpret=False):
