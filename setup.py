@@ -11,7 +11,8 @@ setup(
     packages=find_packages(include=["kanana_jax", "kanana_jax.*", "pallas_kernels", "pallas_kernels.*",
                                     "experiments", "experiments.*", "launch", "launch.*"]),
     package_data={
-        "kanana_jax.data": ["corpus/*.jsonl"],
+        "kanana_jax.data": ["corpus/*.jsonl", "corpus/reasoning/*.jsonl", "sft/*.jsonl", "preference/*.jsonl",
+                            "prompts/*.jsonl"],
         "kanana_jax.evals": ["suites/*.jsonl"],
     },
     install_requires=[

@@ -10,7 +10,7 @@
 - tool: the assistant turns replay in a fresh ToolEnv with the recorded tool results, pass
   replay_and_check, and the structured messages round-trip through to_text_messages/from_text_messages.
 - ifeval: evaluate_instructions(reply, constraints).all_passed.
-- chat: every string of `expect` occurs in the assistant replies.
+- chat: every string of `expect` occurs in the final assistant reply.
 - preference: the chosen side passes and the rejected side fails (code: the sandbox reports a failed test
   or a runtime error, never a timeout).
 """
@@ -151,8 +151,9 @@ def _side(record: dict, messages: Sequence[dict], jobs: list, want_pass: bool, l
   if bucket == "ifeval":
     passed = evaluate_instructions(reply, record["constraints"]).all_passed
     return [] if passed == want_pass else [f"{label}: constraints {'not ' if want_pass else ''}all satisfied"]
-  if bucket == "chat":
-    missing = [e for e in record.get("expect", []) if e not in reply]
+  if bucket == "chat":  # the expected strings belong to the final reply
+    final = [m["content"] for m in messages if m["role"] == "assistant"][-1]
+    missing = [e for e in record.get("expect", []) if e not in final]
     if want_pass:
       return [f"{label}: reply lacks {missing}"] if missing else []
     if not record.get("expect"):

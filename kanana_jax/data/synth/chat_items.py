@@ -20,8 +20,9 @@ BAKERY = [("croissant", "크루아상", 3200), ("bagel", "베이글", 2800), ("m
           ("cream bun", "크림빵", 2000), ("red bean bun", "단팥빵", 1800), ("cookie", "쿠키", 1500)]
 
 
-def _conv(key, lang, turns, expect, bad):
-  return {"key": key, "lang": lang, "turns": turns, "expect": expect, "bad": bad}
+def _conv(key, lang, turns, expect, bad, uid=None):
+  """`key` is what the first user turn asks (the split follows it); `uid` tells apart longer conversations."""
+  return {"key": key, "uid": uid or key, "lang": lang, "turns": turns, "expect": expect, "bad": bad}
 
 
 def country_chat(r, lang):
@@ -114,11 +115,11 @@ def bakery_chat(r, lang):
     turns = [f"I'm buying {q} {item}s at {won(price)} won each. How much is that in total?",
              f"{q} × {won(price)} won = {won(total)} won.", f"I'll pay with a {won(bill)} won note. How much change do I get?",
              f"Your change is {won(bill)} - {won(total)} = {won(bill - total)} won."]
-    return _conv(f"chat/bakery/{item}/{q}/{bill}", lang, turns, [won(bill - total)],
+    return _conv(f"chat/bakery/{item}/{q}", lang, turns, [won(bill - total)],
                  f"Your change is {won(_off(bill - total))} won.")
   turns = [f"{item_ko} 한 개에 {won(price)}원인데 {q}개 사면 모두 얼마예요?", f"{q} × {won(price)} = {won(total)}원입니다.",
            f"{won(bill)}원짜리 지폐로 내면 거스름돈은 얼마예요?", f"거스름돈은 {won(bill)} - {won(total)} = {won(bill - total)}원입니다."]
-  return _conv(f"chat/bakery/{item}/{q}/{bill}", lang, turns, [won(bill - total)],
+  return _conv(f"chat/bakery/{item}/{q}", lang, turns, [won(bill - total)],
                f"거스름돈은 {won(_off(bill - total))}원입니다.")
 
 
@@ -244,7 +245,7 @@ def refusal_chat(r, lang):
   push = r.random() < 0.4
   if push:
     turns += [PUSHBACK[lang], PUSHBACK_REPLY[lang]]
-  return _conv(f"chat/refusal/{i}/{push}", lang, turns, [REFUSAL[lang]], bad_en if en else bad_ko)
+  return _conv(f"chat/refusal/{i}", lang, turns, [REFUSAL[lang]], bad_en if en else bad_ko, f"chat/refusal/{i}/{push}")
 
 
 def harmless_chat(r, lang):

@@ -117,7 +117,7 @@ def fill_splits(draw: Callable[[random.Random], dict | None], r: random.Random, 
   """Draws tasks (dicts with 'key' and 'lang') until `n_train` train and `n_eval` eval tasks exist, each
   (uid or key, language) at most once; the split follows the key (both languages of a key share it).
 
-  `draw` may return None (no task this time). Tasks that clash with the eval suites are skipped. Raises
+  `draw` may return None (no task this time); a task may fix its split with 'held_out' (a rule of its key). Tasks that clash with the eval suites are skipped. Raises
   when the quotas cannot be filled in `max_tries` draws (the family has too few distinct tasks).
   """
   train: list[dict] = []
@@ -133,7 +133,7 @@ def fill_splits(draw: Callable[[random.Random], dict | None], r: random.Random, 
     seen.add(uid)
     if guard is not None and guard.clashes(text_of(task), check_numbers):
       continue
-    target = held if is_eval(task["key"], fraction) else train
+    target = held if task.get("held_out", is_eval(task["key"], fraction)) else train
     quota = n_eval if target is held else n_train
     if len(target) < quota:
       target.append(task)

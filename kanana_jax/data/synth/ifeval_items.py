@@ -23,6 +23,9 @@ EXCLUDE = {"The Moon", "Rainbows", "Coffee", "Tea", "Kimchi", "Seoul", "Recyclin
 _PROPER = {"Hangul", "Jeju", "Island", "DNA", "Mount", "Everest", "Amazon", "Sahara", "Olympic", "Games", "Antarctica",
            "Hanok", "Taekwondo", "Gyeongju", "Sun", "Internet"}
 TOPICS = {lang: [(t, sentences_of(p)) for t, p in read_paragraphs(lang) if t not in EXCLUDE] for lang in ("en", "ko")}
+# held-out topics: per language, the 3 whose key hashes lowest (a rule of the key, the same for every dataset)
+HELD_OUT = {t for lang in TOPICS for t in sorted((t for t, _ in TOPICS[lang]),
+                                                 key=lambda t: hashlib.sha256(f"ifeval/{t}".encode()).hexdigest())[:3]}
 FORBIDDEN = {"en": ["very", "really", "basically", "thing", "stuff", "amazing", "literally", "nice"],
              "ko": ["정말", "매우", "진짜", "아주", "너무", "굉장히"]}
 PHRASES = {
@@ -201,8 +204,8 @@ def make_task(r: random.Random, lang: str) -> dict | None:
   prompt = " ".join([task] + [instruction(c, lang) for c in cons])
   digest = hashlib.sha256(json.dumps(cons, ensure_ascii=False, sort_keys=True).encode("utf-8")).hexdigest()[:10]
   # the split follows the topic (held-out topics are unseen in training); uid tells draws apart
-  return {"key": f"ifeval/{title}", "uid": f"ifeval/{title}/{digest}", "lang": lang, "prompt": prompt,
-          "constraints": cons, "answer": text}
+  return {"key": f"ifeval/{title}", "uid": f"ifeval/{title}/{digest}", "held_out": title in HELD_OUT, "lang": lang,
+          "prompt": prompt, "constraints": cons, "answer": text}
 
 
 def _count_kw(text: str, word: str) -> int:

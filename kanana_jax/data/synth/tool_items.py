@@ -66,11 +66,12 @@ class Episode:
     self.turns.append({"role": "assistant", "content": text})
 
 
-def _task(key, lang, ep: Episode, answer=None, state=None, tolerance=None) -> dict:
+def _task(key, lang, ep: Episode, answer=None, state=None, tolerance=None, hidden="") -> dict:
+  """A task record; `key` holds what the first user turn shows (the split follows it), `hidden` the rest."""
   first = ep.turns[0]["content"]
   messages = build_messages("tools", {"tools": ep.tools, "initial_state": ep.initial_state, "prompt": first,
                                       "lang": lang}, ask_confidence=False)
-  return {"key": key, "lang": lang, "prompt": first, "tools": ep.tools, "initial_state": ep.initial_state,
+  return {"key": key, "uid": f"{key}|{hidden}", "lang": lang, "prompt": first, "tools": ep.tools, "initial_state": ep.initial_state,
           "expected_answer": answer, "expected_state": state, "tolerance": tolerance,
           "messages": messages + ep.turns[1:]}
 
@@ -114,7 +115,7 @@ def capital_store(r, lang):
   ep.call(("kv_set", {"key": slot, "value": cap}))
   ep.say(f"The capital of {shown} is {cap}; I saved it under '{slot}'." if lang == "en" else
          f"{shown}의 수도는 {cap}이며, '{slot}' 키에 저장했습니다.")
-  return _task(f"tool/capital_store/{c}/{slot}/{bool(extra)}", lang, ep, cap, {**extra, slot: cap})
+  return _task(f"tool/capital_store/{c}/{slot}", lang, ep, cap, {**extra, slot: cap}, hidden=str(extra))
 
 
 _OPS = {"add": ("+", "Add", "더한"), "subtract": ("-", "Subtract the second from the first", "첫 번째에서 두 번째를 뺀"),
@@ -136,8 +137,8 @@ def kv_arith(r, lang):
   ep.call(("kv_set", {"key": out, "value": res}))
   ep.say(f"{a} {sym} {b} = {res}; saved under '{out}'. The result is {res}." if lang == "en" else
          f"{a} {sym} {b} = {res}이고 '{out}' 키에 저장했습니다. 결과는 {res}입니다.")
-  return _task(f"tool/kv_arith/{k1}/{v1}/{k2}/{v2}/{op}/{out}", lang, ep, res,
-               {k1: v1, k2: v2, "unit": "boxes", out: res})
+  return _task(f"tool/kv_arith/{k1}/{k2}/{op}/{out}", lang, ep, res, {k1: v1, k2: v2, "unit": "boxes", out: res},
+               hidden=f"{v1},{v2}")
 
 
 _CONVERSIONS = [("km", "mi", [5, 10, 21, 50, 100]), ("kg", "lb", [2, 5, 12, 70]), ("ft", "m", [6, 100, 330, 1000]),
@@ -186,23 +187,24 @@ def move_key(r, lang):
   ep.call(("kv_set", {"key": new, "value": got}), ("kv_delete", {"key": old}))
   ep.say(f"Done: '{new}' now holds {got!r} and '{old}' is deleted." if lang == "en" else
          f"완료했습니다. 이제 '{new}' 키에 {got!r} 값이 있고 '{old}' 키는 삭제되었습니다.")
-  return _task(f"tool/move_key/{old}/{new}/{val}/{keep['lang']}", lang, ep, None, {new: val, **keep})
+  return _task(f"tool/move_key/{old}/{new}", lang, ep, None, {new: val, **keep}, hidden=f"{val}/{keep['lang']}")
 
 
 def cleanup(r, lang):
-  tmp = [f"tmp_{w}" for w in r.sample(["a", "b", "cache", "draft", "log", "x"], r.randint(1, 3))]
+  prefix = r.choice(["tmp_", "old_", "test_", "draft_"])
+  tmp = [f"{prefix}{w}" for w in r.sample(["a", "b", "cache", "notes", "log", "x"], r.randint(1, 3))]
   kept = r.sample(["name", "city", "score", "theme", "level"], r.randint(1, 3))
   state = {k: r.randint(1, 9) for k in sorted(tmp + kept)}
   ep = Episode(KV, state)
-  ep.user("Delete every key whose name starts with 'tmp_' from the store, then tell me how many keys remain."
-          if lang == "en" else "저장소에서 이름이 'tmp_'로 시작하는 키를 모두 지우고, 남은 키가 몇 개인지 알려 주세요.")
+  ep.user(f"Delete every key whose name starts with '{prefix}' from the store, then tell me how many keys remain."
+          if lang == "en" else f"저장소에서 이름이 '{prefix}'로 시작하는 키를 모두 지우고, 남은 키가 몇 개인지 알려 주세요.")
   keys = ep.call(("kv_list", {}))[0]["keys"]
-  ep.call(*[("kv_delete", {"key": k}) for k in keys if k.startswith("tmp_")])
+  ep.call(*[("kv_delete", {"key": k}) for k in keys if k.startswith(prefix)])
   left = ep.call(("kv_list", {}))[0]["keys"]
   ep.say(f"I deleted {len(keys) - len(left)} temporary keys. Keys left: {len(left)}." if lang == "en" else
          f"임시 키 {len(keys) - len(left)}개를 지웠습니다. 남은 키는 {len(left)}개입니다.")
-  return _task(f"tool/cleanup/{','.join(sorted(state))}", lang, ep, len(left),
-               {k: v for k, v in state.items() if not k.startswith("tmp_")})
+  return _task(f"tool/cleanup/{prefix}", lang, ep, len(left), {k: v for k, v in state.items()
+                                                                 if not k.startswith(prefix)}, hidden=str(state))
 
 
 def dial_code(r, lang):
@@ -242,7 +244,7 @@ def budget_cut(r, lang):
   ep.call(("kv_set", {"key": slot, "value": new}))
   ep.say(f"{won(old)} reduced by {pct}% is {won(new)}, and it is saved. New amount: {won(new)}." if lang == "en" else
          f"{won(old)}에서 {pct}%를 줄이면 {won(new)}이며 저장했습니다. 새 금액은 {won(new)}입니다.")
-  return _task(f"tool/budget_cut/{slot}/{amount}/{pct}", lang, ep, new, {slot: new})
+  return _task(f"tool/budget_cut/{slot}/{pct}", lang, ep, new, {slot: new}, hidden=str(amount))
 
 
 def recover_average(r, lang):
@@ -260,7 +262,7 @@ def recover_average(r, lang):
   avg = ep.call(("calculator", {"expression": f"{t} / {c}"}))[0]["result"]
   ep.say(f"The total is {t} over {c} entries, so the average is {avg}." if lang == "en" else
          f"합계가 {t}이고 개수가 {c}이므로 평균은 {avg}입니다.")
-  return _task(f"tool/recover_average/{total_key}/{total}/{count}", lang, ep, avg)
+  return _task(f"tool/recover_average/{total_key}", lang, ep, avg, hidden=f"{total}/{count}")
 
 
 def price_then_save(r, lang):
@@ -275,7 +277,7 @@ def price_then_save(r, lang):
   ep.user(f"Thanks. Please save that price under '{slot}'." if lang == "en" else f"고마워요. 그 가격을 '{slot}' 키에 저장해 주세요.")
   ep.call(("kv_set", {"key": slot, "value": price}))
   ep.say(f"Saved under '{slot}': {won(price)} won." if lang == "en" else f"'{slot}' 키에 저장했습니다: {won(price)}원.")
-  return _task(f"tool/price_then_save/{p}/{slot}", lang, ep, price, {slot: price})
+  return _task(f"tool/price_then_save/{p}", lang, ep, price, {slot: price}, hidden=slot)
 
 
 def continent(r, lang):
