@@ -36,7 +36,7 @@ def country_chat(r, lang):
     return _conv(f"chat/country/{name}", lang, turns, [cur], f"{name[0].upper() + name[1:]} uses the {other[8]}.")
   turns = [f"{nko}의 수도는 어디예요?", f"{nko}의 수도는 {cko}입니다.", "그 나라에서는 주로 어떤 말을 써요?",
            f"{nko}에서는 주로 {josa(lngko, '을/를')} 씁니다.", "여행 갈 때 어떤 돈을 챙겨야 해요?",
-           f"{nko}에서는 {josa(curko, '을/를')} 쓰니 {curko}나 카드를 준비하세요."]
+           f"{nko}에서는 {josa(curko, '을/를')} 쓰니 {josa(curko, '이나/나')} 카드를 준비하세요."]
   return _conv(f"chat/country/{name}", lang, turns, [curko], f"{nko}에서는 {josa(other[9], '을/를')} 씁니다.")
 
 
