@@ -128,11 +128,13 @@ class Embed(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: w_down(silu(x w_gate) * (x w_up)); weights [D,F], [D,F], [F,D]."""
+    """SwiGLU feed-forward: w_down(silu(x w_gate) * (x w_up)); weights [D,F], [D,F], [F,D]. `fp8` (an
+    fp8.Fp8Recipe) runs the three matmuls in fp8."""
     d_ff: int
     init_std: float
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    fp8: object = None
 
     @nn.compact
     def __call__(self, x_BxTxD):
@@ -142,6 +144,14 @@ class MLP(nn.Module):
         w_up = param_with_axes(self, "w_up", (d, self.d_ff), ("embed", "mlp"), init, self.param_dtype)
         w_down = param_with_axes(self, "w_down", (self.d_ff, d), ("mlp", "embed"), init, self.param_dtype)
         x = x_BxTxD.astype(self.dtype)
+        if self.fp8 is not None:
+            from kanana_jax.model import fp8
+            mm = lambda a, w, name: fp8.project(a, w, self.dtype, self.fp8, "", history_var=fp8.history_variable(
+                self, name, self.fp8))
+            gate_BxTxF, up_BxTxF = mm(x, w_gate, "w_gate"), mm(x, w_up, "w_up")
+            h_BxTxF = constrain(jax.nn.silu(gate_BxTxF) * up_BxTxF,
+                                ("activation_batch", "activation_length", "activation_mlp"))
+            return mm(h_BxTxF, w_down, "w_down")
         gate_BxTxF = jnp.einsum("btd,df->btf", x, w_gate.astype(self.dtype))
         up_BxTxF = jnp.einsum("btd,df->btf", x, w_up.astype(self.dtype))
         h_BxTxF = constrain(jax.nn.silu(gate_BxTxF) * up_BxTxF, ("activation_batch", "activation_length", "activation_mlp"))

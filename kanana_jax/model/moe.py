@@ -66,8 +66,19 @@ def blocked_gmm(x_MxK, w_ExKxN, group_sizes_E, block: int):
     return y_pad[dest_M]
 
 
-def grouped_matmul(impl: str, block: int):
-    """gmm(lhs[M,K], rhs[E,K,N], group_sizes[E]) -> [M,N] for the configured implementation."""
+def grouped_matmul(impl: str, block: int, fp8=None):
+    """gmm(lhs[M,K], rhs[E,K,N], group_sizes[E]) -> [M,N] for the configured implementation; with an fp8 recipe
+    the fp8 grouped matmul (pallas_kernels/moe/fp8.py: the platform's kernel, or its reference on CPU)."""
+    if fp8 is not None:
+        from pallas_kernels.moe import Tiling
+        from pallas_kernels.moe.fp8 import gmm_fp8
+        if impl == "ragged_dot":
+            raise ValueError("precision.matmul='fp8' needs model.moe_impl='pallas' or 'blocked': "
+                             "jax.lax.ragged_dot takes no fp8 operands with scales")
+        if impl == "blocked":
+            return functools.partial(gmm_fp8, grad_dtype=fp8.grad_dtype, backend="reference",
+                                     tiling=(Tiling(tm=block),) * 3)
+        return functools.partial(gmm_fp8, grad_dtype=fp8.grad_dtype)
     if impl == "blocked":
         return functools.partial(blocked_gmm, block=block)
     if impl == "ragged_dot":
@@ -93,11 +104,13 @@ def dispatch_experts(x_NxD, expert_ids_Nxk, weights_Nxk, w_gate_ExDxF, w_up_ExDx
     return jnp.zeros_like(x_NxD).at[token_M].add(y_MxD.astype(x_NxD.dtype))
 
 
-def dispatch_experts_pallas(x_NxD, expert_ids_Nxk, weights_Nxk, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD):
+def dispatch_experts_pallas(x_NxD, expert_ids_Nxk, weights_Nxk, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, gmm=None):
     """dispatch_experts on pallas_kernels.moe: gather-only permute/combine and the platform's gmm kernel
-    (Mosaic on TPU, Mosaic GPU on Hopper, the blocked jnp path on CPU)."""
-    from pallas_kernels.moe import Routing, combine, gmm, permute
+    (Mosaic on TPU, Mosaic GPU on Hopper, the blocked jnp path on CPU), or the given `gmm`."""
+    from pallas_kernels.moe import Routing, combine, permute
     from pallas_kernels.moe.router import dispatch_metadata
+    if gmm is None:
+        from pallas_kernels.moe import gmm
     group_sizes_E, order_M, token_M, slot_Nxk = dispatch_metadata(expert_ids_Nxk, w_gate_ExDxF.shape[0])
     routing = Routing(expert_ids_Nxk, weights_Nxk, None, group_sizes_E, order_M, token_M, slot_Nxk)
     x_MxD = permute(x_NxD, routing)
@@ -106,8 +119,10 @@ def dispatch_experts_pallas(x_NxD, expert_ids_Nxk, weights_Nxk, w_gate_ExDxF, w_
 
 
 class Experts(nn.Module):
-    """Routed expert weights: w_gate/w_up [E,D,F], w_down [E,F,D]."""
+    """Routed expert weights: w_gate/w_up [E,D,F], w_down [E,F,D]; `fp8` (an fp8.Fp8Recipe) runs the grouped
+    matmuls in fp8 (current scaling, per-expert weight scales)."""
     cfg: ModelConfig
+    fp8: object = None
 
     @nn.compact
     def __call__(self, x_NxD, expert_ids_Nxk, weights_Nxk):
@@ -117,14 +132,17 @@ class Experts(nn.Module):
         w_gate = param_with_axes(self, "w_gate", (E, D, F), ("experts", "embed", "expert_mlp"), init, pdt)
         w_up = param_with_axes(self, "w_up", (E, D, F), ("experts", "embed", "expert_mlp"), init, pdt)
         w_down = param_with_axes(self, "w_down", (E, F, D), ("experts", "expert_mlp", "embed"), init, pdt)
-        gmm = grouped_matmul(cfg.moe_impl, cfg.moe_block_rows)
+        gmm = grouped_matmul(cfg.moe_impl, cfg.moe_block_rows, self.fp8)
         args = (x_NxD.astype(dt), expert_ids_Nxk, weights_Nxk, w_gate.astype(dt), w_up.astype(dt),
                 w_down.astype(dt), gmm)
         plan = None if self.is_initializing() else expert_parallel.current_plan(cfg)
         if plan is not None:  # experts split over a mesh axis: all-to-all dispatch in shard_map
+            if self.fp8 is not None and cfg.expert_parallel == "capacity":
+                raise ValueError("precision.matmul='fp8' with model.expert_parallel='capacity' is not supported "
+                                 "(its batched einsum has no fp8 path); use expert_parallel='dropless'")
             return expert_parallel.dispatch(plan, *args)
         if cfg.moe_impl == "pallas":
-            return dispatch_experts_pallas(*args[:-1])
+            return dispatch_experts_pallas(*args[:-1], gmm=gmm if self.fp8 is not None else None)
         return dispatch_experts(*args)
 
 
@@ -141,6 +159,7 @@ def sequence_balance_loss(scores_BxTxE, expert_ids_BxTxk, n_experts: int):
 class MoE(nn.Module):
     """Shared SwiGLU experts (width n_shared*moe_d_ff) + routed experts; sows expert load and aux losses."""
     cfg: ModelConfig
+    fp8: object = None
 
     @nn.compact
     def __call__(self, x_BxTxD):
@@ -156,10 +175,11 @@ class MoE(nn.Module):
             logits_NxE, bias_E, top_k=cfg.top_k, score_func=cfg.score_func, n_group=cfg.n_group,
             topk_group=cfg.topk_group, norm_topk_prob=cfg.norm_topk_prob,
             routed_scaling_factor=cfg.routed_scaling_factor)
-        routed_NxD = Experts(cfg, name="experts")(x_NxD, expert_ids_Nxk, weights_Nxk)
+        routed_NxD = Experts(cfg, self.fp8, name="experts")(x_NxD, expert_ids_Nxk, weights_Nxk)
         y_BxTxD = routed_NxD.reshape(B, T, D)
         if cfg.n_shared_experts:
-            shared = MLP(cfg.n_shared_experts * cfg.moe_d_ff, cfg.init_std, DTYPES[cfg.dtype], pdt, name="shared")
+            shared = MLP(cfg.n_shared_experts * cfg.moe_d_ff, cfg.init_std, DTYPES[cfg.dtype], pdt, self.fp8,
+                         name="shared")
             y_BxTxD = y_BxTxD + shared(x_BxTxD)
         load_E = jnp.bincount(expert_ids_Nxk.reshape(-1), length=E).astype(jnp.float32)
         self.sow("intermediates", "expert_load", load_E)

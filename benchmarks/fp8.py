@@ -1,0 +1,277 @@
+"""FP8 vs bf16 on one H200: dense projection matmuls, the grouped matmul (ours fp8 / ours bf16 / tokamax), the MoE
+layer, and the train step of the 30B-A3B slice. Each mode runs in its own process; fp8 never runs on CPU.
+
+    python3 benchmarks/fp8.py dense --out $OUT/dense.json       # fp8.matmul fwd+bwd (both dot forms) vs bf16 einsum
+    python3 benchmarks/fp8.py gmm --out $OUT/gmm.json           # device check, then fp8 gmm vs bf16 gmm vs tokamax
+    python3 benchmarks/fp8.py layer --out $OUT/layer.json       # MoE layer fwd+bwd, fp8 vs bf16, same process
+    python3 benchmarks/fp8.py step --layers 8 --batch 4 --accum 4 --out $OUT/step.json   # train step bf16 vs fp8
+    python3 benchmarks/fp8.py table $OUT/*.json
+
+Shapes: the 30B-A3B reconstruction (hidden 2048, MLA 16 heads, 128 experts of 768, top-6) at 4 x 4096 tokens
+per microbatch. XLA's fp8 GEMMs are autotuned per shape at compile time (25-42 s each with the default flags,
+PERFORMANCE.md); `--xla-flags` passes flags to the child processes (e.g. --xla_gpu_autotune_level=0).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks import peers  # noqa: E402
+
+DENSE_SHAPES = {  # (M tokens, K, N): attention q/out projections, shared-expert MLP, dense MLP, LM head
+    "proj_2048x2048": (16384, 2048, 2048), "wkv_b_512x4096": (16384, 512, 4096),
+    "shared_2048x1536": (16384, 2048, 1536), "lm_head_2048x128256": (16384, 2048, 128256)}
+
+
+def _require_fp8_gpu():
+    from kanana_jax.model import fp8
+    fp8.check_supported(fp8.Fp8Recipe(), for_timing=True)
+
+
+def _timed(fn, *args, reps):
+    """(compile seconds, median seconds per call) of a jitted fn."""
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    compile_s = time.perf_counter() - t0
+    return compile_s, peers.bench(fn, *args, reps=reps, warm=2)
+
+
+def dense(args):
+    _require_fp8_gpu()
+    from kanana_jax.model import fp8
+    out = {"device": str(jax.devices()[0]), "xla_flags": os.environ.get("XLA_FLAGS", ""), "rows": []}
+    names = args.shapes.split(",") if args.shapes else list(DENSE_SHAPES)
+    for name in names:
+        m, k, n = DENSE_SHAPES[name]
+        x = jax.random.normal(jax.random.PRNGKey(0), (m, k), jnp.bfloat16)
+        w = jax.random.normal(jax.random.PRNGKey(1), (k, n), jnp.float32).astype(jnp.bfloat16) * 0.02
+        flops = 3 * 2 * m * k * n
+        variants = {"bf16": lambda x, w: jnp.einsum("mk,kn->mn", x, w)}
+        for form in args.forms.split(","):
+            r = fp8.Fp8Recipe(dot_form=form)
+            variants[f"fp8_{form}"] = lambda x, w, r=r: fp8.matmul(x, w, r)
+        for label, f in variants.items():
+            step = jax.jit(jax.value_and_grad(lambda x, w, f=f: jnp.sum(f(x, w).astype(jnp.float32)),
+                                              argnums=(0, 1)))
+            try:
+                c, s = _timed(step, x, w, reps=args.reps)
+                rec = {"shape": name, "variant": label, "compile_s": c, "ms": 1e3 * s, "tflops": flops / s / 1e12}
+            except Exception as e:
+                rec = {"shape": name, "variant": label, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+            print(rec, flush=True)
+            out["rows"].append(rec)
+    _write(args.out, out)
+
+
+def gmm_mode(args):
+    _require_fp8_gpu()
+    from benchmarks.moe import FULL, oracle_gmm, ragged_sizes, rel_err, time_gmm
+    from pallas_kernels.moe import gmm
+    from pallas_kernels.moe.fp8 import gmm_fp8, gmm_fp8_reference
+    E, K, N = FULL["E"], FULL["D"], FULL["F"]
+    rows = FULL["tokens"] * FULL["k"]
+    lhs, rhs, gs = peers.moe_inputs(E=E, K=K, N=N, rows=rows)
+    out = {"device": str(jax.devices()[0]), "shape": dict(rows=rows, E=E, K=K, N=N)}
+    # device check: ragged sizes with empty groups and rows past the groups
+    gs_r = ragged_sizes(rows, E, 1)
+    f8 = jax.jit(lambda l, r, g: gmm_fp8(l, r, g, backend="gpu"))
+    got = f8(lhs, rhs, gs_r)
+    out["check"] = {"fwd_vs_dequantized_rel": rel_err(got, gmm_fp8_reference(lhs, rhs, gs_r)),
+                    "fwd_vs_bf16_exact_rel": rel_err(got, oracle_gmm(lhs, rhs, gs_r)),
+                    "rows_past_groups_zero": bool(jnp.all(got[int(gs_r.sum()):] == 0))}
+    dout = jax.random.normal(jax.random.PRNGKey(7), (rows, N), jnp.bfloat16)
+    # dout is an argument: closed over, XLA would constant-fold its amax (minutes of compile)
+    loss = lambda fn: (lambda l, r, g, d: jnp.sum(fn(l, r, g).astype(jnp.float32) * d.astype(jnp.float32)))
+    g8 = jax.jit(jax.grad(loss(lambda l, r, g: gmm_fp8(l, r, g, backend="gpu")), argnums=(0, 1)))(
+        lhs, rhs, gs_r, dout)
+    gref = jax.jit(jax.grad(loss(oracle_gmm), argnums=(0, 1)))(lhs, rhs, gs_r, dout)
+    out["check"].update(dlhs_rel=rel_err(g8[0], gref[0]), drhs_rel=rel_err(g8[1], gref[1]))
+    print("check", out["check"], flush=True)
+    # the kernels alone on pre-quantized operands (what fp8 saves before the quantizing passes)
+    from pallas_kernels.moe import Tiling
+    from pallas_kernels.moe.fp8 import quantize_tensor, quantize_weights, scaled_gmm
+    qx, sx = quantize_tensor(lhs)
+    qw, qw_t, sw = quantize_weights(rhs)
+    qg, sg = quantize_tensor(dout, "e5m2")
+    flops = 2 * rows * K * N
+    out["kernels"] = {}
+    calls = {"bf16_fwd": (lambda: jax.jit(lambda l, r, g: gmm(l, r, g, backend="gpu")), (lhs, rhs, gs)),
+             "bf16_dlhs": (lambda: jax.jit(lambda d, r, g: gmm(d, r, g, transpose_rhs=True, backend="gpu")),
+                           (dout, rhs, gs))}
+    for t in [None, Tiling(128, 128, 128, 4), Tiling(64, 128, 256, 3)]:
+        tag = "default" if t is None else f"{t.tm}x{t.tk}x{t.tn}x{t.stages}"
+        calls[f"fp8_fwd_{tag}"] = (lambda t=t: jax.jit(lambda q, r, g, s: scaled_gmm(
+            q, r, g, s, out_dtype=jnp.bfloat16, tiling=t, backend="gpu")), (qx, qw_t, gs, sx * sw))
+        calls[f"fp8_dlhs_{tag}"] = (lambda t=t: jax.jit(lambda q, r, g, s: scaled_gmm(
+            q, r, g, s, out_dtype=jnp.bfloat16, tiling=t, backend="gpu")), (qg, qw, gs, sg * sw))
+    for name, (make, a) in calls.items():
+        try:
+            ms = 1e3 * peers.bench(make(), *a, reps=args.reps)
+            out["kernels"][name] = {"ms": ms, "tflops": flops / ms / 1e9}
+        except Exception as e:
+            out["kernels"][name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+        print(name, out["kernels"][name], flush=True)
+    quant = {"x": (jax.jit(quantize_tensor), (lhs,)), "w": (jax.jit(quantize_weights), (rhs,))}
+    for name, (f, a) in quant.items():
+        out["kernels"][f"quantize_{name}"] = {"ms": 1e3 * peers.bench(f, *a, reps=args.reps)}
+    print("quantize", {k: v for k, v in out["kernels"].items() if k.startswith("quantize")}, flush=True)
+    impls = {"ours_fp8": lambda l, r, g: gmm_fp8(l, r, g, backend="gpu"),
+             "ours_bf16": lambda l, r, g: gmm(l, r, g, backend="gpu"),
+             "tokamax_bf16": peers.peer_grouped_matmul("tokamax")}
+    out["gmm"] = {}
+    for name, fn in impls.items():
+        try:
+            fwd, fb = time_gmm(fn, lhs, rhs, gs, reps=args.reps)
+            out["gmm"][name] = {"fwd_tflops": fwd, "fwdbwd_tflops": fb}
+        except Exception as e:
+            out["gmm"][name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        print(name, out["gmm"][name], flush=True)
+    _write(args.out, out)
+
+
+def layer(args):
+    _require_fp8_gpu()
+    from benchmarks.moe import FULL, layer_params, moe_layer
+    from pallas_kernels.moe import gmm
+    from pallas_kernels.moe.fp8 import gmm_fp8
+    shape = FULL
+    params = layer_params(shape)
+    x = jax.random.normal(jax.random.PRNGKey(5), (shape["tokens"], shape["D"]), jnp.bfloat16)
+    out = {"device": str(jax.devices()[0]), "rows": []}
+    M, D, F = shape["tokens"] * shape["k"], shape["D"], shape["F"]
+    for name, fn in {"bf16": lambda l, r, g: gmm(l, r, g, backend="gpu"),
+                     "fp8": lambda l, r, g: gmm_fp8(l, r, g, backend="gpu")}.items():
+        loss = lambda p, x, fn=fn: jnp.sum(moe_layer(p, x, fn, k=shape["k"]).astype(jnp.float32))
+        step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+        c, s = _timed(step, params, x, reps=args.reps)
+        val, grads = step(params, x)
+        rec = {"variant": name, "fwdbwd_ms": 1e3 * s, "gmm_tflops": 18 * M * D * F / s / 1e12, "compile_s": c,
+               "loss": float(val),
+               "grad_norms": {n: float(jnp.linalg.norm(g.astype(jnp.float32))) for n, g in grads[0].items()}}
+        print(rec, flush=True)
+        out["rows"].append(rec)
+    _write(args.out, out)
+
+
+def precision_seam(recipe):
+    """Builds the train step's model with `recipe` (the benchmark's own seam until the config's precision
+    section reaches the builder: then `precision.matmul=fp8` does this)."""
+    import dataclasses
+    from kanana_jax.model import transformer
+    base = transformer.Transformer
+
+    class Fp8Transformer(base):
+        fp8: object = dataclasses.field(default=recipe)
+
+    import kanana_jax.model as model_pkg
+    model_pkg.Transformer = Fp8Transformer
+    for mod in ("kanana_jax.train.builder", "kanana_jax.train.stages.pretrain"):
+        m = sys.modules.get(mod) or __import__(mod, fromlist=["_"])
+        if hasattr(m, "Transformer"):
+            m.Transformer = Fp8Transformer
+
+
+def step_child(args):
+    from benchmarks import train_step as ts
+    if args.only == "fp8":
+        _require_fp8_gpu()
+        from kanana_jax.model import fp8
+        precision_seam(fp8.Fp8Recipe(grad_dtype=args.grad_dtype, scaling="current", lm_head=args.lm_head))
+    ns = argparse.Namespace(layers=args.layers, batch=args.batch, accum=args.accum, seq=args.seq,
+                            optimizer="muon", remat="none", reps=args.reps, profile="kernels" if args.profile
+                            == args.only else "", out=args.trace_dir, size="kanana2_30b_a3b")
+    os.makedirs(ns.out, exist_ok=True)
+    rec = ts.run_variant("kernels", ns, args.ceiling)
+    rec["variant"] = args.only
+    print("RESULT " + json.dumps(rec, default=str), flush=True)
+
+
+def step(args):
+    env = dict(os.environ)
+    env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = env.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.94")
+    from benchmarks import train_step as ts
+    ceiling = ts.matmul_ceiling_tflops()
+    out = {"device": str(jax.devices()[0]), "xla_flags": os.environ.get("XLA_FLAGS", ""), "ceiling": ceiling,
+           "layers": args.layers, "batch": args.batch, "accum": args.accum, "seq": args.seq, "variants": []}
+    for name in args.variants.split(","):
+        cmd = [sys.executable, os.path.abspath(__file__), "step", "--only", name, "--ceiling", str(ceiling),
+               "--layers", str(args.layers), "--batch", str(args.batch), "--accum", str(args.accum),
+               "--seq", str(args.seq), "--reps", str(args.reps), "--grad-dtype", args.grad_dtype,
+               "--profile", args.profile, "--trace-dir", os.path.join(args.trace_dir, name)]
+        if args.lm_head:
+            cmd.append("--lm-head")
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.child_timeout)
+        lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        rec = json.loads(lines[-1][7:]) if lines else {"variant": name, "error": (proc.stderr or proc.stdout)[-800:]}
+        print(json.dumps(rec, default=str)[:1500], flush=True)
+        out["variants"].append(rec)
+    _write(args.out, out)
+
+
+def table(args):
+    recs = [json.load(open(f)) for f in sorted(sum((glob.glob(p) for p in args.files), []))]
+    for r in recs:
+        if "rows" in r and r["rows"] and "shape" in r["rows"][0]:
+            print("| shape | variant | fwd+bwd ms | TFLOP/s | compile s |\n|---|---|---|---|---|")
+            for x in r["rows"]:
+                print(f"| {x['shape']} | {x['variant']} | " + (f"{x['ms']:.3f} | {x['tflops']:.0f} | "
+                      f"{x['compile_s']:.1f} |" if "ms" in x else f"error {x['error'][:60]} | | |"))
+        if "gmm" in r:
+            print("check:", r.get("check"))
+            for k, v in r["gmm"].items():
+                print(f"| {k} | {v.get('fwd_tflops', 0):.0f} | {v.get('fwdbwd_tflops', 0):.0f} |")
+        if "variants" in r:
+            base = {v["variant"]: v for v in r["variants"] if "step_s" in v}
+            for v in r["variants"]:
+                print(v["variant"], {k: v.get(k) for k in ("step_s", "mfu", "peak_gib", "compile_s", "loss", "error")})
+            if "bf16" in base and "fp8" in base:
+                print(f"fp8 speed-up {base['bf16']['step_s'] / base['fp8']['step_s']:.3f}x")
+
+
+def _write(path, obj):
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(obj, f, indent=1, default=str)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", choices=["dense", "gmm", "layer", "step", "table"])
+    p.add_argument("files", nargs="*")
+    p.add_argument("--out", default=None)
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--shapes", default="")
+    p.add_argument("--forms", default="direct,dequant")
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--accum", type=int, default=4)
+    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--variants", default="bf16,fp8")
+    p.add_argument("--grad-dtype", default="e5m2")
+    p.add_argument("--lm-head", action="store_true")
+    p.add_argument("--profile", default="", help="variant to trace (bf16|fp8)")
+    p.add_argument("--trace-dir", default="/tmp/fp8_step")
+    p.add_argument("--child-timeout", type=int, default=560)
+    p.add_argument("--only", default="", help=argparse.SUPPRESS)
+    p.add_argument("--ceiling", type=float, default=0.0, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.mode == "step" and args.only:
+        return step_child(args)
+    {"dense": dense, "gmm": gmm_mode, "layer": layer, "step": step, "table": table}[args.mode](args)
+
+
+if __name__ == "__main__":
+    main()
