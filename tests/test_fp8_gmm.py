@@ -20,7 +20,7 @@ TILES = {"reference": None,
          "tpu": GmmTilings(Tiling(64, 128, 128), Tiling(64, 128, 128), Tiling(128, 128, 128))}
 
 
-def _case(seed, m=200, k=128, n=256, e=6):
+def _case(seed, m=200, k=128, n=128, e=6):
     ks = jax.random.split(jax.random.PRNGKey(seed), 3)
     x = jax.random.normal(ks[0], (m, k), jnp.float32).astype(jnp.bfloat16)
     spread = jnp.asarray([1, 4, 0.25, 1, 2, 1][:e], jnp.float32)[:, None, None]  # experts' ranges differ
