@@ -171,6 +171,8 @@ class DataConfig:
     shuffle: bool = True
     on_bad_record: Literal["fail", "skip"] = "fail"
     mixture: tuple = ()              # ((name, path or 'embedded', weight), ...); empty = the single source above
+    mixture_weights_in: Literal["documents", "tokens"] = _field(
+        "documents", doc="mixture weights are shares of documents (drawn at random) or of tokens (tracked)")
 
     def __post_init__(self):
         for entry in self.mixture:
@@ -183,7 +185,9 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Steps, logging, evaluation, checkpointing and loss weights."""
-    stage: Literal["pretrain"] = "pretrain"
+    stage: Literal["pretrain", "midtrain"] = "pretrain"
+    init_from: str = _field("", doc="start from another run's params: WORKDIR[:STEP] or hf:DIR (fresh optimizer "
+                                    "and data position; used only while the workdir has no checkpoint of its own)")
     steps: int = _field(200, lo=1)
     grad_accum_steps: int = _field(1, lo=1, doc="microbatches per optimizer step; data.global_batch_size must "
                                                 "be a multiple (gradients are summed token-weighted in fp32)")
@@ -332,6 +336,17 @@ def load(config: Any) -> ExperimentConfig:
     """Validates an experiment ConfigDict (or nested dict) into an `ExperimentConfig`."""
     values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     return build(ExperimentConfig, values)
+
+
+RUN_RECORD_KEYS = ("provenance",)  # keys a run adds to its config.json beside the config itself
+
+
+def read_run_config(path: str) -> ExperimentConfig:
+    """The validated config of a run's config.json (written by the loop: the config plus `RUN_RECORD_KEYS`)."""
+    import json
+    with open(path, encoding="utf-8") as f:
+        values = json.load(f)
+    return load({k: v for k, v in values.items() if k not in RUN_RECORD_KEYS})
 
 
 def to_dict(cfg) -> dict:

@@ -186,10 +186,16 @@ def opt_state_shardings(abstract_opt_state, abstract_params, params_sharding, me
     return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
 
 
-def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
-    """Batches [B, T] are split over the mesh axes that `activation_batch` maps to."""
+def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:
+    """A batch field of rank `ndim` ([B, T], [B], [B, 2, T], ...): rows split over the mesh axes that
+    `activation_batch` maps to, every other axis whole."""
     axes = dict(rules)["activation_batch"]
-    return NamedSharding(mesh, P(axes, None))
+    return NamedSharding(mesh, P(axes, *([None] * (ndim - 1))))
+
+
+def batch_shardings(spec: dict, mesh: Mesh, rules) -> dict:
+    """{field: NamedSharding} for a stage's batch_spec ({field: BatchField})."""
+    return {k: batch_sharding(mesh, rules, len(f.shape)) for k, f in spec.items()}
 
 
 def check_batch_divides(global_batch_size: int, mesh: Mesh, rules, grad_accum_steps: int = 1) -> None:
@@ -211,6 +217,12 @@ def check_batch_divides(global_batch_size: int, mesh: Mesh, rules, grad_accum_st
                          f"{shards * grad_accum_steps}")
 
 
-def put_batch(batch: dict, sharding: NamedSharding) -> dict:
-    """Assembles this host's rows of a batch into global arrays laid out by `sharding`."""
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+def put_batch(batch: dict, shardings) -> dict:
+    """Assembles this host's rows of a batch into global arrays laid out by `shardings` (one NamedSharding for
+    every field, or {field: NamedSharding}); a field the shardings do not know is an error naming it."""
+    if not isinstance(shardings, dict):
+        shardings = {k: shardings for k in batch}
+    unknown = sorted(set(batch) - set(shardings))
+    if unknown:
+        raise ValueError(f"batch fields {unknown} are not in the stage's batch_spec (fields: {sorted(shardings)})")
+    return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v)) for k, v in batch.items()}

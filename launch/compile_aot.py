@@ -3,8 +3,9 @@
     python -m launch.compile_aot --config experiments/pretrain.py:size=kanana2_30b_a3b --topology v5p-128
 
 Builds the same trainer the training loop uses (`build_trainer(cfg, devices=<the slice's compile-only TPU
-devices>)`: model, optimizer, post-update rules, mesh, shardings), lowers `train_step` on abstract arguments
-(the sharded train state and one global batch) and compiles it with the TPU compiler. Prints ONE JSON object:
+devices>)`: the stage's model, optimizer, post-update rules, mesh, shardings), lowers `train_step` on abstract
+arguments (the sharded train state, the stage's extra state included, and one global batch with the fields and
+shapes of the stage's `batch_spec`) and compiles it with the TPU compiler. Any stage (`train.stage`) works. Prints ONE JSON object:
 per-chip bytes (argument / output / alias / temp / generated code; total = argument + output - alias + temp +
 code), the chip's HBM, `fits`, compile seconds, and FLOPs per step per chip from the compiled cost analysis next
 to the model's analytic FLOPs (XLA's cost analysis counts a scanned layer stack's body once, so with
@@ -72,30 +73,25 @@ def parse_oom(message: str) -> dict | None:
 
 def compile_for_topology(cfg, slice_) -> dict:
     """Lowers and compiles `cfg`'s train step for `slice_`; returns the report (see the module docstring)."""
-    import jax
-    from kanana_jax.data import pipeline
-    from kanana_jax.model.flops import flops_per_token
+    from kanana_jax.sharding import check_batch_divides
     from kanana_jax.train.builder import build_trainer
     from launch.topologies import topology_devices
 
-    from kanana_jax.sharding import check_batch_divides
     devices = topology_devices(slice_)
     trainer = build_trainer(cfg, devices=devices)
     check_batch_divides(cfg.data.global_batch_size, trainer.mesh, trainer.rules, cfg.train.grad_accum_steps)
     chips = len(devices)
-    tokens = cfg.data.global_batch_size * cfg.data.seq_len
-    report = {"topology": slice_.name, "num_slices": slice_.num_slices, "chips": chips,
+    report = {"stage": cfg.train.stage, "topology": slice_.name, "num_slices": slice_.num_slices, "chips": chips,
               "device_kind": devices[0].device_kind, "mesh": {k: int(v) for k, v in trainer.mesh.shape.items()},
               "rules": cfg.mesh.rules, "global_batch": cfg.data.global_batch_size, "seq_len": cfg.data.seq_len,
               "remat": cfg.model.remat_policy, "optimizer": cfg.optimizer.name, "moe_impl": cfg.model.moe_impl,
               "expert_parallel": cfg.model.expert_parallel, "hbm_per_chip": slice_.generation.hbm_bytes,
-              "model_flops_per_step_per_chip": flops_per_token(cfg.model, cfg.data.seq_len) * tokens / chips}
-    batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=trainer.batch_sharding)
-             for k, (shape, dtype) in pipeline.batch_shapes(cfg.data).items()}
+              "batch_fields": {k: list(f.shape) for k, f in trainer.batch_spec.items()},
+              "model_flops_per_step_per_chip": trainer.stage.flops_per_step(cfg) / chips}
     start = time.perf_counter()
     with trainer.context():
         state = trainer.abstract_state()
-        lowered = trainer.train_step.lower(state, batch)
+        lowered = trainer.train_step.lower(state, trainer.abstract_batch())
         try:
             compiled = lowered.compile()
         except Exception as e:  # the TPU compiler reports HBM overflow as an error

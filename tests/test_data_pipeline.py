@@ -247,8 +247,13 @@ def test_hf_tokenizer_pipeline(tmp_path):
     assert b["inputs_BxT"].max() < tok.vocab_size
 
 
-def test_batch_shapes_matches_batches():
-  cfg = DataCfg(global_batch_size=8, seq_len=32)
-  b = next(pipeline.make_iterator(cfg, split="train", seed=0, shard_index=1, shard_count=2))
-  for k, (shape, dtype) in pipeline.batch_shapes(cfg, shard_count=2).items():
-    assert b[k].shape == shape and b[k].dtype == dtype
+@pytest.mark.parametrize("mixture", [(), (("ko", "embedded:wiki_ko", 1.0), ("m", "embedded:math", 1.0))])
+def test_pretrain_batch_spec_matches_batches(mixture):
+  from kanana_jax.config import ExperimentConfig  # pylint: disable=import-outside-toplevel
+  from kanana_jax.train.stages import get_stage  # pylint: disable=import-outside-toplevel
+  cfg = ExperimentConfig(data=DataCfg(global_batch_size=8, seq_len=32, mixture=mixture))
+  spec = get_stage("pretrain").batch_spec(cfg)
+  b = next(pipeline.make_iterator(cfg.data, split="train", seed=0, shard_index=1, shard_count=2))
+  assert set(b) == set(spec) == set(KEYS) | ({"source_ids_BxT"} if mixture else set())
+  for k, field in spec.items():
+    assert b[k].shape == field.local(2) and b[k].dtype == field.dtype

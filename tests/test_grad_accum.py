@@ -1,7 +1,5 @@
 """Gradient accumulation: train.grad_accum_steps microbatches give the full batch's loss, gradients and sown
 values, and the whole train step (Muon + MuonClip) matches the one-shot step."""
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,9 +46,11 @@ def test_accumulated_loss_grads_and_sown_values_equal_the_full_batch(accum):
     batch = _batch(cfg1)
     with trainer.context():
         params = trainer.init(jax.random.PRNGKey(0)).params
-        grad_fn = jax.value_and_grad(functools.partial(trainer.stage.loss_fn, trainer.model), has_aux=True)
-        (loss1, aux1), grads1 = jax.jit(lambda p, b: grad_fn(p, b, cfg1))(params, batch)
-        lossn, auxn, gradsn = jax.jit(lambda p, b: step_lib.accumulate_gradients(grad_fn, p, b, cfgn))(params, batch)
+        grad_fn = step_lib.loss_and_grad_fn(trainer.stage, trainer.model, {}, cfg1)
+        rng = jax.random.PRNGKey(1)
+        (loss1, aux1), grads1 = jax.jit(lambda p, b: grad_fn(p, b, rng))(params, batch)
+        lossn, auxn, gradsn = jax.jit(lambda p, b: step_lib.accumulate_gradients(grad_fn, p, b, cfgn, rng))(params,
+                                                                                                             batch)
     np.testing.assert_allclose(float(lossn), float(loss1), rtol=2e-5)
     assert float(auxn["metrics"]["tokens"]) == float(aux1["metrics"]["tokens"]) == batch["loss_mask_BxT"].sum()
     for g1, gn in zip(jax.tree.leaves(grads1), jax.tree.leaves(gradsn)):
@@ -93,7 +93,7 @@ def test_bf16_copy_of_compute_weights_gives_the_same_gradients(attention):
     batch = _batch(cfg, seed=1)
     with trainer.context():
         params = trainer.init(jax.random.PRNGKey(0)).params
-        grad_fn = jax.grad(lambda p, b: trainer.stage.loss_fn(trainer.model, p, b, cfg)[0])
+        grad_fn = jax.grad(lambda p, b: trainer.stage.loss_fn(trainer.model, p, {}, b, cfg, None)[0])
         g32 = jax.jit(grad_fn)(params, batch)
         g16 = jax.jit(lambda p, b: grad_fn(step_lib.compute_dtype_copy(p, cfg), b))(params, batch)
     cast = 0

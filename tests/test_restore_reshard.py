@@ -35,7 +35,7 @@ def restore_onto_other_mesh():
             saved = jax.device_get(state)
             ckpt.save(1, state, {"position": 7})
             ckpt.wait()
-            loss_a = a.eval_step(state.params, sharding.put_batch(batch, a.batch_sharding))["eval_loss"]
+            loss_a = a.eval_step(state.params, state.extra, sharding.put_batch(batch, a.batch_sharding))["eval_loss"]
         with b.context():
             out = ckpt.restore(1, b.abstract_state())
             restored, data_state = (out.state, out.data_state) if hasattr(out, "state") else out
@@ -44,7 +44,7 @@ def restore_onto_other_mesh():
                 zip(jax.tree.leaves(restored), jax.tree.leaves(b.state_sharding,
                                                                is_leaf=lambda x: hasattr(x, "spec"))))
             host = jax.device_get(restored)
-            loss_b = b.eval_step(restored.params, sharding.put_batch(batch, b.batch_sharding))["eval_loss"]
+            loss_b = b.eval_step(restored.params, restored.extra, sharding.put_batch(batch, b.batch_sharding))["eval_loss"]
         ckpt.close()
     diffs = [float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
              for x, y in zip(jax.tree.leaves(saved), jax.tree.leaves(host))]

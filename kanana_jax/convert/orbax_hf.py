@@ -10,8 +10,6 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
-import orbax.checkpoint as ocp
 
 from kanana_jax import config as config_lib
 from kanana_jax.config import ExperimentConfig
@@ -36,10 +34,8 @@ def check_architecture(cfg: ExperimentConfig, hf: dict) -> None:
 def hf_to_workdir(hf_dir: str, cfg: ExperimentConfig, workdir: str) -> str:
     """Writes HF checkpoint `hf_dir` as step 0 (params + fresh optimizer state + data position 0) of `workdir`;
     cfg.model must have the checkpoint's architecture (dtypes, kernels and remat may differ). Returns the path."""
-    from kanana_jax.data import pipeline
     from kanana_jax.train.builder import build_trainer
     from kanana_jax.train.checkpoint import Checkpointer
-    from kanana_jax.train.step import TrainState
 
     hf = hf_config.read_hf_config(hf_dir)
     check_architecture(cfg, hf)
@@ -51,10 +47,8 @@ def hf_to_workdir(hf_dir: str, cfg: ExperimentConfig, workdir: str) -> str:
     with trainer.context():
         params = import_params(SafetensorsCheckpoint(hf_dir), cfg.model, interleaved=hf_config.rope_interleaved(hf),
                                shardings=trainer.state_sharding.params, allow_missing_bias=method != "noaux_tc")
-        opt_state = jax.jit(trainer.optimizer.init, out_shardings=trainer.state_sharding.opt_state)(params)
-        step = jax.device_put(jnp.zeros((), jnp.int32), trainer.state_sharding.step)
-        state = TrainState(step=step, params=params, opt_state=opt_state)
-        data_state = pipeline.make_iterator(cfg.data, split="train", seed=cfg.train.seed).get_state()
+        state = trainer.state_from_params(params, jax.random.PRNGKey(cfg.train.seed))
+        data_state = trainer.stage.make_source(cfg, "train", cfg.train.seed).get_state()
         checkpointer = Checkpointer(directory, keep=cfg.train.keep_checkpoints, async_save=False)
         checkpointer.save(0, state, data_state)
         checkpointer.close()
@@ -69,31 +63,33 @@ def load_workdir_config(workdir: str) -> ExperimentConfig:
     path = os.path.join(workdir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist: expected a workdir written by `kanana-jax run`")
-    with open(path, encoding="utf-8") as f:
-        return config_lib.load(json.load(f))
+    return config_lib.read_run_config(path)
 
 
 def restore_params(workdir: str, step: int | None = None, cfg: ExperimentConfig | None = None):
-    """(step, params) of checkpoint `step` (default: latest) of `workdir`, sharded like the trainer's params;
-    the optimizer state is not read."""
+    """(step, params) of checkpoint `step` (default: latest) of `workdir`: the stage's policy Transformer params
+    (a reward model's backbone, say), sharded like the trainer's and verified against their checksums; the
+    optimizer state is not read."""
     from kanana_jax.train.builder import build_trainer
+    from kanana_jax.train.checkpoint import Checkpointer
+    from kanana_jax.train.stages.protocol import subtree
 
     cfg = cfg or load_workdir_config(workdir)
-    directory = os.path.abspath(os.path.join(workdir, CHECKPOINTS))
-    steps = sorted(int(s) for s in os.listdir(directory) if s.isdigit()) if os.path.isdir(directory) else []
-    if not steps:
-        raise FileNotFoundError(f"no checkpoints under {directory}")
-    step = steps[-1] if step is None else step
-    if step not in steps:
-        raise FileNotFoundError(f"no checkpoint for step {step} under {directory}; steps: {steps}")
-    trainer = build_trainer(cfg)
-    with trainer.context():
-        abstract = trainer.abstract_state().params
-        restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, dtype=s.dtype), abstract)
-        with ocp.PyTreeCheckpointer() as ckptr:
-            restored = ckptr.restore(os.path.join(directory, str(step), "state"), args=ocp.args.PyTreeRestore(
-                item={"params": abstract}, restore_args={"params": restore_args}, partial_restore=True))
-    return step, restored["params"]
+    checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINTS), keep=10 ** 6, async_save=False)
+    try:
+        steps = checkpointer.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"no checkpoints under {checkpointer.directory}")
+        step = steps[-1] if step is None else step
+        if step not in steps:
+            raise FileNotFoundError(f"no checkpoint for step {step} under {checkpointer.directory}; steps: {steps}")
+        trainer = build_trainer(cfg)
+        with trainer.context():
+            path = tuple(trainer.stage.policy_path)
+            abstract = subtree(trainer.abstract_state().params, path)
+            return step, checkpointer.restore_params(step, abstract, ("params",) + path)
+    finally:
+        checkpointer.close()
 
 
 def workdir_to_hf(workdir: str, out_dir: str, *, step: int | None = None, dtype: str | None = None,

@@ -12,12 +12,17 @@ Batch (this host's rows, B = global_batch_size // shard_count, T = seq_len):
   segment_ids_BxT int32 1, 2, 3... per packed chunk in a row, 0 on padding
   positions_BxT int32   0, 1, 2... restarting at every chunk
   loss_mask_BxT float32 1 where the target is the next token of the same chunk, else 0
+  source_ids_BxT int32  (only with `source_ids`, e.g. for a mixture of several sources) the mixture index of the
+                        source each token came from (0 on padding)
 
 Order: split='train' is infinite; each source is shuffled per epoch with a permutation drawn from
 (seed, source index, epoch). split='eval' is one pass over every source in order, then
 StopIteration (the last batch is filled with padding rows). Every host builds the same global
 batch and keeps its rows, so the iterator state is identical on all hosts and does not depend on
-shard_count. Mixtures choose each next document's source by weight from (seed, position).
+shard_count. Mixtures choose each next document's source by weight: with `mix_unit='documents'` at
+random from (seed, position), so weights are shares of documents; with `mix_unit='tokens'` the source
+furthest below its share of the tokens read so far (ties: the first), so weights are shares of tokens
+(the packed tokens per source are in `stats()['packed_tokens_per_source']`).
 """
 from __future__ import annotations
 
@@ -35,6 +40,10 @@ MIX_BLOCK = 4096
 _MIX_SALT = 0x6D6978
 _LOG_SKIPS = 10
 BAD_RECORD_MODES = ("fail", "skip")
+MIX_UNITS = ("documents", "tokens")
+BATCH_DTYPES = {"inputs_BxT": np.dtype(np.int32), "targets_BxT": np.dtype(np.int32),
+                "segment_ids_BxT": np.dtype(np.int32), "positions_BxT": np.dtype(np.int32),
+                "loss_mask_BxT": np.dtype(np.float32)}
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +69,8 @@ class TokenBatchIterator:
   def __init__(self, sources: Sequence[tuple[str, sources_lib.DocumentSource, float]],
                tokenizer: tokenizer_lib.Tokenizer, *, seq_len: int, global_batch_size: int,
                split: str, seed: int, shuffle: bool = True, on_bad_record: str = "fail",
-               shard_index: int = 0, shard_count: int = 1, pack_window: int = PACK_WINDOW):
+               shard_index: int = 0, shard_count: int = 1, pack_window: int = PACK_WINDOW,
+               mix_unit: str = "documents", source_ids: Sequence[int] | None = None):
     if split not in sources_lib.SPLITS:
       raise ValueError(f"split must be one of {sources_lib.SPLITS}, got {split!r}")
     if on_bad_record not in BAD_RECORD_MODES:
@@ -74,6 +84,10 @@ class TokenBatchIterator:
                        f"the number of data shards (hosts) {shard_count}")
     if not sources:
       raise ValueError("no data source given")
+    if mix_unit not in MIX_UNITS:
+      raise ValueError(f"data.mixture_weights_in must be one of {MIX_UNITS}, got {mix_unit!r}")
+    if source_ids is not None and len(source_ids) != len(sources):
+      raise ValueError(f"source_ids needs one id per source ({len(sources)}), got {list(source_ids)}")
     for name, src, weight in sources:
       if len(src) == 0:
         raise ValueError(f"data source {name!r} ({src.name}) holds no documents for split {split!r}")
@@ -90,6 +104,8 @@ class TokenBatchIterator:
     self.shard_index, self.shard_count = shard_index, shard_count
     self.local_batch_size = global_batch_size // shard_count
     self.pack_window = pack_window
+    self.mix_unit = mix_unit
+    self.source_ids = None if source_ids is None else np.asarray(source_ids, np.int32)
     self._positions_T = np.arange(seq_len, dtype=np.int32)
     self._perm_cache: dict[int, tuple[int, np.ndarray]] = {}
     self._mix_cache: tuple[int, np.ndarray] | None = None
@@ -102,13 +118,15 @@ class TokenBatchIterator:
     self._epoch = [0] * n
     self._pos = [0] * n
     self._mix_pos = 0
+    self._mix_tokens = np.zeros(n, np.int64)
     self._eval_source = 0
     self._cur: tuple[int, int, int, np.ndarray, list[tuple[int, int]]] | None = None
     self._buffer: list[tuple[int, int, int, np.ndarray]] = []
     self._exhausted = False
     self._stats = {"batches": 0, "documents": 0, "skipped_records": 0, "split_documents": 0,
                    "chunks": 0, "tokens": 0, "padding_tokens": 0, "target_tokens": 0,
-                   "documents_per_source": {name: 0 for name in self.names}}
+                   "documents_per_source": {name: 0 for name in self.names},
+                   "packed_tokens_per_source": {name: 0 for name in self.names}}
 
   def _order(self, s: int) -> np.ndarray:
     cached = self._perm_cache.get(s)
@@ -121,6 +139,8 @@ class TokenBatchIterator:
   def _choose_source(self) -> int:
     if len(self._sources) == 1:
       return 0
+    if self.mix_unit == "tokens":
+      return int(np.argmax(self.weights * self._mix_tokens.sum() - self._mix_tokens))
     block = self._mix_pos // MIX_BLOCK
     if self._mix_cache is None or self._mix_cache[0] != block:
       rng = np.random.default_rng([self.seed, _MIX_SALT, block])
@@ -170,6 +190,7 @@ class TokenBatchIterator:
       if tokens is not None:
         self._stats["documents"] += 1
         self._stats["documents_per_source"][self.names[s]] += 1
+        self._mix_tokens[s] += len(tokens)
         return s, doc, tokens
       bad_in_a_row += 1
       if bad_in_a_row > sum(len(x) for x in self._sources):
@@ -199,7 +220,7 @@ class TokenBatchIterator:
       else:
         self._buffer.append(chunk)
 
-  def _build_row(self) -> list[np.ndarray]:
+  def _build_row(self) -> list[tuple[int, int, int, np.ndarray]]:
     """Best fit: repeatedly take the longest pending chunk that fits the space left in the row."""
     space, parts = self.seq_len, []
     while space >= 2:
@@ -211,7 +232,7 @@ class TokenBatchIterator:
           best, best_len = j, n
       if best < 0:
         break
-      parts.append(self._buffer.pop(best)[3])
+      parts.append(self._buffer.pop(best))
       space -= best_len
     return parts
 
@@ -230,27 +251,36 @@ class TokenBatchIterator:
     inputs = np.full((b, t), pad, np.int32)
     segments = np.zeros((b, t), np.int32)
     positions = np.zeros((b, t), np.int32)
+    source_ids = np.zeros((b, t), np.int32)
     for r, parts in enumerate(mine):
       o = 0
-      for k, chunk in enumerate(parts):
+      for k, (s, _, _, chunk) in enumerate(parts):
         n = len(chunk)
         inputs[r, o:o + n] = chunk
         segments[r, o:o + n] = k + 1
         positions[r, o:o + n] = self._positions_T[:n]
+        if self.source_ids is not None:
+          source_ids[r, o:o + n] = self.source_ids[s]
         o += n
     mask = np.zeros((b, t), np.float32)
     mask[:, :-1] = (segments[:, 1:] == segments[:, :-1]) & (segments[:, :-1] > 0)
     targets = np.full((b, t), pad, np.int32)
     targets[:, :-1] = inputs[:, 1:]
     targets[mask == 0] = pad
-    used = sum(len(c) for parts in rows for c in parts)
+    used = sum(len(c[3]) for parts in rows for c in parts)
     st = self._stats
+    for parts in rows:
+      for s, _, _, chunk in parts:
+        st["packed_tokens_per_source"][self.names[s]] += len(chunk)
     st["batches"] += 1
     st["tokens"] += used
     st["padding_tokens"] += self.global_batch_size * t - used
     st["target_tokens"] += used - sum(len(parts) for parts in rows)
-    return {"inputs_BxT": inputs, "targets_BxT": targets, "segment_ids_BxT": segments,
-            "positions_BxT": positions, "loss_mask_BxT": mask}
+    batch = {"inputs_BxT": inputs, "targets_BxT": targets, "segment_ids_BxT": segments,
+             "positions_BxT": positions, "loss_mask_BxT": mask}
+    if self.source_ids is not None:
+      batch["source_ids_BxT"] = source_ids
+    return batch
 
   # --------------------------------------------------------------------------- state
 
@@ -258,6 +288,7 @@ class TokenBatchIterator:
     """Counters over the whole run (global, all hosts): documents, skipped_records, split_documents..."""
     out = dict(self._stats)
     out["documents_per_source"] = dict(self._stats["documents_per_source"])
+    out["packed_tokens_per_source"] = dict(self._stats["packed_tokens_per_source"])
     out["epochs"] = {name: e for name, e in zip(self.names, self._epoch)}
     total = self._stats["tokens"] + self._stats["padding_tokens"]
     out["padding_fraction"] = self._stats["padding_tokens"] / total if total else 0.0
@@ -268,14 +299,16 @@ class TokenBatchIterator:
             "pack_window": self.pack_window, "sources": self.names,
             "sizes": [len(s) for s in self._sources],
             "weights": [round(float(w), 12) for w in self.weights],
-            "tokenizer": tokenizer_lib.tokenizer_fingerprint(self.tokenizer)}
+            "tokenizer": tokenizer_lib.tokenizer_fingerprint(self.tokenizer),
+            # only when not the default, so states saved before the key existed still match
+            **({"mix_unit": self.mix_unit} if self.mix_unit != "documents" else {})}
 
   def get_state(self) -> dict[str, Any]:
     """A small JSON-serialisable dict; identical on every host (it does not depend on the shard)."""
     cur = None if self._cur is None else [self._cur[0], self._cur[1], self._cur[2]]
     return {"version": STATE_VERSION, "config": self._fingerprint(),
             "epoch": list(self._epoch), "pos": list(self._pos), "mix_pos": self._mix_pos,
-            "eval_source": self._eval_source, "exhausted": self._exhausted, "cur": cur,
+            "mix_tokens": [int(x) for x in self._mix_tokens], "eval_source": self._eval_source, "exhausted": self._exhausted, "cur": cur,
             "buffer": [[s, doc, c] for s, doc, c, _ in self._buffer], "stats": self.stats()}
 
   def set_state(self, state: dict[str, Any]) -> None:
@@ -290,6 +323,7 @@ class TokenBatchIterator:
     self._reset()
     self._epoch, self._pos = list(state["epoch"]), list(state["pos"])
     self._mix_pos, self._eval_source = int(state["mix_pos"]), int(state["eval_source"])
+    self._mix_tokens = np.asarray(state.get("mix_tokens", [0] * len(self._sources)), np.int64)
     self._exhausted = bool(state["exhausted"])
     docs: dict[tuple[int, int], tuple[np.ndarray, list[tuple[int, int]]]] = {}
 
@@ -318,6 +352,11 @@ class TokenBatchIterator:
         self._stats[key] = saved[key]
 
 
+def source_names(data_cfg) -> list[str]:
+  """Names of the sources a DataConfig reads: the mixture's names, or [data.source] for a single source."""
+  return [str(e[0]) for e in data_cfg.mixture] if data_cfg.mixture else [data_cfg.source]
+
+
 def _sources_for(data_cfg, split: str) -> list[tuple[str, sources_lib.DocumentSource, float]]:
   common = dict(split=split, text_key=data_cfg.text_key, tfds_data_dir=data_cfg.tfds_data_dir)
   mixture = tuple(data_cfg.mixture or ())
@@ -331,24 +370,36 @@ def _sources_for(data_cfg, split: str) -> list[tuple[str, sources_lib.DocumentSo
     if name in seen:
       raise ValueError(f"data.mixture names must be unique; {name!r} appears twice")
     seen.add(name)
-    kind = sources_lib.infer_kind(str(path), data_cfg.source)
-    out.append((str(name), sources_lib.open_source(kind, str(path), **common), float(weight)))
+    try:
+      kind = sources_lib.infer_kind(str(path), data_cfg.source)
+      source = sources_lib.open_source(kind, str(path), **common)
+    except (FileNotFoundError, ValueError) as e:
+      raise type(e)(f"data.mixture source {name!r} ({path!r}, split {split!r}): {e}") from e
+    out.append((str(name), source, float(weight)))
   return out
 
 
 def make_iterator(data_cfg, *, split: str, seed: int, shard_index: int = 0,
                   shard_count: int = 1) -> TokenBatchIterator:
-  """The packed batch iterator of `split` ('train'|'eval') for this host, from a DataConfig."""
+  """The packed batch iterator of `split` ('train'|'eval') for this host, from a DataConfig. A mixture of
+  several sources also yields `source_ids_BxT`."""
+  sources = _sources_for(data_cfg, split)
   return TokenBatchIterator(
-      _sources_for(data_cfg, split), tokenizer_lib.make_tokenizer(data_cfg.tokenizer),
+      sources, tokenizer_lib.make_tokenizer(data_cfg.tokenizer),
       seq_len=data_cfg.seq_len, global_batch_size=data_cfg.global_batch_size, split=split,
       seed=seed, shuffle=data_cfg.shuffle, on_bad_record=data_cfg.on_bad_record,
-      shard_index=shard_index, shard_count=shard_count)
+      shard_index=shard_index, shard_count=shard_count, mix_unit=data_cfg.mixture_weights_in,
+      source_ids=list(range(len(sources))) if len(sources) > 1 else None)
 
 
-def batch_shapes(data_cfg, shard_count: int = 1) -> dict[str, tuple[tuple[int, int], np.dtype]]:
-  """Shape and dtype of each array of one host's batch."""
-  bt = (data_cfg.global_batch_size // shard_count, data_cfg.seq_len)
-  return {"inputs_BxT": (bt, np.dtype(np.int32)), "targets_BxT": (bt, np.dtype(np.int32)),
-          "segment_ids_BxT": (bt, np.dtype(np.int32)), "positions_BxT": (bt, np.dtype(np.int32)),
-          "loss_mask_BxT": (bt, np.dtype(np.float32))}
+def make_eval_iterators(data_cfg, *, seed: int) -> dict[str, TokenBatchIterator]:
+  """Held-out iterators: {'': one over the single source}, or one per mixture source {name: iterator} (batches
+  carry that source's mixture index in `source_ids_BxT`, so they have the fields of the training batches)."""
+  sources = _sources_for(data_cfg, "eval")
+  tokenizer = tokenizer_lib.make_tokenizer(data_cfg.tokenizer)
+  common = dict(seq_len=data_cfg.seq_len, global_batch_size=data_cfg.global_batch_size, split="eval", seed=seed,
+                shuffle=data_cfg.shuffle, on_bad_record=data_cfg.on_bad_record)
+  if len(sources) == 1:
+    return {"": TokenBatchIterator(sources, tokenizer, **common)}
+  return {name: TokenBatchIterator([(name, src, 1.0)], tokenizer, source_ids=[i], **common)
+          for i, (name, src, _) in enumerate(sources)}

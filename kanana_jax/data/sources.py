@@ -20,6 +20,7 @@ import numpy as np
 from kanana_jax.data import tokenizer as tokenizer_lib
 
 CORPUS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus")
+REASONING_DIR = os.path.join(CORPUS_DIR, "reasoning")  # mid-training chain-of-thought data, not in 'embedded'
 EVAL_EVERY = 25
 SPLITS = ("train", "eval")
 SOURCE_KINDS = ("embedded", "jsonl", "array_record", "tfds")
@@ -85,14 +86,30 @@ def _record_text(obj, text_key: str, path: str, where: str) -> str:
 # ----------------------------------------------------------------------------- embedded corpus
 
 
+def _domains_in(directory: str) -> list[str]:
+  return sorted(os.path.basename(f)[:-len("_train.jsonl")] for f in glob.glob(os.path.join(directory, "*_train.jsonl")))
+
+
 def embedded_domains() -> list[str]:
-  """Names of the embedded corpus domains (files `corpus/<domain>_train.jsonl`)."""
-  names = sorted(os.path.basename(f)[:-len("_train.jsonl")]
-                 for f in glob.glob(os.path.join(CORPUS_DIR, "*_train.jsonl")))
+  """Names of the embedded pre-training corpus domains (files `corpus/<domain>_train.jsonl`): what a bare
+  'embedded' source reads."""
+  names = _domains_in(CORPUS_DIR)
   if not names:
     raise FileNotFoundError(f"the embedded corpus is missing from {CORPUS_DIR}: reinstall kanana-jax "
                             "(its package data must include kanana_jax/data/corpus/*.jsonl)")
   return names
+
+
+def reasoning_domains() -> list[str]:
+  """Names of the embedded mid-training reasoning domains (`corpus/reasoning/<domain>_train.jsonl`, e.g.
+  math_cot, code_cot); read them by name: 'embedded:math_cot,code_cot'."""
+  return _domains_in(REASONING_DIR)
+
+
+def _domain_path(domain: str, split: str) -> str:
+  if domain in _domains_in(CORPUS_DIR):
+    return os.path.join(CORPUS_DIR, f"{domain}_{split}.jsonl")
+  return os.path.join(REASONING_DIR, f"{domain}_{split}.jsonl")
 
 
 _TOKEN_CACHE: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
@@ -105,14 +122,15 @@ class EmbeddedSource:
     _check_split(split)
     available = embedded_domains()
     domains = tuple(domains) or tuple(available)
-    unknown = [d for d in domains if d not in available]
+    unknown = [d for d in domains if d not in available + reasoning_domains()]
     if unknown:
-      raise ValueError(f"unknown embedded corpus domain(s) {unknown}; available: {available}")
+      raise ValueError(f"unknown embedded corpus domain(s) {unknown}; available: {available} and, for "
+                       f"mid-training, {reasoning_domains()}")
     self.split, self.domains = split, domains
     self.name = "embedded:" + ",".join(domains)
     self._texts: list[str] = []
     for d in domains:
-      path = os.path.join(CORPUS_DIR, f"{d}_{split}.jsonl")
+      path = _domain_path(d, split)
       with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
           if line.strip():

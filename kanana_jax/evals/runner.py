@@ -68,8 +68,7 @@ def load_config(workdir: str) -> config_lib.ExperimentConfig:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} is missing; `kanana-jax run` writes it into the run directory, and eval "
                                 "needs it to rebuild the model")
-    with open(path) as f:
-        return config_lib.build(config_lib.ExperimentConfig, json.load(f))
+    return config_lib.read_run_config(path)
 
 
 def abstract_params(cfg: config_lib.ExperimentConfig, mesh=None, rules=None):

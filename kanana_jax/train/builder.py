@@ -13,26 +13,33 @@ from jax.sharding import Mesh
 
 from kanana_jax import sharding
 from kanana_jax.config import ExperimentConfig
-from kanana_jax.model import Transformer
 from kanana_jax.optim.factory import make_optimizer
 from kanana_jax.train import step as step_lib
-from kanana_jax.train.stages import get_stage
+from kanana_jax.train.stages import Stage, get_stage
 
 
 @dataclasses.dataclass(frozen=True)
 class Trainer:
     cfg: ExperimentConfig
-    model: Transformer
-    stage: Any
+    model: nn.Module
+    stage: Stage
     optimizer: Any
     schedule: Callable
     mesh: Mesh
     rules: list
     state_sharding: step_lib.TrainState
-    batch_sharding: Any
-    init: Callable        # rng -> TrainState (sharded)
-    train_step: Callable  # (TrainState, batch) -> (TrainState, metrics); donates the state
-    eval_step: Callable   # (params, batch) -> metrics
+    batch_spec: dict            # field -> BatchField (global shape, dtype), from the stage
+    batch_sharding: dict        # field -> NamedSharding (rows over the batch mesh axes)
+    init: Callable              # rng -> TrainState (sharded), fresh params
+    state_from_params: Callable  # (params, rng) -> TrainState at step 0 around given params (train.init_from)
+    make_extra: Callable        # (initial params, rng) -> the stage's extra state (Stage.rebuild_extra)
+    train_step: Callable        # (TrainState, batch) -> (TrainState, metrics); donates the state
+    eval_step: Callable         # (params, extra, batch) -> metrics
+
+    def abstract_batch(self) -> dict:
+        """ShapeDtypeStructs (with shardings) of one global batch, for AOT lowering."""
+        return {k: jax.ShapeDtypeStruct(f.shape, f.dtype, sharding=self.batch_sharding[k])
+                for k, f in self.batch_spec.items()}
 
     def context(self):
         """The mesh + logical-rules context every call of the jitted functions must run under."""
@@ -61,19 +68,27 @@ class _Context:
         self.mesh.__exit__(*exc)
 
 
-def build_trainer(cfg: ExperimentConfig, devices=None) -> Trainer:
-    """Builds the model, optimizer, mesh over `devices` (default: all), shardings and jitted step functions."""
-    model, stage = Transformer(cfg.model), get_stage(cfg.train.stage)
+def build_trainer(cfg: ExperimentConfig, devices=None, stage: Stage | None = None) -> Trainer:
+    """Builds the stage's model, the optimizer, mesh over `devices` (default: all), shardings and jitted step
+    functions. `stage` defaults to the registered stage named by train.stage."""
+    stage = stage or get_stage(cfg.train.stage)
+    model = stage.make_model(cfg)
     optimizer, schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
     mesh, rules = sharding.make_mesh(cfg.mesh, devices), sharding.logical_rules(cfg.mesh.rules)
     with _Context(mesh, rules):
-        state_sharding = step_lib.state_shardings(model, optimizer, cfg, mesh, rules)
-    batch_sharding = sharding.batch_sharding(mesh, rules)
-    init = jax.jit(functools.partial(step_lib.init_state, model, optimizer, cfg=cfg), out_shardings=state_sharding)
+        state_sharding = step_lib.state_shardings(model, optimizer, stage, cfg, mesh, rules)
+    batch_spec = stage.batch_spec(cfg)
+    batch_sharding = sharding.batch_shardings(batch_spec, mesh, rules)
+    init = jax.jit(functools.partial(step_lib.init_state, model, optimizer, stage, cfg=cfg),
+                   out_shardings=state_sharding)
+    state_from_params = jax.jit(functools.partial(step_lib.state_from_params, optimizer, stage, cfg=cfg),
+                                in_shardings=(state_sharding.params, None), out_shardings=state_sharding)
+    make_extra = jax.jit(functools.partial(step_lib.make_extra, stage, cfg=cfg),
+                         in_shardings=(state_sharding.params, None), out_shardings=state_sharding.extra)
     train_step = jax.jit(functools.partial(step_lib.train_step, model=model, optimizer=optimizer, stage=stage,
                                            cfg=cfg), in_shardings=(state_sharding, batch_sharding),
                          out_shardings=(state_sharding, None), donate_argnums=0)
     eval_step = jax.jit(functools.partial(step_lib.eval_step, model=model, stage=stage, cfg=cfg),
-                        in_shardings=(state_sharding.params, batch_sharding))
-    return Trainer(cfg, model, stage, optimizer, schedule, mesh, rules, state_sharding, batch_sharding, init,
-                   train_step, eval_step)
+                        in_shardings=(state_sharding.params, state_sharding.extra, batch_sharding))
+    return Trainer(cfg, model, stage, optimizer, schedule, mesh, rules, state_sharding, batch_spec, batch_sharding,
+                   init, state_from_params, make_extra, train_step, eval_step)

@@ -1,8 +1,8 @@
 """Orbax checkpoints of the train state, the data iterator state and the loop counters: async saves,
 keep-last-K, integrity checks at restore and fallback to the newest readable checkpoint.
 
-Layout: DIR/<step>/{state, data, meta}; meta holds the loop counters and a checksum per state leaf (orbax
-does not checksum array data, so a flipped bit would otherwise restore silently). Orbax writes a step into
+Layout: DIR/<step>/{state, data, meta}; meta holds the loop counters and a checksum per state leaf, by leaf path
+(orbax does not checksum array data, so a flipped bit would otherwise restore silently). Orbax writes a step into
 DIR/<step>.orbax-checkpoint-tmp-* and renames it on commit, so a write cut short (kill, crash, preemption)
 leaves only a tmp dir, which is ignored and removed at the next start. A committed step that cannot be read
 back is moved to DIR.corrupt/ when an older one is restored instead.
@@ -75,9 +75,9 @@ def leaves_by_path(tree) -> dict:
     return {_path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def tree_diff(saved: dict, expected: dict, limit: int = 30) -> list[str]:
-    """Lines 'path: saved shape dtype, expected shape dtype' for every leaf that differs or exists on one side
-    (parameters first)."""
+def tree_diff(saved: dict, expected: dict, limit: int = 30, compare_dtype: bool = True) -> list[str]:
+    """Lines 'path: saved shape dtype, expected shape dtype' for every leaf that differs (in shape, and in dtype
+    unless `compare_dtype` is False) or exists on one side (parameters first)."""
     lines = []
     for path in sorted(set(saved) | set(expected), key=lambda p: (not p.startswith("params/"), p)):
         s, e = saved.get(path), expected.get(path)
@@ -85,11 +85,31 @@ def tree_diff(saved: dict, expected: dict, limit: int = 30) -> list[str]:
             lines.append(f"{path}: missing in the checkpoint, expected {tuple(e.shape)} {e.dtype}")
         elif e is None:
             lines.append(f"{path}: saved {tuple(s.shape)} {s.dtype}, not in this config's state")
-        elif tuple(s.shape) != tuple(e.shape) or str(s.dtype) != str(e.dtype):
+        elif tuple(s.shape) != tuple(e.shape) or (compare_dtype and str(s.dtype) != str(e.dtype)):
             lines.append(f"{path}: saved {tuple(s.shape)} {s.dtype}, expected {tuple(e.shape)} {e.dtype}")
     if len(lines) > limit:
         lines = lines[:limit] + [f"... and {len(lines) - limit} more"]
     return lines
+
+
+def check_checksums(step: int, path: str, state, saved_sums, subset: bool = False) -> None:
+    """Raises CheckpointError when leaves of `state` differ from their checksums at save. `saved_sums`:
+    {leaf path: sum} (or, from checkpoints written before paths were stored, a list in leaf order); None skips.
+    `subset`: `saved_sums` may name only some of the leaves."""
+    if saved_sums is None:
+        return
+    sums = np.asarray(state_checksums(state)).tolist()
+    paths = list(leaves_by_path(state))
+    if isinstance(saved_sums, dict):
+        got = dict(zip(paths, sums))
+        bad = [p for p, v in saved_sums.items() if got.get(p) != v]
+        complete = subset or set(saved_sums) == set(got)
+    else:
+        bad = [p for p, a, b in zip(paths, saved_sums, sums) if a != b]
+        complete = len(saved_sums) == len(sums)
+    if bad or not complete:
+        raise CheckpointError(step, path, f"data of {len(bad)} state leaves differ from their checksum at save "
+                              f"(silent corruption), first: {bad[:1]}")
 
 
 class Checkpointer:
@@ -112,7 +132,8 @@ class Checkpointer:
 
     def save(self, step: int, state, data_state: dict, loop_state: dict | None = None) -> bool:
         """Starts a (possibly asynchronous) save at `step`; it becomes visible only once fully written."""
-        meta = {"loop": dict(loop_state or {}), "state_checksums": np.asarray(state_checksums(state)).tolist()}
+        sums = np.asarray(state_checksums(state)).tolist()
+        meta = {"loop": dict(loop_state or {}), "state_checksums": dict(zip(leaves_by_path(state), sums))}
         return self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
             meta=ocp.args.JsonSave(meta)), force=True)
@@ -124,13 +145,7 @@ class Checkpointer:
         for item in ITEMS:
             if not os.path.isdir(os.path.join(path, item)):
                 raise CheckpointError(step, path, f"item '{item}' is missing (a partial or damaged checkpoint)")
-        try:
-            meta = ocp.StandardCheckpointer().metadata(os.path.join(path, "state")).item_metadata
-        except Exception as e:  # orbax raises many types for damaged metadata
-            raise CheckpointError(step, path, f"unreadable metadata of item 'state': {type(e).__name__}: {e}") from e
-        if meta is None:
-            raise CheckpointError(step, path, "unreadable metadata of item 'state' (orbax cannot parse its _METADATA)")
-        saved = leaves_by_path(meta.tree)
+        saved = self._saved_leaves(step)
         diff = tree_diff(saved, leaves_by_path(abstract_state))
         if diff:
             raise CheckpointMismatchError(step, path, "the saved train state does not match this config "
@@ -150,14 +165,57 @@ class Checkpointer:
             message = str(e).split("\n")[0][:500]
             raise CheckpointError(step, path, f"unreadable data: {type(e).__name__}: {message}") from e
         meta = restored["meta"] or {}
-        saved_sums = meta.get("state_checksums")
-        if saved_sums is not None:
-            sums = np.asarray(state_checksums(restored["state"])).tolist()
-            bad = [p for p, a, b in zip(leaves_by_path(abstract_state), saved_sums, sums) if a != b]
-            if bad or len(saved_sums) != len(sums):
-                raise CheckpointError(step, path, f"data of {len(bad)} state leaves differ from their checksum "
-                                      f"at save (silent corruption), first: {bad[:1]}")
+        check_checksums(step, path, restored["state"], meta.get("state_checksums"))
         return Restored(step, restored["state"], restored["data"], dict(meta.get("loop", {})))
+
+    def read_meta(self, step: int) -> dict:
+        """The 'meta' item of a committed step (loop counters, checksums)."""
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"] or {}
+
+    def restore_params(self, step: int, abstract_params, prefix: tuple = ("params",)):
+        """Only the parameters at `prefix` of step `step`'s state (no optimizer state is read), laid out like
+        `abstract_params` (ShapeDtypeStructs with shardings; dtypes are cast), verified against their saved
+        checksums. CheckpointMismatchError lists the leaves whose path, shape or dtype differ."""
+        path = self.step_path(step)
+        if step not in self.manager.all_steps():
+            raise CheckpointError(step, path, f"no committed checkpoint for this step (have {self.all_steps()})")
+        saved = self._saved_leaves(step)
+        root = "/".join(prefix) + "/"
+        saved_params = {k[len(root):]: v for k, v in saved.items() if k.startswith(root)}
+        diff = tree_diff(saved_params, leaves_by_path(abstract_params), compare_dtype=False)
+        if diff:
+            raise CheckpointMismatchError(step, path, f"its parameters at '{root.rstrip('/')}' do not match this "
+                                          "run's model (path: saved, expected):\n  " + "\n  ".join(diff))
+        item = abstract_params
+        for key in reversed(prefix):
+            item = {key: item}
+        restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, dtype=s.dtype), item)
+        try:
+            with ocp.PyTreeCheckpointer() as ckptr:
+                restored = ckptr.restore(os.path.join(path, "state"), args=ocp.args.PyTreeRestore(
+                    item=item, restore_args=restore_args, partial_restore=True))
+        except Exception as e:  # truncated or corrupt array files surface as tensorstore errors of many types
+            raise CheckpointError(step, path, f"unreadable data: {type(e).__name__}: {str(e).splitlines()[0][:500]}") from e
+        for key in prefix:
+            restored = restored[key]
+        sums = self.read_meta(step).get("state_checksums")
+        if isinstance(sums, dict):
+            same_dtype = {k for k, v in saved_params.items()
+                          if str(v.dtype) == str(leaves_by_path(abstract_params)[k].dtype)}
+            check_checksums(step, path, restored, {k[len(root):]: v for k, v in sums.items()
+                                                   if k.startswith(root) and k[len(root):] in same_dtype},
+                            subset=True)
+        return restored
+
+    def _saved_leaves(self, step: int) -> dict:
+        path = self.step_path(step)
+        try:
+            meta = ocp.StandardCheckpointer().metadata(os.path.join(path, "state")).item_metadata
+        except Exception as e:  # orbax raises many types for damaged metadata
+            raise CheckpointError(step, path, f"unreadable metadata of item 'state': {type(e).__name__}: {e}") from e
+        if meta is None:
+            raise CheckpointError(step, path, "unreadable metadata of item 'state' (orbax cannot parse its _METADATA)")
+        return leaves_by_path(meta.tree)
 
     def restore_latest(self, abstract_state, *, fallback: bool) -> Restored | None:
         """The newest checkpoint that restores; None if there is none. An unreadable newer one is moved aside

@@ -33,14 +33,18 @@ def update_router_bias(params, intermediates, rate: float):
     return params
 
 
-def post_update(params, intermediates, cfg: ExperimentConfig):
+def post_update(params, intermediates, cfg: ExperimentConfig, policy_path: tuple = ()):
     """All post-optimizer parameter rules, in order: router balancing bias, then MuonClip (QK-clip of every head
-    whose max logit on this batch exceeded optimizer.muon_clip_tau; 0 turns it off). Returns (params, metrics)."""
-    params = update_router_bias(params, intermediates, cfg.optimizer.router_bias_update_rate)
+    whose max logit on this batch exceeded optimizer.muon_clip_tau; 0 turns it off). They address the policy
+    Transformer at `policy_path` inside `params` (a stage's protocol field); `intermediates` are that policy's
+    sown values. Returns (params, metrics)."""
+    from kanana_jax.train.stages.protocol import replace_subtree, subtree
+    policy = subtree(params, policy_path)
+    policy = update_router_bias(policy, intermediates, cfg.optimizer.router_bias_update_rate)
     metrics = {}
     if cfg.optimizer.muon_clip_tau > 0:
-        params, metrics = muon_clip.apply(params, intermediates, cfg.optimizer.muon_clip_tau)
-    return params, metrics
+        policy, metrics = muon_clip.apply(policy, intermediates, cfg.optimizer.muon_clip_tau)
+    return replace_subtree(params, policy_path, policy), metrics
 
 
 def routing_metrics(intermediates) -> dict:

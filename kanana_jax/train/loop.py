@@ -11,14 +11,14 @@ import jax
 from kanana_jax import config as config_lib
 from kanana_jax import sharding
 from kanana_jax.config import ExperimentConfig
-from kanana_jax.data import pipeline
 from kanana_jax.data.tokenizer import make_tokenizer
-from kanana_jax.model.flops import flops_per_token
+from kanana_jax.train import init_from
 from kanana_jax.train.builder import Trainer, build_trainer
 from kanana_jax.train.checkpoint import Checkpointer, leaves_by_path
 from kanana_jax.train.metrics import MetricsWriter, peak_flops_per_device
 from kanana_jax.train.nonfinite import NonFinitePolicy, poison_batch
 from kanana_jax.train.preemption import PreemptionWatcher
+from kanana_jax.train.stages.protocol import replace_subtree, subtree
 
 log = logging.getLogger("kanana_jax.train")
 
@@ -30,28 +30,63 @@ def check_vocab(cfg: ExperimentConfig, tokenizer):
             f"({tokenizer.vocab_size} ids from data.tokenizer={cfg.data.tokenizer!r}); raise it to at least that")
 
 
-def evaluate(trainer: Trainer, params) -> dict:
-    """Mean eval loss over the first `train.eval_batches` batches of the eval split (token-weighted)."""
-    cfg = trainer.cfg
-    it = pipeline.make_iterator(cfg.data, split="eval", seed=cfg.train.seed)
-    total, tokens = 0.0, 0.0
-    for _, batch in zip(range(cfg.train.eval_batches), it):
-        out = jax.device_get(trainer.eval_step(params, sharding.put_batch(batch, trainer.batch_sharding)))
-        total += float(out["eval_loss"]) * float(out["eval_tokens"])
-        tokens += float(out["eval_tokens"])
-    return {"eval_loss": total / max(tokens, 1.0)}
+def evaluate(trainer: Trainer, state) -> dict:
+    """The stage's eval metrics over the first `train.eval_batches` batches of each held-out group, averaged as
+    `stage.eval_metrics` says (e.g. token-weighted); a group's metrics are named '<metric>/<group>', and with
+    several groups the overall '<metric>' is the same average over all of them."""
+    cfg, stage = trainer.cfg, trainer.stage
+    weights = stage.eval_metrics(cfg)
+    groups = stage.make_eval_sources(cfg)
+    overall = {m: [0.0, 0.0] for m in weights}
+    out = {}
+    for group, it in groups.items():
+        sums = {m: [0.0, 0.0] for m in weights}
+        for _, batch in zip(range(cfg.train.eval_batches), it):
+            res = jax.device_get(trainer.eval_step(state.params, state.extra,
+                                                   sharding.put_batch(batch, trainer.batch_sharding)))
+            for m, w in weights.items():
+                sums[m][0] += float(res[m]) * float(res[w])
+                sums[m][1] += float(res[w])
+        for m, (total, weight) in sums.items():
+            out[f"{m}/{group}" if group else m] = total / max(weight, 1.0)
+            overall[m][0] += total
+            overall[m][1] += weight
+    if len(groups) > 1:
+        out.update({m: total / max(weight, 1.0) for m, (total, weight) in overall.items()})
+    return out
+
+
+def write_run_config(workdir: str, cfg: ExperimentConfig, provenance: dict | None) -> None:
+    """WORKDIR/config.json: the validated config, plus where its params came from (`train.init_from`)."""
+    path = os.path.join(workdir, "config.json")
+    record = config_lib.to_dict(cfg)
+    if provenance:
+        record["provenance"] = provenance
+    tmp = f"{path}.tmp{jax.process_index()}"   # written aside and renamed: a kill never leaves half a file
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(tmp, path)
+
+
+def saved_provenance(workdir: str) -> dict | None:
+    """The provenance an earlier launch of this run recorded in config.json, if any."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f).get("provenance")
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def run(cfg: ExperimentConfig, workdir: str, *, stop_after: int | None = None) -> dict:
-    """Trains `cfg` in `workdir`, resuming from its newest readable checkpoint; returns the last logged metrics.
-    `stop_after` ends this invocation after that step (with a checkpoint). SIGTERM (or a multi-host preemption
-    notice) saves a checkpoint at the next step boundary and returns with 'preempted_at_step' set."""
+    """Trains `cfg` in `workdir`, resuming from its newest readable checkpoint (else from `train.init_from`, else
+    fresh); returns the last logged metrics. `stop_after` ends this invocation after that step (with a
+    checkpoint). SIGTERM (or a multi-host preemption notice) saves a checkpoint at the next step boundary and
+    returns with 'preempted_at_step' set."""
     os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "config.json")
-    tmp = f"{path}.tmp{jax.process_index()}"   # written aside and renamed: a kill never leaves half a file
-    with open(tmp, "w") as f:
-        json.dump(config_lib.to_dict(cfg), f, indent=1)
-    os.replace(tmp, path)
+    write_run_config(workdir, cfg, saved_provenance(workdir))
     check_vocab(cfg, make_tokenizer(cfg.data.tokenizer))
     trainer = build_trainer(cfg)
     sharding.check_batch_divides(cfg.data.global_batch_size, trainer.mesh, trainer.rules, cfg.train.grad_accum_steps)
@@ -59,30 +94,73 @@ def run(cfg: ExperimentConfig, workdir: str, *, stop_after: int | None = None) -
         return _train(trainer, workdir, stop_after)
 
 
+def initial_params(trainer: Trainer, rng):
+    """(step-0 params, provenance or None): the `train.init_from` source's params in the stage's policy subtree
+    (the rest freshly initialized), or a fresh init."""
+    cfg, path = trainer.cfg, tuple(trainer.stage.policy_path)
+    if not cfg.train.init_from:
+        return trainer.init(rng).params, None
+    abstract = trainer.abstract_state().params
+    loaded = init_from.load(cfg.train.init_from, cfg, subtree(abstract, path))
+    params = loaded.params if not path else replace_subtree(trainer.init(rng).params, path, loaded.params)
+    return params, loaded.provenance
+
+
+def _start(trainer: Trainer, checkpointer: Checkpointer, data, workdir: str):
+    """(state, loop counters, provenance of a fresh init_from start or None): resumed from this run's newest
+    usable checkpoint, else built from `initial_params`."""
+    cfg, stage = trainer.cfg, trainer.stage
+    rng = jax.random.PRNGKey(cfg.train.seed)
+    abstract = trainer.abstract_state()
+    saved = abstract.replace(extra={}) if stage.rebuild_extra else abstract
+    restored = checkpointer.restore_latest(saved, fallback=cfg.train.checkpoint_fallback)
+    if restored is None:
+        if not cfg.train.init_from:
+            return trainer.init(rng), {}, None
+        params, provenance = initial_params(trainer, rng)
+        if provenance:
+            write_run_config(workdir, cfg, provenance)
+            log.info("initialized from %s (step %s, params checksum %s); fresh optimizer state and data position",
+                     provenance["path"], provenance["step"], provenance["checksum"])
+        return trainer.state_from_params(params, rng), {}, provenance
+    state = restored.state
+    if stage.rebuild_extra:
+        state = state.replace(extra=trainer.make_extra(initial_params(trainer, rng)[0], rng))
+    data.set_state(restored.data_state)
+    log.warning("resumed from %s at step %d", checkpointer.step_path(restored.step), restored.step)
+    return state, restored.loop_state, None
+
+
+def _provenance_metrics(provenance: dict) -> dict:
+    return {"init_from": provenance["init_from"], "init_from_step": provenance["step"] if provenance["step"]
+            is not None else -1, "init_from_checksum": int(provenance["checksum"], 16)}
+
+
+def _mixture_shares(data) -> dict:
+    """Realized token share of each mixture source over the run so far ('mixture_share/<name>')."""
+    counts = data.stats().get("packed_tokens_per_source", {}) if hasattr(data, "stats") else {}
+    total = sum(counts.values())
+    if len(counts) < 2 or not total:
+        return {}
+    return {f"mixture_share/{name}": n / total for name, n in counts.items()}
+
+
 def _train(trainer: Trainer, workdir: str, stop_after: int | None) -> dict:
-    cfg = trainer.cfg
+    cfg, stage = trainer.cfg, trainer.stage
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints,
                                 async_save=cfg.train.async_checkpoint)
-    data = pipeline.make_iterator(cfg.data, split="train", seed=cfg.train.seed,
-                                  shard_index=jax.process_index(), shard_count=jax.process_count())
-    abstract = trainer.abstract_state()
-    restored = checkpointer.restore_latest(abstract, fallback=cfg.train.checkpoint_fallback)
-    if restored is None:
-        state, counters = trainer.init(jax.random.PRNGKey(cfg.train.seed)), {}
-    else:
-        state, counters = restored.state, restored.loop_state
-        data.set_state(restored.data_state)
-        log.warning("resumed from %s at step %d", checkpointer.step_path(restored.step), restored.step)
+    data = stage.make_source(cfg, "train", cfg.train.seed, jax.process_index(), jax.process_count())
+    state, counters, provenance = _start(trainer, checkpointer, data, workdir)
+    saveable = (lambda st: st.replace(extra={})) if stage.rebuild_extra else (lambda st: st)
     start = int(state.step)
-    param_paths = list(leaves_by_path(abstract.params))
+    param_paths = list(leaves_by_path(state.params))
     nonfinite = NonFinitePolicy(cfg.train, param_paths, counters)
     poison = set(cfg.train.debug_poison_steps)
 
     writer = MetricsWriter(workdir, resume_step=start, tensorboard=cfg.train.tensorboard,
                            progress_bar=cfg.train.progress_bar, total_steps=cfg.train.steps)
-    flops_token = flops_per_token(cfg.model, cfg.data.seq_len)
     peak = peak_flops_per_device(cfg.train.peak_tflops_per_device) * jax.device_count()
-    tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
+    tokens_per_step, flops_per_step = stage.tokens_per_step(cfg), stage.flops_per_step(cfg)
     last_row, window_start, window_steps = {}, time.perf_counter(), 0
     end = cfg.train.steps if stop_after is None else min(stop_after, cfg.train.steps)
     pending = None  # (step, metrics) not yet checked for non-finite values: read one step late, not to stall
@@ -109,15 +187,19 @@ def _train(trainer: Trainer, workdir: str, stop_after: int | None) -> dict:
                     metrics = jax.device_get(metrics)
                     metrics.pop("first_nonfinite_grad_leaf", None)
                     elapsed = time.perf_counter() - window_start
-                    tokens_per_s = window_steps * tokens_per_step / elapsed
-                    metrics.update(learning_rate=trainer.schedule(step), tokens_per_s=tokens_per_s,
-                                   mfu=tokens_per_s * flops_token / peak, skipped_updates=nonfinite.skipped)
+                    metrics.update(learning_rate=trainer.schedule(step),
+                                   tokens_per_s=window_steps * tokens_per_step / elapsed,
+                                   mfu=window_steps * flops_per_step / elapsed / peak,
+                                   skipped_updates=nonfinite.skipped, **_mixture_shares(data))
                     if cfg.train.eval_every and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
-                        metrics.update(evaluate(trainer, state.params))
+                        metrics.update(evaluate(trainer, state))
+                    if provenance is not None:
+                        metrics.update(_provenance_metrics(provenance))
+                        provenance = None
                     last_row = writer.write(done, metrics)
                     window_start, window_steps = time.perf_counter(), 0
                 if save_now or preempted:
-                    checkpointer.save(done, state, data.get_state(), nonfinite.counters())
+                    checkpointer.save(done, saveable(state), data.get_state(), nonfinite.counters())
                 if preempted:
                     log.warning("%s at step %d: saved checkpoint %s; exiting. Relaunch the same command to resume.",
                                 preemption.reason, done, checkpointer.step_path(done))

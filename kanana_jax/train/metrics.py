@@ -1,4 +1,5 @@
-"""Run metrics: WORKDIR/metrics.jsonl (one object per logged step), TensorBoard events, a terminal progress bar."""
+"""Run metrics: WORKDIR/metrics.jsonl (one object per logged step), TensorBoard events, a terminal progress bar.
+Values are numbers, except a few strings (e.g. 'init_from', the source of a run's params), kept in the JSON only."""
 from __future__ import annotations
 
 import json
@@ -68,13 +69,13 @@ class MetricsWriter:
 
     def write(self, step: int, metrics: dict):
         row = {"step": int(step)}
-        row.update({k: float(np.asarray(v)) for k, v in metrics.items()})
+        row.update({k: v if isinstance(v, str) else float(np.asarray(v)) for k, v in metrics.items()})
         if jax.process_index() == 0:
             self.file.write(json.dumps(row) + "\n")
             self.file.flush()
             if self.tb is not None:
                 for k, v in row.items():
-                    if k != "step":
+                    if k != "step" and not isinstance(v, str):
                         self.tb.add_scalar(k, v, step)
         if self.bar is not None:
             self.bar.set_postfix({k: f"{row[k]:.4g}" for k in ("loss", "eval_loss") if k in row}, refresh=False)

@@ -1,4 +1,4 @@
-"""The train state and the one jitted train step shared by all stages."""
+"""The train state and the one jitted train step shared by all stages (stage protocol: train/stages/protocol.py)."""
 from __future__ import annotations
 
 import functools
@@ -18,37 +18,62 @@ from kanana_jax.train import hooks, nonfinite
 
 @flax.struct.dataclass
 class TrainState:
+    """step, the trained params, their optimizer state, and the stage's non-trained `extra` state (frozen
+    reference params, controllers): never differentiated, never given to the optimizer."""
     step: jax.Array
     params: dict
     opt_state: optax.OptState
+    extra: dict = flax.struct.field(default_factory=dict)
+
+
+_EXTRA_SALT = 0x657874  # the rng of init_extra, apart from the params' init rng
 
 
 def init_params(model, rng, cfg: ExperimentConfig, boxed: bool = False):
-    """Fresh parameters; `boxed` keeps flax's logical-axis metadata (for computing shardings)."""
+    """Fresh parameters (width-scaled when hyperparameter transfer is on); `boxed` keeps flax's logical-axis
+    metadata (for computing shardings)."""
     tokens = jnp.zeros((1, min(cfg.data.seq_len, 8)), jnp.int32)
     params = model.init(rng, tokens)["params"]
-    return params if boxed else flax.linen.unbox(params)
-
-
-def init_state(model, optimizer, rng, cfg: ExperimentConfig) -> TrainState:
-    """Fresh parameters (width-scaled when hyperparameter transfer is on) and optimizer state at step 0."""
-    params = init_params(model, rng, cfg)
+    if boxed:
+        return params
+    params = flax.linen.unbox(params)
     if cfg.optimizer.mup_base_width:
         from kanana_jax.optim import hparam_transfer, muon_factory
         params = hparam_transfer.scale_init(params, cfg.optimizer.mup_base_width,
                                             muon_factory.partition_rules(cfg.optimizer), cfg.optimizer.name)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+    return params
 
 
-def state_shardings(model, optimizer, cfg: ExperimentConfig, mesh, rules) -> TrainState:
-    """NamedShardings of every leaf of the train state, from the parameters' logical axis names."""
+def make_extra(stage, params, rng, cfg: ExperimentConfig) -> dict:
+    """The stage's extra state for initial params `params` (run rng `rng`)."""
+    return stage.init_extra(cfg, params, jax.random.fold_in(rng, _EXTRA_SALT))
+
+
+def state_from_params(optimizer, stage, params, rng, cfg: ExperimentConfig) -> TrainState:
+    """The step-0 state around `params` (fresh or loaded by train.init_from): fresh optimizer state, the stage's
+    extra state built from these params."""
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                      extra=make_extra(stage, params, rng, cfg))
+
+
+def init_state(model, optimizer, stage, rng, cfg: ExperimentConfig) -> TrainState:
+    """Fresh parameters, optimizer state and extra state at step 0."""
+    return state_from_params(optimizer, stage, init_params(model, rng, cfg), rng, cfg)
+
+
+def state_shardings(model, optimizer, stage, cfg: ExperimentConfig, mesh, rules) -> TrainState:
+    """NamedShardings of every leaf of the train state, from the parameters' logical axis names; optimizer and
+    extra leaves follow the parameter whose path they end with (same shape), the rest is replicated."""
     rng = jax.random.PRNGKey(0)
     boxed = jax.eval_shape(functools.partial(init_params, model, cfg=cfg, boxed=True), rng)
     params_sharding = sharding.param_shardings(boxed, mesh, rules)
     abstract_params = flax.linen.unbox(boxed)
     abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
-    return TrainState(step=sharding.replicated(mesh), params=params_sharding,
-                      opt_state=sharding.opt_state_shardings(abstract_opt, abstract_params, params_sharding, mesh))
+    abstract_extra = jax.eval_shape(functools.partial(stage.init_extra, cfg), abstract_params, rng)
+    follow = functools.partial(sharding.opt_state_shardings, abstract_params=abstract_params,
+                               params_sharding=params_sharding, mesh=mesh)
+    return TrainState(step=sharding.replicated(mesh), params=params_sharding, opt_state=follow(abstract_opt),
+                      extra=follow(abstract_extra))
 
 
 def microbatches(batch: dict, n: int) -> dict:
@@ -89,66 +114,101 @@ def compute_dtype_copy(params, cfg: ExperimentConfig):
         lambda path, p: p.astype(dt) if _READ_IN_COMPUTE_DTYPE.search(path_str(path)) else p, params)
 
 
-def accumulate_gradients(grad_fn, params, batch, cfg: ExperimentConfig):
+def loss_and_grad_fn(stage, model, extra, cfg: ExperimentConfig):
+    """(params, batch, rng) -> ((loss, aux), grads) of the stage's loss; grads w.r.t. params only."""
+    grad_fn = jax.value_and_grad(lambda p, b, r: stage.loss_fn(model, p, extra, b, cfg, r), has_aux=True)
+    return grad_fn
+
+
+def microbatch_weight(aux):
+    """A microbatch's share of the batch loss: aux['weight'], else its counted tokens, else 1."""
+    if "weight" in aux:
+        return aux["weight"].astype(jnp.float32)
+    return aux["metrics"].get("tokens", jnp.ones((), jnp.float32)).astype(jnp.float32)
+
+
+def finish_metrics(aux) -> dict:
+    """The metrics of a step's aux: means as they are, sums as they are, ratios divided out."""
+    ratios = {k: num / jnp.maximum(den, 1e-9) for k, (num, den) in aux.get("ratios", {}).items()}
+    return {**aux["metrics"], **aux.get("sums", {}), **ratios}
+
+
+def accumulate_gradients(grad_fn, params, batch, cfg: ExperimentConfig, rng):
     """(loss, aux, grads) of the whole batch from train.grad_accum_steps microbatches run in a lax.scan.
 
-    Each microbatch is weighted by its counted tokens (aux metric 'tokens'; 1 when a stage has none), so the
-    masked-mean LM loss and its gradient equal the full-batch ones; gradients accumulate in float32; the
-    metric 'tokens' is summed, the other metrics are token-weighted means; sown intermediates are combined
+    `grad_fn(params, microbatch, rng)` as from `loss_and_grad_fn`; microbatch i gets fold_in(rng, i). Each
+    microbatch is weighted by `microbatch_weight` (its counted tokens for next-token stages), so the masked-mean
+    LM loss and its gradient equal the full-batch ones; gradients accumulate in float32; the metric 'tokens' and
+    aux 'sums' and 'ratios' parts are summed, the other metrics are weighted means; sown intermediates are combined
     by `_combine_intermediates` (MuonClip sees the max logit over the whole batch, the router bias the total load).
     """
-    mb = microbatches(batch, cfg.train.grad_accum_steps)
+    n = cfg.train.grad_accum_steps
+    mb = microbatches(batch, n)
     params_c = compute_dtype_copy(params, cfg)
 
-    def one(mb_i):
-        (loss, aux), grads = grad_fn(params_c, mb_i, cfg)
-        w = aux["metrics"].get("tokens", jnp.ones((), jnp.float32)).astype(jnp.float32)
-        return w, loss, aux, grads
+    def one(mb_i, i):
+        (loss, aux), grads = grad_fn(params_c, mb_i, jax.random.fold_in(rng, i))
+        return microbatch_weight(aux), loss, aux, grads
 
     # Zero-initialized carry (max logits start at -inf): the microbatch body is traced and compiled once.
-    shapes = jax.eval_shape(one, jax.tree.map(lambda x: x[0], mb))
+    shapes = jax.eval_shape(one, jax.tree.map(lambda x: x[0], mb), jnp.zeros((), jnp.int32))
     zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), tree)
     inter0 = jax.tree_util.tree_map_with_path(
         lambda path, s: jnp.full(s.shape, -jnp.inf if _reduced_by_max(path) else 0, s.dtype),
         shapes[2]["intermediates"])
+    totals0 = {k: zeros(shapes[2].get(k, {})) for k in ("sums", "ratios")}
+    if "tokens" in shapes[2]["metrics"]:
+        totals0["tokens"] = jnp.zeros((), jnp.float32)
     carry0 = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros(shapes[2]["metrics"]), inter0,
-              zeros(shapes[3]))
+              zeros(shapes[3]), totals0)
     weigh = lambda w, tree: jax.tree.map(lambda x: w * x.astype(jnp.float32), tree)
+    add = lambda a, b: jax.tree.map(lambda x, y: x + y.astype(jnp.float32), a, b)
 
-    def body(carry, mb_i):
-        w_sum, loss_sum, metrics_sum, inter, grads_sum = carry
-        w, loss, aux, grads = one(mb_i)
-        add = lambda a, b: jax.tree.map(jnp.add, a, b)
+    def body(carry, xs):
+        w_sum, loss_sum, metrics_sum, inter, grads_sum, totals = carry
+        w, loss, aux, grads = one(*xs)
+        totals = {**totals, **{k: add(totals[k], aux.get(k, {})) for k in ("sums", "ratios")}}
+        if "tokens" in aux["metrics"]:  # counted tokens add up, whatever the microbatch weights
+            totals["tokens"] = totals["tokens"] + aux["metrics"]["tokens"].astype(jnp.float32)
         return (w_sum + w, loss_sum + w * loss, add(metrics_sum, weigh(w, aux["metrics"])),
-                _combine_intermediates(inter, aux["intermediates"]), add(grads_sum, weigh(w, grads))), None
+                _combine_intermediates(inter, aux["intermediates"]), add(grads_sum, weigh(w, grads)), totals), None
 
-    (w_sum, loss_sum, metrics_sum, inter, grads_sum), _ = jax.lax.scan(body, carry0, mb)
+    carry, _ = jax.lax.scan(body, carry0, (mb, jnp.arange(n, dtype=jnp.int32)))
+    w_sum, loss_sum, metrics_sum, inter, grads_sum, totals = carry
     inv = 1.0 / jnp.maximum(w_sum, 1e-9)
-    metrics = {k: (w_sum if k == "tokens" else v * inv) for k, v in metrics_sum.items()}
+    metrics = {k: (totals["tokens"] if k == "tokens" else v * inv) for k, v in metrics_sum.items()}
     grads = jax.tree.map(lambda g, p: (g * inv).astype(p.dtype), grads_sum, params)
-    return loss_sum * inv, {"metrics": metrics, "intermediates": inter}, grads
+    aux = {"metrics": metrics, "intermediates": inter, "sums": totals["sums"], "ratios": totals["ratios"]}
+    return loss_sum * inv, aux, grads
+
+
+def step_rng(cfg: ExperimentConfig, step):
+    """The key of train step `step` (0-based): a function of train.seed and the step only, so a resumed run
+    draws the same keys."""
+    return jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed), step)
 
 
 def train_step(state: TrainState, batch, *, model, optimizer, stage, cfg: ExperimentConfig):
-    """One update: loss and grads, optimizer, post-update rules (router bias, MuonClip), metrics; a step with a
-    non-finite loss or gradient skips the update (nonfinite.apply_if_finite)."""
-    grad_fn = jax.value_and_grad(functools.partial(stage.loss_fn, model), has_aux=True)
+    """One update: loss and grads, optimizer, post-update rules (router bias, MuonClip) on the policy subtree,
+    metrics; a step with a non-finite loss or gradient skips the update (nonfinite.apply_if_finite)."""
+    grad_fn = loss_and_grad_fn(stage, model, state.extra, cfg)
+    rng = step_rng(cfg, state.step)
     if cfg.train.grad_accum_steps == 1:
-        (loss, aux), grads = grad_fn(state.params, batch, cfg)
+        (loss, aux), grads = grad_fn(state.params, batch, rng)
     else:
-        loss, aux, grads = accumulate_gradients(grad_fn, state.params, batch, cfg)
+        loss, aux, grads = accumulate_gradients(grad_fn, state.params, batch, cfg, rng)
 
     def update(state):
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        params, hook_metrics = hooks.post_update(params, aux["intermediates"], cfg)
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), hook_metrics
+        params, hook_metrics = hooks.post_update(params, aux["intermediates"], cfg, stage.policy_path)
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), hook_metrics
 
     new_state, update_metrics = nonfinite.apply_if_finite(state, loss, grads, update)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux["metrics"], **update_metrics,
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **finish_metrics(aux), **update_metrics,
                **hooks.routing_metrics(aux["intermediates"])}
     return new_state, metrics
 
 
-def eval_step(params, batch, *, model, stage, cfg: ExperimentConfig):
-    return stage.eval_fn(model, params, batch, cfg)
+def eval_step(params, extra, batch, *, model, stage, cfg: ExperimentConfig):
+    return stage.eval_fn(model, params, extra, batch, cfg)

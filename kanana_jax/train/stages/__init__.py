@@ -1,13 +1,16 @@
-"""Training stages: each supplies a pure loss function `loss_fn(model, params, batch, cfg) -> (loss, aux)`.
+"""Training stages as plug-ins of the one loop: each is a module implementing `protocol.py`'s functions.
 
-`aux` is a dict with 'metrics' (scalars) and 'intermediates' (the model's sown statistics).
+`midtrain` is next-token training like `pretrain` (same module): a named stage so that config.json, metrics and
+the pipeline say which one ran; what differs is its config (a reasoning : replay mixture, `train.init_from`).
 """
 from kanana_jax.train.stages import pretrain
+from kanana_jax.train.stages.protocol import BatchField, Stage
 
-STAGES = {"pretrain": pretrain}
+MODULES = {"pretrain": pretrain, "midtrain": pretrain}
+STAGES = {name: Stage.from_module(name, module) for name, module in MODULES.items()}
 
 
-def get_stage(name: str):
+def get_stage(name: str) -> Stage:
     if name not in STAGES:
         raise ValueError(f"train.stage={name!r}; allowed values: {', '.join(STAGES)}")
     return STAGES[name]
