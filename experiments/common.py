@@ -36,3 +36,20 @@ def ablation_run(c: ml_collections.ConfigDict, *, steps: int, seed: int, batch: 
     c.data.global_batch_size, c.data.seq_len = batch, seq_len
     c.optimizer.learning_rate, c.optimizer.schedule, c.optimizer.warmup_steps = lr, "constant", 0
     return c
+
+
+def pod_layout(c: ml_collections.ConfigDict, size: str, slice_name: str = "") -> str | None:
+    """For a full size (kanana2_30b_a3b, kanana2_155b_a17b): the pod layout of experiments/pod.py on `c` (mesh,
+    batch, sequence, remat) for its named slice or `slice_name`; returns the slice, or None for tiny/small."""
+    from experiments import pod
+    model = pod.MODEL_OF_SIZE.get(size)
+    return pod.apply_layout(c, model, slice_name) if model else None
+
+
+def pod_topology(size: str, slice_name: str = "") -> str:
+    """The TPU slice a stage config of `size` is laid out for (its module's `topology(arg)`)."""
+    from experiments import pod
+    if size not in pod.MODEL_OF_SIZE:
+        raise ValueError(f"size={size!r} has no pod layout (only {', '.join(pod.MODEL_OF_SIZE)} do); pass "
+                         "--topology to compile it for a slice anyway")
+    return pod.named_slice(pod.MODEL_OF_SIZE[size], slice_name)

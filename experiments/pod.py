@@ -23,6 +23,7 @@ SLICES = {
     },
 }
 SIZE = {"30b_a3b": "kanana2_30b_a3b", "155b_a17b": "kanana2_155b_a17b"}
+MODEL_OF_SIZE = {size: model for model, size in SIZE.items()}
 
 
 def _args(arg):
@@ -33,28 +34,44 @@ def _args(arg):
     return args
 
 
+def named_slice(model: str, slice_name: str = "") -> str:
+    """The slice a pod model is laid out for: `slice_name`, else the model's named slice (first in SLICES)."""
+    return slice_name or next(iter(SLICES[model]))
+
+
+def apply_layout(c, model: str, slice_name: str = ""):
+    """Sets the pod layout of `model` on ConfigDict `c` for its slice (mesh, global batch, sequence length,
+    bf16 compute with fp32 params, full remat, dropless expert parallelism). Every stage's full-size config uses
+    this, so all of them compile for the slices SCALING.md measured. Returns the slice name."""
+    name = named_slice(model, slice_name)
+    layouts = SLICES[model]
+    mesh, batch, seq_len = layouts.get(name, next(iter(layouts.values())))
+    c.model.update(dtype="bfloat16", param_dtype="float32", remat_policy="full", scan_layers=True,
+                   moe_impl="ragged_dot", expert_parallel="dropless")
+    c.mesh.update(mesh)
+    c.data.global_batch_size = batch
+    c.data.seq_len = seq_len
+    c.train.progress_bar = False
+    return name
+
+
 def topology(arg: str | None = None) -> str:
     """The TPU slice this config is laid out for (launchers and compile_aot default to it)."""
     args = _args(arg)
-    return args.slice or next(iter(SLICES[args.model]))
+    return named_slice(args.model, args.slice)
 
 
 def get_config(arg: str | None = None):
     args = _args(arg)
-    layouts = SLICES[args.model]
-    mesh, batch, seq_len = layouts.get(topology(arg), next(iter(layouts.values())))
     c = common.base_config(SIZE[args.model])
-    c.model.update(dtype="bfloat16", param_dtype="float32", remat_policy="full", scan_layers=True,
-                   moe_impl="ragged_dot", expert_parallel="dropless")
-    c.mesh.update(mesh)
-    c.data.global_batch_size = args.batch or batch
-    c.data.seq_len = args.seq_len or seq_len
+    apply_layout(c, args.model, args.slice)
+    c.data.global_batch_size = args.batch or c.data.global_batch_size
+    c.data.seq_len = args.seq_len or c.data.seq_len
     c.train.stage = "pretrain"
     c.train.steps = args.steps
     c.train.eval_every = 1000
     c.train.checkpoint_every = 1000
     c.train.keep_checkpoints = 3
-    c.train.progress_bar = False
     c.optimizer.name = args.optimizer
     c.optimizer.learning_rate = args.lr
     c.optimizer.schedule = "wsd"

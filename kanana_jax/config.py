@@ -173,6 +173,8 @@ class DataConfig:
     mixture: tuple = ()              # ((name, path or 'embedded', weight), ...); empty = the single source above
     mixture_weights_in: Literal["documents", "tokens"] = _field(
         "documents", doc="mixture weights are shares of documents (drawn at random) or of tokens (tracked)")
+    eval_sources: tuple = _field((), doc="((name, path), ...): held-out sets evaluated one by one as "
+                                         "'eval_loss/<name>'; empty = the held-out splits of the training sources")
 
     def __post_init__(self):
         for entry in self.mixture:
@@ -180,6 +182,11 @@ class DataConfig:
                   and isinstance(entry[1], str) and isinstance(entry[2], (int, float))
                   and not isinstance(entry[2], bool) and math.isfinite(entry[2]) and entry[2] > 0)
             _check(ok, "data.mixture", f"entries must be (name, path or 'embedded', weight > 0), got {entry!r}")
+        for entry in self.eval_sources:
+            ok = (isinstance(entry, (tuple, list)) and len(entry) == 2 and all(isinstance(x, str) and x for x in entry))
+            _check(ok, "data.eval_sources", f"entries must be (name, path or 'embedded:...'), got {entry!r}")
+        names = [e[0] for e in self.eval_sources]
+        _check(len(set(names)) == len(names), "data.eval_sources", f"names must be unique, got {names}")
 
 
 @dataclasses.dataclass(frozen=True)

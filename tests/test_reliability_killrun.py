@@ -1,6 +1,7 @@
 """Kill-and-resume and preemption, end to end through the command line (subprocesses on CPU).
 
-One module fixture runs an uninterrupted reference and, in a second workdir, a run that is SIGKILLed five
+One module fixture runs a 2-step pre-training (the source), then an uninterrupted mid-training reference that
+starts from it (`train.init_from`) and, in a second workdir, the same run SIGKILLed five
 times (mid-step, mid-commit of an async checkpoint, right after a save started, at random times) and
 SIGTERMed once (preemption), relaunched after each. The tests then compare: the whole loss curve and the
 final train state, data state and loop counters must be bit-exact equal to the reference.
@@ -31,12 +32,16 @@ TIMING_KEYS = {"tokens_per_s", "mfu"}
 LAUNCH_TIMEOUT_S = 240
 
 
-def _argv(workdir):
+def _argv(workdir, spec=None):
+    """The run under test: mid-training (a token-weighted reasoning : replay mixture) started with
+    train.init_from from a short pre-training run, so a relaunch before the first checkpoint starts from that
+    source again and later ones from the run's own checkpoints."""
     sets = {"model.n_layers": 2, "train.checkpoint_every": CHECKPOINT_EVERY, "train.keep_checkpoints": 2,
             "train.async_checkpoint": "true", "train.log_every": 1, "train.eval_every": 0,
             "train.progress_bar": "false", "train.tensorboard": "false", "train.peak_tflops_per_device": 1}
-    argv = [sys.executable, WORKER, "run", f"experiments/pretrain.py:size=tiny,steps={STEPS},batch=4,seq_len=32",
-            "--workdir", workdir]
+    source = os.path.join(os.path.dirname(workdir), "source")
+    spec = spec or f"experiments/midtrain.py:size=tiny,steps={STEPS},batch=4,seq_len=32,init_from={source}"
+    argv = [sys.executable, WORKER, "run", spec, "--workdir", workdir]
     for key, value in sets.items():
         argv += ["--set", f"{key}={value}"]
     return argv
@@ -45,10 +50,10 @@ def _argv(workdir):
 class Launch:
     """One worker subprocess; its stdout markers arrive on a queue, its stderr goes to a log file."""
 
-    def __init__(self, workdir, env, name):
+    def __init__(self, workdir, env, name, spec=None):
         self.stderr_path = os.path.join(os.path.dirname(workdir), f"{name}.stderr")
         self.stderr = open(self.stderr_path, "w")
-        self.proc = subprocess.Popen(_argv(workdir), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen(_argv(workdir, spec), cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                      stderr=self.stderr, text=True)
         self.markers = queue.Queue()
         self.seen = []
@@ -116,6 +121,8 @@ def runs(tmp_path_factory):
                JAX_COMPILATION_CACHE_DIR=str(base / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     reference_dir, killed_dir = str(base / "reference"), str(base / "killed")
+    source = Launch(str(base / "source"), env, "source", "experiments/pretrain.py:size=tiny,steps=2,batch=4,seq_len=32")
+    assert source.finish() == 0, source.log()[-3000:]
     reference = Launch(reference_dir, env, "reference")
     reference.wait_for(_marker("STEP", 1), "the reference's first step")  # compiled: later launches hit the cache
     events = []

@@ -370,13 +370,18 @@ def _sources_for(data_cfg, split: str) -> list[tuple[str, sources_lib.DocumentSo
     if name in seen:
       raise ValueError(f"data.mixture names must be unique; {name!r} appears twice")
     seen.add(name)
-    try:
-      kind = sources_lib.infer_kind(str(path), data_cfg.source)
-      source = sources_lib.open_source(kind, str(path), **common)
-    except (FileNotFoundError, ValueError) as e:
-      raise type(e)(f"data.mixture source {name!r} ({path!r}, split {split!r}): {e}") from e
-    out.append((str(name), source, float(weight)))
+    out.append((str(name), _open_named(data_cfg, str(name), str(path), split), float(weight)))
   return out
+
+
+def _open_named(data_cfg, name: str, path: str, split: str, key: str = "data.mixture"):
+  """The `split` of a named mixture / eval source; an unknown, missing or empty source names itself."""
+  try:
+    kind = sources_lib.infer_kind(path, data_cfg.source)
+    return sources_lib.open_source(kind, path, split=split, text_key=data_cfg.text_key,
+                                   tfds_data_dir=data_cfg.tfds_data_dir)
+  except (FileNotFoundError, ValueError) as e:
+    raise type(e)(f"{key} source {name!r} ({path!r}, split {split!r}): {e}") from e
 
 
 def make_iterator(data_cfg, *, split: str, seed: int, shard_index: int = 0,
@@ -393,13 +398,21 @@ def make_iterator(data_cfg, *, split: str, seed: int, shard_index: int = 0,
 
 
 def make_eval_iterators(data_cfg, *, seed: int) -> dict[str, TokenBatchIterator]:
-  """Held-out iterators: {'': one over the single source}, or one per mixture source {name: iterator} (batches
-  carry that source's mixture index in `source_ids_BxT`, so they have the fields of the training batches)."""
-  sources = _sources_for(data_cfg, "eval")
+  """Held-out iterators, one per group: `data.eval_sources` if set ({name: iterator}), else {'': the single
+  source} or one per mixture source. With a mixture of several sources the batches carry `source_ids_BxT` (the
+  mixture index of a source of that name, else 0), so they have the fields of the training batches."""
   tokenizer = tokenizer_lib.make_tokenizer(data_cfg.tokenizer)
   common = dict(seq_len=data_cfg.seq_len, global_batch_size=data_cfg.global_batch_size, split="eval", seed=seed,
                 shuffle=data_cfg.shuffle, on_bad_record=data_cfg.on_bad_record)
-  if len(sources) == 1:
-    return {"": TokenBatchIterator(sources, tokenizer, **common)}
-  return {name: TokenBatchIterator([(name, src, 1.0)], tokenizer, source_ids=[i], **common)
-          for i, (name, src, _) in enumerate(sources)}
+  train_names = source_names(data_cfg)
+  if data_cfg.eval_sources:
+    groups = [(name, _open_named(data_cfg, name, path, "eval", "data.eval_sources"), 1.0) for name, path in data_cfg.eval_sources]
+  else:
+    groups = _sources_for(data_cfg, "eval")
+    if len(groups) == 1:
+      return {"": TokenBatchIterator(groups, tokenizer, **common)}
+  with_ids = len(train_names) > 1
+  return {name: TokenBatchIterator(
+      [(name, src, 1.0)], tokenizer, **common,
+      source_ids=[train_names.index(name) if name in train_names else 0] if with_ids else None)
+      for name, src, _ in groups}
