@@ -6,6 +6,8 @@ any mesh shape.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import flax.linen as nn
@@ -84,6 +86,32 @@ def param_logical_names(boxed_params) -> set:
     for spec in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P)):
         names.update(n for n in spec if isinstance(n, str))
     return names
+
+
+_CONTEXT_MESH = contextvars.ContextVar("kanana_jax_context_mesh", default=None)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh):
+    """Makes `mesh` what `context_mesh()` returns inside the block (this thread): the mesh that mesh-aware code
+    (expert parallelism, Muon's sharded orthogonalization) lays its shard_maps out on. It is not jax's context
+    mesh (`jax.set_mesh`), so flax's logical activation constraints stay off, as they were under the
+    deprecated `with mesh:` block this replaces."""
+    token = _CONTEXT_MESH.set(mesh)
+    try:
+        yield mesh
+    finally:
+        _CONTEXT_MESH.reset(token)
+
+
+def context_mesh():
+    """The mesh in context: `use_mesh`'s (the Trainer enters it), else jax's (`jax.set_mesh`,
+    `jax.sharding.use_abstract_mesh`; an AbstractMesh), else None."""
+    mesh = _CONTEXT_MESH.get()
+    if mesh is not None:
+        return mesh
+    abstract = jax.sharding.get_abstract_mesh()
+    return None if abstract is None or abstract.empty else abstract
 
 
 def _device_slices(devices) -> int:

@@ -128,7 +128,7 @@ def expert_parallel_equals_reference():
             return lambda *args: jnp.sum(jnp.sin(f(*args)) * jnp.arange(x.shape[1]))
 
         args = (x, weights, wg, wu, wd)
-        with mesh:
+        with jax.set_mesh(mesh):
             y_par = jax.jit(par)(*args)
             g_par = jax.jit(jax.grad(loss(par), argnums=tuple(range(5))))(*args)
         y_ref = ref(*args)

@@ -164,15 +164,10 @@ def _orthogonalize_local(leaves, axes_list, out_dtypes, group, scaling, rms, ort
 
 
 def context_mesh():
-    """The mesh in context (`jax.set_mesh` or a legacy `with mesh:` block) if it spans >1 device, else None."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh is None or mesh.empty:
-        import warnings
-        from jax.interpreters import pxla
-        with warnings.catch_warnings():      # the legacy `with mesh:` context is what the Trainer enters
-            warnings.simplefilter("ignore", DeprecationWarning)
-            mesh = pxla.thread_resources.env.physical_mesh
-    if mesh is None or mesh.empty or math.prod(mesh.shape.values()) == 1:
+    """The mesh in context (`sharding.context_mesh`: the Trainer's, or jax's) if it spans >1 device, else None."""
+    from kanana_jax.sharding import context_mesh as _context_mesh
+    mesh = _context_mesh()
+    if mesh is None or math.prod(mesh.shape.values()) == 1:
         return None
     return mesh
 

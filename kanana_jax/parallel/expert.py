@@ -48,13 +48,9 @@ class ExpertPlan:
 
 
 def current_mesh():
-    """The mesh in context: `jax.set_mesh` / `use_mesh` (abstract) or a legacy `with mesh:` block; else None."""
-    abstract = jax.sharding.get_abstract_mesh()
-    if abstract is not None and not abstract.empty:
-        return abstract
-    from jax.interpreters import pxla
-    physical = pxla.thread_resources.env.physical_mesh
-    return None if physical.empty else physical
+    """The mesh in context (`sharding.context_mesh`: the Trainer's, or jax's abstract one), else None."""
+    from kanana_jax.sharding import context_mesh
+    return context_mesh()
 
 
 def _axes(value) -> tuple:
@@ -64,9 +60,12 @@ def _axes(value) -> tuple:
 
 
 def _platform(mesh) -> str:
-    devices = getattr(mesh, "devices", None)
-    if devices is not None and getattr(devices, "size", 0):
-        return devices.flat[0].platform
+    """The platform of the mesh's devices (an AbstractMesh knows it from its abstract device)."""
+    abstract_device = getattr(mesh, "abstract_device", None)
+    if abstract_device is not None and getattr(abstract_device, "platform", None):
+        return abstract_device.platform
+    if isinstance(mesh, jax.sharding.Mesh) and mesh.devices.size:
+        return mesh.devices.flat[0].platform
     return jax.default_backend()
 
 

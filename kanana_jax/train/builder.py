@@ -55,17 +55,20 @@ class Trainer:
 
 class _Context:
     def __init__(self, mesh, rules):
-        self.mesh, self.rules, self._rules_ctx = mesh, rules, None
+        self.mesh, self.rules, self._mesh_ctx, self._rules_ctx = mesh, rules, None, None
 
     def __enter__(self):
-        self.mesh.__enter__()  # flax logical constraints resolve against this mesh
+        # the mesh that expert parallelism and Muon's sharded update find (sharding.context_mesh); not
+        # jax.set_mesh, which would also switch on flax's logical activation constraints (off so far)
+        self._mesh_ctx = sharding.use_mesh(self.mesh)
+        self._mesh_ctx.__enter__()
         self._rules_ctx = nn.logical_axis_rules(self.rules)
         self._rules_ctx.__enter__()
         return self
 
     def __exit__(self, *exc):
         self._rules_ctx.__exit__(*exc)
-        self.mesh.__exit__(*exc)
+        self._mesh_ctx.__exit__(*exc)
 
 
 def build_trainer(cfg: ExperimentConfig, devices=None, stage: Stage | None = None) -> Trainer:

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 log = logging.getLogger("kanana_jax.train")
 
@@ -210,7 +211,9 @@ class Checkpointer:
     def _saved_leaves(self, step: int) -> dict:
         path = self.step_path(step)
         try:
-            meta = ocp.StandardCheckpointer().metadata(os.path.join(path, "state")).item_metadata
+            # the item's handler reads the tree metadata; a Checkpointer would also look for step metadata
+            # (_CHECKPOINT_METADATA) inside the item dir, where orbax never writes it, and warn
+            meta = ocp.StandardCheckpointHandler().metadata(epath.Path(os.path.join(path, "state")))
         except Exception as e:  # orbax raises many types for damaged metadata
             raise CheckpointError(step, path, f"unreadable metadata of item 'state': {type(e).__name__}: {e}") from e
         if meta is None:
