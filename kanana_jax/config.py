@@ -161,7 +161,7 @@ class OptimizerConfig:
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Where tokens come from and how they are packed."""
-    source: Literal["embedded", "jsonl", "array_record", "tfds"] = "embedded"
+    source: Literal["embedded", "jsonl", "array_record", "tfds", "chat"] = "embedded"
     path: str = ""                   # file or glob for jsonl / array_record; dataset name for tfds
     text_key: str = "text"
     tfds_data_dir: str = ""
@@ -170,6 +170,8 @@ class DataConfig:
     global_batch_size: int = _field(16, lo=1)
     shuffle: bool = True
     on_bad_record: Literal["fail", "skip"] = "fail"
+    chat_too_long: Literal["truncate", "drop"] = _field(
+        "truncate", doc="a conversation longer than seq_len: cut after its last whole assistant turn, or drop it")
     mixture: tuple = ()              # ((name, path or 'embedded', weight), ...); empty = the single source above
     mixture_weights_in: Literal["documents", "tokens"] = _field(
         "documents", doc="mixture weights are shares of documents (drawn at random) or of tokens (tracked)")
@@ -192,7 +194,7 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Steps, logging, evaluation, checkpointing and loss weights."""
-    stage: Literal["pretrain", "midtrain"] = "pretrain"
+    stage: Literal["pretrain", "midtrain", "sft", "dpo", "reward_model"] = "pretrain"
     init_from: str = _field("", doc="start from another run's params: WORKDIR[:STEP] or hf:DIR (fresh optimizer "
                                     "and data position; used only while the workdir has no checkpoint of its own)")
     steps: int = _field(200, lo=1)
@@ -242,6 +244,43 @@ class MeshConfig:
         _check(sum(v == -1 for v in sizes.values()) <= 1, "mesh", "at most one axis may be -1")
 
 
+def _check_weighted_sources(entries, key: str):
+    for entry in entries:
+        ok = (isinstance(entry, (tuple, list)) and len(entry) == 3 and isinstance(entry[0], str)
+              and isinstance(entry[1], str) and isinstance(entry[2], (int, float))
+              and not isinstance(entry[2], bool) and math.isfinite(entry[2]) and entry[2] > 0)
+        _check(ok, key, f"entries must be (name, path, weight > 0), got {entry!r}")
+    names = [e[0] for e in entries]
+    _check(len(set(names)) == len(names), key, f"names must be unique, got {names}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    """Supervised fine-tuning (train.stage='sft'): conversations trained on their assistant tokens only."""
+    buckets: tuple = _field((), doc="((name, path, weight), ...): 'sft:chat' (an embedded bucket) or 'chat:FILE' "
+                                    "(message records); weights are shares of data.mixture_weights_in units")
+
+    def __post_init__(self):
+        _check_weighted_sources(self.buckets, "sft.buckets")
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOConfig:
+    """Direct preference optimization (train.stage='dpo') against the frozen `train.init_from` params."""
+    pairs: str = _field("embedded", doc="preference pairs: 'embedded' (kanana_jax/data/preference) or a JSONL file")
+    beta: float = _field(0.1, lo=1e-6, doc="strength of the implicit KL to the reference")
+    label_smoothing: float = _field(0.0, lo=0.0, hi=0.5, doc="dpo: assumed rate of flipped preference labels")
+    loss: Literal["dpo", "ipo"] = _field("dpo", doc="dpo: -log sigmoid(beta h); ipo: (h - 1/(2 beta))^2 on "
+                                                    "per-token mean log-ratios")
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardModelConfig:
+    """Reward-model training (train.stage='reward_model'): a scalar head, Bradley-Terry loss on pairs."""
+    pairs: str = _field("embedded", doc="preference pairs: 'embedded' (kanana_jax/data/preference) or a JSONL file")
+    score_l2_coef: float = _field(0.0, lo=0.0, doc="weight of mean(score^2): keeps scores centred at 0 (0 = off)")
+
+
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     """One experiment: everything a run needs, validated."""
@@ -250,6 +289,9 @@ class ExperimentConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
+    dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
+    reward_model: RewardModelConfig = dataclasses.field(default_factory=RewardModelConfig)
 
     def __post_init__(self):
         n, b = self.train.grad_accum_steps, self.data.global_batch_size
@@ -345,7 +387,7 @@ def load(config: Any) -> ExperimentConfig:
     return build(ExperimentConfig, values)
 
 
-RUN_RECORD_KEYS = ("provenance",)  # keys a run adds to its config.json beside the config itself
+RUN_RECORD_KEYS = ("provenance", "history")  # keys a run adds to its config.json beside the config itself
 
 
 def read_run_config(path: str) -> ExperimentConfig:

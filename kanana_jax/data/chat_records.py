@@ -1,6 +1,7 @@
 """Message records for SFT: JSONL / ArrayRecord / TFDS readers that return validated chat records.
 
-A record is `{"messages": [...], "tools"?: [tool specs], "bucket"?: str, ...}` (other keys kept). Messages:
+A record is `{"messages": [...], "tools"?: [tool specs] or [tool names], "bucket"?: str, ...}` (other keys
+kept; tool names are what rewards.tools knows, for records whose system message already lists the tools). Messages:
 system/user `{"role", "content": str}`; assistant `{"role", "content": str|null, "tool_calls"?: [{"name",
 "arguments": {...}}]}` (OpenAI's `{"type": "function", "function": {...}}` form is accepted and normalized);
 tool `{"role": "tool", "name"?, "content": any JSON}`. A conversation needs an assistant message. A record
@@ -70,8 +71,10 @@ def validate_record(obj, path: str, where: str) -> dict:
   if not any(m["role"] == "assistant" for m in out):
     bad("messages", "a conversation needs at least one assistant message")
   tools = obj.get("tools")
-  if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
-    bad("tools", "must be a list of tool specs (JSON objects)")
+  if tools is not None and not (isinstance(tools, list) and (all(isinstance(t, dict) for t in tools)
+                                                             or all(isinstance(t, str) for t in tools))):
+    bad("tools", "must be a list of tool specs (JSON objects, rendered into the prompt) or of tool names "
+        "(strings: the system message already lists them; kept for verification)")
   if obj.get("bucket") is not None and not isinstance(obj["bucket"], str):
     bad("bucket", f"must be a string, got {type(obj['bucket']).__name__}")
   return {**obj, "messages": out}
@@ -173,3 +176,40 @@ def open_message_source(kind: str, path: str, *, split: str, tfds_data_dir: str 
   if "{split}" in path:
     return MessageRecordSource(path.replace("{split}", split), kind)
   return sources.HeldOutView(MessageRecordSource(path, kind), split)
+
+
+class ChatSource:
+  """Message records as a pipeline source: `chat_tokens(i, renderer)` renders record i with its loss mask
+  (tool specs in 'tools' are rendered; tool names are not: the system message holds them)."""
+
+  def __init__(self, records, name: str):
+    self.records, self.name = records, name
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def __getitem__(self, index: int) -> dict:
+    return self.records[index]
+
+  def chat_tokens(self, index: int, renderer):
+    record = self.records[index]
+    tools = record.get("tools")
+    return renderer.encode(record["messages"], tools=tools if tools and isinstance(tools[0], dict) else None)
+
+
+def open_chat_source(path: str, *, split: str, tfds_data_dir: str = "") -> ChatSource:
+  """A chat source from a mixture path: 'sft:BUCKET[,BUCKET...]' (the embedded SFT buckets of
+  kanana_jax/data/sft) or 'chat:PATH' (message records: *.jsonl, *.array_record, or tfds:NAME[|TRAIN|EVAL];
+  '{split}' in a file path selects the split, else every 25th record is held out)."""
+  if path.startswith("sft:"):
+    from kanana_jax.data import posttrain_data  # pylint: disable=import-outside-toplevel
+    names = [n.strip() for n in path[len("sft:"):].split(",") if n.strip()]
+    if not names:
+      raise ValueError("'sft:' needs bucket names, e.g. sft:math,code")
+    files = ",".join(str(posttrain_data.dataset_path("sft", n, split)) for n in names)
+    return ChatSource(MessageRecordSource(files, "jsonl"), path)
+  if not path.startswith("chat:"):
+    raise ValueError(f"a chat source path starts with 'sft:' or 'chat:', got {path!r}")
+  spec = path[len("chat:"):]
+  kind = "tfds" if spec.startswith("tfds:") else sources.infer_kind(spec, "jsonl")
+  return ChatSource(open_message_source(kind, spec, split=split, tfds_data_dir=tfds_data_dir), path)

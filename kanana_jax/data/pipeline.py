@@ -3,6 +3,11 @@
 Each document becomes `[BOS] + ids + [EOS]`. A document longer than `seq_len` tokens is split
 into chunks of at most `seq_len` tokens that overlap by one token, so every next-token target of
 the document is trained exactly once; it is counted in `stats()['split_documents']`, never dropped.
+A conversation (a chat source: records of messages, rendered by `data.chat.ChatRenderer` with BOS first
+and an end-of-turn token after each assistant turn) keeps its per-token trained mask (assistant tokens
+only) and is never split: one longer than `seq_len` is cut after its last whole assistant turn that fits
+(`data.chat_too_long='truncate'`, counted in `truncated_conversations`) or dropped (`'drop'`, or when not
+even its first assistant turn fits; counted in `dropped_conversations`).
 Chunks are packed into rows of `seq_len` tokens by best fit over a window of `PACK_WINDOW`
 pending chunks (longest chunk that fits first). A chunk is never split across rows.
 
@@ -11,7 +16,8 @@ Batch (this host's rows, B = global_batch_size // shard_count, T = seq_len):
   targets_BxT int32     the next token of the same segment (pad_id where loss_mask is 0)
   segment_ids_BxT int32 1, 2, 3... per packed chunk in a row, 0 on padding
   positions_BxT int32   0, 1, 2... restarting at every chunk
-  loss_mask_BxT float32 1 where the target is the next token of the same chunk, else 0
+  loss_mask_BxT float32 1 where the target is the next token of the same chunk (and, in a conversation, an
+                        assistant token), else 0
   source_ids_BxT int32  (only with `source_ids`, e.g. for a mixture of several sources) the mixture index of the
                         source each token came from (0 on padding)
 
@@ -40,6 +46,7 @@ MIX_BLOCK = 4096
 _MIX_SALT = 0x6D6978
 _LOG_SKIPS = 10
 BAD_RECORD_MODES = ("fail", "skip")
+TOO_LONG_MODES = ("truncate", "drop")
 MIX_UNITS = ("documents", "tokens")
 BATCH_DTYPES = {"inputs_BxT": np.dtype(np.int32), "targets_BxT": np.dtype(np.int32),
                 "segment_ids_BxT": np.dtype(np.int32), "positions_BxT": np.dtype(np.int32),
@@ -70,7 +77,8 @@ class TokenBatchIterator:
                tokenizer: tokenizer_lib.Tokenizer, *, seq_len: int, global_batch_size: int,
                split: str, seed: int, shuffle: bool = True, on_bad_record: str = "fail",
                shard_index: int = 0, shard_count: int = 1, pack_window: int = PACK_WINDOW,
-               mix_unit: str = "documents", source_ids: Sequence[int] | None = None):
+               mix_unit: str = "documents", source_ids: Sequence[int] | None = None,
+               chat_too_long: str = "truncate"):
     if split not in sources_lib.SPLITS:
       raise ValueError(f"split must be one of {sources_lib.SPLITS}, got {split!r}")
     if on_bad_record not in BAD_RECORD_MODES:
@@ -84,6 +92,8 @@ class TokenBatchIterator:
                        f"the number of data shards (hosts) {shard_count}")
     if not sources:
       raise ValueError("no data source given")
+    if chat_too_long not in TOO_LONG_MODES:
+      raise ValueError(f"data.chat_too_long must be one of {TOO_LONG_MODES}, got {chat_too_long!r}")
     if mix_unit not in MIX_UNITS:
       raise ValueError(f"data.mixture_weights_in must be one of {MIX_UNITS}, got {mix_unit!r}")
     if source_ids is not None and len(source_ids) != len(sources):
@@ -105,6 +115,8 @@ class TokenBatchIterator:
     self.local_batch_size = global_batch_size // shard_count
     self.pack_window = pack_window
     self.mix_unit = mix_unit
+    self.chat_too_long = chat_too_long
+    self._renderer = None  # data.chat.ChatRenderer, made on the first conversation
     self.source_ids = None if source_ids is None else np.asarray(source_ids, np.int32)
     self._positions_T = np.arange(seq_len, dtype=np.int32)
     self._perm_cache: dict[int, tuple[int, np.ndarray]] = {}
@@ -120,13 +132,16 @@ class TokenBatchIterator:
     self._mix_pos = 0
     self._mix_tokens = np.zeros(n, np.int64)
     self._eval_source = 0
-    self._cur: tuple[int, int, int, np.ndarray, list[tuple[int, int]]] | None = None
-    self._buffer: list[tuple[int, int, int, np.ndarray]] = []
+    # (source, doc, next chunk, tokens, trained mask or None, chunk bounds); buffer: (source, doc, chunk, tokens,
+    # trained mask or None) - the mask marks trained target tokens of a conversation (None: every token)
+    self._cur: tuple | None = None
+    self._buffer: list[tuple] = []
     self._exhausted = False
     self._stats = {"batches": 0, "documents": 0, "skipped_records": 0, "split_documents": 0,
                    "chunks": 0, "tokens": 0, "padding_tokens": 0, "target_tokens": 0,
                    "documents_per_source": {name: 0 for name in self.names},
-                   "packed_tokens_per_source": {name: 0 for name in self.names}}
+                   "packed_tokens_per_source": {name: 0 for name in self.names},
+                   "truncated_conversations": 0, "dropped_conversations": 0}
 
   def _order(self, s: int) -> np.ndarray:
     cached = self._perm_cache.get(s)
@@ -147,10 +162,13 @@ class TokenBatchIterator:
       self._mix_cache = (block, rng.choice(len(self._sources), size=MIX_BLOCK, p=self.weights))
     return int(self._mix_cache[1][self._mix_pos % MIX_BLOCK])
 
-  def _tokens(self, s: int, doc: int) -> np.ndarray | None:
-    """[BOS] + ids + [EOS] of document `doc` of source `s`; None when skipped as bad."""
+  def _tokens(self, s: int, doc: int) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """(tokens, trained mask) of document `doc` of source `s`: [BOS] + ids + [EOS] and None (every token), or a
+    conversation's ids and assistant mask; None when skipped as bad or dropped as too long."""
     src = self._sources[s]
     try:
+      if hasattr(src, "chat_tokens"):
+        return self._conversation(src.chat_tokens(doc, self._chat_renderer()))
       if hasattr(src, "token_ids"):
         ids = src.token_ids(doc, self.tokenizer)
       elif hasattr(self.tokenizer, "encode_np"):
@@ -165,11 +183,32 @@ class TokenBatchIterator:
         log.warning("skipping bad record (%d so far): %s", self._stats["skipped_records"], e)
       return None
     tok = self.tokenizer
-    return np.concatenate([[tok.bos_id], ids, [tok.eos_id]]).astype(np.int32)
+    return np.concatenate([[tok.bos_id], ids, [tok.eos_id]]).astype(np.int32), None
 
-  def _next_document(self) -> tuple[int, int, np.ndarray] | None:
-    """The next readable document (source, index, tokens), or None at the end of an eval pass."""
-    bad_in_a_row = 0
+  def _chat_renderer(self):
+    if self._renderer is None:
+      from kanana_jax.data.chat import ChatRenderer  # pylint: disable=import-outside-toplevel
+      self._renderer = ChatRenderer.for_tokenizer(self.tokenizer)
+    return self._renderer
+
+  def _conversation(self, tokens) -> tuple[np.ndarray, np.ndarray] | None:
+    """A rendered conversation cut to whole assistant turns within seq_len (or dropped: None)."""
+    from kanana_jax.data.chat import truncate_at_turn  # pylint: disable=import-outside-toplevel
+    n = len(tokens.ids_N)
+    if n > self.seq_len and self.chat_too_long == "drop":
+      self._stats["dropped_conversations"] += 1
+      return None
+    cut = truncate_at_turn(tokens, min(n, self.seq_len))
+    if cut is None:
+      self._stats["dropped_conversations"] += 1
+      return None
+    if n > self.seq_len:
+      self._stats["truncated_conversations"] += 1
+    return cut.ids_N.astype(np.int32), cut.loss_mask_N.astype(np.float32)
+
+  def _next_document(self) -> tuple[int, int, np.ndarray, np.ndarray | None] | None:
+    """The next readable document (source, index, tokens, trained mask), or None at the end of an eval pass."""
+    bad_streak = [0] * len(self._sources)
     while True:
       if self.split == "train":
         s = self._choose_source()
@@ -186,31 +225,34 @@ class TokenBatchIterator:
       if self.split == "train" and self._pos[s] == len(self._sources[s]):
         self._epoch[s] += 1
         self._pos[s] = 0
-      tokens = self._tokens(s, doc)
-      if tokens is not None:
+      got = self._tokens(s, doc)
+      if got is not None:
         self._stats["documents"] += 1
         self._stats["documents_per_source"][self.names[s]] += 1
-        self._mix_tokens[s] += len(tokens)
-        return s, doc, tokens
-      bad_in_a_row += 1
-      if bad_in_a_row > sum(len(x) for x in self._sources):
-        raise ValueError(f"every record of data source(s) {self.names} is bad; nothing to train on")
+        self._mix_tokens[s] += len(got[0])
+        bad_streak[s] = 0
+        return (s, doc) + got
+      bad_streak[s] += 1
+      if bad_streak[s] > len(self._sources[s]):
+        raise ValueError(f"every record of data source {self.names[s]!r} ({self._sources[s].name}) is bad or, "
+                         f"for conversations, longer than data.seq_len={self.seq_len} at its first assistant "
+                         "turn; nothing to train on from it (raise data.seq_len or drop the source)")
 
-  def _next_chunk(self) -> tuple[int, int, int, np.ndarray] | None:
+  def _next_chunk(self) -> tuple | None:
     if self._cur is None:
       got = self._next_document()
       if got is None:
         return None
-      s, doc, tokens = got
+      s, doc, tokens, trained = got
       bounds = chunk_bounds(len(tokens), self.seq_len)
       if len(bounds) > 1:
         self._stats["split_documents"] += 1
-      self._cur = (s, doc, 0, tokens, bounds)
-    s, doc, c, tokens, bounds = self._cur
+      self._cur = (s, doc, 0, tokens, trained, bounds)
+    s, doc, c, tokens, trained, bounds = self._cur
     lo, hi = bounds[c]
-    self._cur = (s, doc, c + 1, tokens, bounds) if c + 1 < len(bounds) else None
+    self._cur = (s, doc, c + 1, tokens, trained, bounds) if c + 1 < len(bounds) else None
     self._stats["chunks"] += 1
-    return s, doc, c, tokens[lo:hi]
+    return s, doc, c, tokens[lo:hi], None if trained is None else trained[lo:hi]
 
   def _fill_buffer(self) -> None:
     while not self._exhausted and len(self._buffer) < self.pack_window:
@@ -220,7 +262,7 @@ class TokenBatchIterator:
       else:
         self._buffer.append(chunk)
 
-  def _build_row(self) -> list[tuple[int, int, int, np.ndarray]]:
+  def _build_row(self) -> list[tuple]:
     """Best fit: repeatedly take the longest pending chunk that fits the space left in the row."""
     space, parts = self.seq_len, []
     while space >= 2:
@@ -252,30 +294,33 @@ class TokenBatchIterator:
     segments = np.zeros((b, t), np.int32)
     positions = np.zeros((b, t), np.int32)
     source_ids = np.zeros((b, t), np.int32)
+    trained = np.ones((b, t), np.float32)   # 1 where the token may be a target (0: a conversation's prompt)
     for r, parts in enumerate(mine):
       o = 0
-      for k, (s, _, _, chunk) in enumerate(parts):
+      for k, (s, _, _, chunk, chunk_trained) in enumerate(parts):
         n = len(chunk)
         inputs[r, o:o + n] = chunk
         segments[r, o:o + n] = k + 1
         positions[r, o:o + n] = self._positions_T[:n]
         if self.source_ids is not None:
           source_ids[r, o:o + n] = self.source_ids[s]
+        if chunk_trained is not None:
+          trained[r, o:o + n] = chunk_trained
         o += n
     mask = np.zeros((b, t), np.float32)
-    mask[:, :-1] = (segments[:, 1:] == segments[:, :-1]) & (segments[:, :-1] > 0)
+    mask[:, :-1] = (segments[:, 1:] == segments[:, :-1]) & (segments[:, :-1] > 0) & (trained[:, 1:] > 0)
     targets = np.full((b, t), pad, np.int32)
     targets[:, :-1] = inputs[:, 1:]
     targets[mask == 0] = pad
     used = sum(len(c[3]) for parts in rows for c in parts)
     st = self._stats
     for parts in rows:
-      for s, _, _, chunk in parts:
+      for s, _, _, chunk, _ in parts:
         st["packed_tokens_per_source"][self.names[s]] += len(chunk)
     st["batches"] += 1
     st["tokens"] += used
     st["padding_tokens"] += self.global_batch_size * t - used
-    st["target_tokens"] += used - sum(len(parts) for parts in rows)
+    st["target_tokens"] += sum(len(c[3]) - 1 if c[4] is None else int(c[4][1:].sum()) for p in rows for c in p)
     batch = {"inputs_BxT": inputs, "targets_BxT": targets, "segment_ids_BxT": segments,
              "positions_BxT": positions, "loss_mask_BxT": mask}
     if self.source_ids is not None:
@@ -309,7 +354,7 @@ class TokenBatchIterator:
     return {"version": STATE_VERSION, "config": self._fingerprint(),
             "epoch": list(self._epoch), "pos": list(self._pos), "mix_pos": self._mix_pos,
             "mix_tokens": [int(x) for x in self._mix_tokens], "eval_source": self._eval_source, "exhausted": self._exhausted, "cur": cur,
-            "buffer": [[s, doc, c] for s, doc, c, _ in self._buffer], "stats": self.stats()}
+            "buffer": [[s, doc, c] for s, doc, c, *_ in self._buffer], "stats": self.stats()}
 
   def set_state(self, state: dict[str, Any]) -> None:
     """Continues exactly where the iterator that produced `state` (via get_state) stood."""
@@ -325,31 +370,31 @@ class TokenBatchIterator:
     self._mix_pos, self._eval_source = int(state["mix_pos"]), int(state["eval_source"])
     self._mix_tokens = np.asarray(state.get("mix_tokens", [0] * len(self._sources)), np.int64)
     self._exhausted = bool(state["exhausted"])
-    docs: dict[tuple[int, int], tuple[np.ndarray, list[tuple[int, int]]]] = {}
+    docs: dict[tuple[int, int], tuple] = {}
 
     def chunks_of(s: int, doc: int):
       if (s, doc) not in docs:
-        tokens = self._tokens(s, doc)
-        if tokens is None:
+        got = self._tokens(s, doc)
+        if got is None:
           raise ValueError(f"document {doc} of data source {self.names[s]!r} was readable when the "
                            "state was saved but is bad now: the data changed since the checkpoint")
-        docs[s, doc] = (tokens, chunk_bounds(len(tokens), self.seq_len))
+        docs[s, doc] = got + (chunk_bounds(len(got[0]), self.seq_len),)
       return docs[s, doc]
 
     for s, doc, c in state["buffer"]:
-      tokens, bounds = chunks_of(s, doc)
+      tokens, trained, bounds = chunks_of(s, doc)
       lo, hi = bounds[c]
-      self._buffer.append((s, doc, c, tokens[lo:hi]))
+      self._buffer.append((s, doc, c, tokens[lo:hi], None if trained is None else trained[lo:hi]))
     if state["cur"] is not None:
       s, doc, c = state["cur"]
-      tokens, bounds = chunks_of(s, doc)
-      self._cur = (s, doc, c, tokens, bounds)
+      tokens, trained, bounds = chunks_of(s, doc)
+      self._cur = (s, doc, c, tokens, trained, bounds)
     saved = state["stats"]
-    for key in self._stats:
-      if key == "documents_per_source":
-        self._stats[key] = {name: int(saved[key].get(name, 0)) for name in self.names}
+    for key, fresh in self._stats.items():   # a key newer than the saved state keeps its fresh value
+      if isinstance(fresh, dict):
+        self._stats[key] = {name: int(saved.get(key, {}).get(name, 0)) for name in self.names}
       else:
-        self._stats[key] = saved[key]
+        self._stats[key] = saved.get(key, fresh)
 
 
 def source_names(data_cfg) -> list[str]:
@@ -394,7 +439,7 @@ def make_iterator(data_cfg, *, split: str, seed: int, shard_index: int = 0,
       seq_len=data_cfg.seq_len, global_batch_size=data_cfg.global_batch_size, split=split,
       seed=seed, shuffle=data_cfg.shuffle, on_bad_record=data_cfg.on_bad_record,
       shard_index=shard_index, shard_count=shard_count, mix_unit=data_cfg.mixture_weights_in,
-      source_ids=list(range(len(sources))) if len(sources) > 1 else None)
+      source_ids=list(range(len(sources))) if len(sources) > 1 else None, chat_too_long=data_cfg.chat_too_long)
 
 
 def make_eval_iterators(data_cfg, *, seed: int) -> dict[str, TokenBatchIterator]:
@@ -403,7 +448,7 @@ def make_eval_iterators(data_cfg, *, seed: int) -> dict[str, TokenBatchIterator]
   mixture index of a source of that name, else 0), so they have the fields of the training batches."""
   tokenizer = tokenizer_lib.make_tokenizer(data_cfg.tokenizer)
   common = dict(seq_len=data_cfg.seq_len, global_batch_size=data_cfg.global_batch_size, split="eval", seed=seed,
-                shuffle=data_cfg.shuffle, on_bad_record=data_cfg.on_bad_record)
+                shuffle=data_cfg.shuffle, on_bad_record=data_cfg.on_bad_record, chat_too_long=data_cfg.chat_too_long)
   train_names = source_names(data_cfg)
   if data_cfg.eval_sources:
     groups = [(name, _open_named(data_cfg, name, path, "eval", "data.eval_sources"), 1.0) for name, path in data_cfg.eval_sources]

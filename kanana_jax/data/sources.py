@@ -23,7 +23,7 @@ CORPUS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus")
 REASONING_DIR = os.path.join(CORPUS_DIR, "reasoning")  # mid-training chain-of-thought data, not in 'embedded'
 EVAL_EVERY = 25
 SPLITS = ("train", "eval")
-SOURCE_KINDS = ("embedded", "jsonl", "array_record", "tfds")
+SOURCE_KINDS = ("embedded", "jsonl", "array_record", "tfds", "chat")
 
 
 class BadRecordError(ValueError):
@@ -359,9 +359,12 @@ class HeldOutView:
 
 
 def infer_kind(path: str, default_kind: str) -> str:
-  """Source kind of a mixture path: 'embedded[:domains]', 'tfds:NAME', *.jsonl, *.array_record*."""
+  """Source kind of a mixture path: 'embedded[:domains]', 'tfds:NAME', *.jsonl, *.array_record*, or a chat
+  source ('sft:BUCKETS', 'chat:PATH': message records rendered with their assistant mask)."""
   if path == "embedded" or path.startswith("embedded:"):
     return "embedded"
+  if path.startswith(("sft:", "chat:")):
+    return "chat"
   if path.startswith("tfds:"):
     return "tfds"
   first = path.split(",")[0].strip()
@@ -380,10 +383,14 @@ def open_source(kind: str, path: str, *, split: str, text_key: str = "text",
   """Opens the `split` ('train'|'eval') of a source of `kind` (one of SOURCE_KINDS) at `path`.
 
   embedded: path '' or 'embedded' (all domains) or '[embedded:]dom1,dom2'.
+  chat: 'sft:BUCKETS' or 'chat:PATH' (conversations; data/chat_records.open_chat_source).
   jsonl / array_record: comma-separated files or globs; '{split}' in the path selects the split.
   tfds: 'NAME[:VERSION][|TRAIN_SPLIT|EVAL_SPLIT]' (default splits 'train' and 'validation').
   """
   _check_split(split)
+  if kind == "chat":
+    from kanana_jax.data.chat_records import open_chat_source  # pylint: disable=import-outside-toplevel
+    return open_chat_source(path, split=split, tfds_data_dir=tfds_data_dir)
   if kind == "embedded":
     spec = path[len("embedded"):].lstrip(":") if path.startswith("embedded") else path
     return EmbeddedSource(split, tuple(d.strip() for d in spec.split(",") if d.strip()))

@@ -19,6 +19,7 @@ DEFAULT_RULES: tuple[tuple[str, str], ...] = (
     (r"(^|/)router/bias$", "frozen"),
     (r"(^|/)embed/", "adamw"),
     (r"(^|/)lm_head/", "adamw"),
+    (r"(^|/)(reward_head|value_head)/", "adamw"),   # scalar heads [D, 1] (model/heads.py): never Muon
     (r"norm[^/]*/scale$", "adamw"),
     (r"(^|/)router/kernel$", "adamw"),
     (r"(^|/)bias$", "adamw"),

@@ -76,16 +76,19 @@ def leaves_by_path(tree) -> dict:
     return {_path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def tree_diff(saved: dict, expected: dict, limit: int = 30, compare_dtype: bool = True) -> list[str]:
+def tree_diff(saved: dict, expected: dict, limit: int = 30, compare_dtype: bool = True,
+              subset: bool = False) -> list[str]:
     """Lines 'path: saved shape dtype, expected shape dtype' for every leaf that differs (in shape, and in dtype
-    unless `compare_dtype` is False) or exists on one side (parameters first)."""
+    unless `compare_dtype` is False) or exists on one side (parameters first); with `subset`, leaves saved but
+    not expected are fine (a restore that reads part of the tree)."""
     lines = []
     for path in sorted(set(saved) | set(expected), key=lambda p: (not p.startswith("params/"), p)):
         s, e = saved.get(path), expected.get(path)
         if s is None:
             lines.append(f"{path}: missing in the checkpoint, expected {tuple(e.shape)} {e.dtype}")
         elif e is None:
-            lines.append(f"{path}: saved {tuple(s.shape)} {s.dtype}, not in this config's state")
+            if not subset:
+                lines.append(f"{path}: saved {tuple(s.shape)} {s.dtype}, not in this config's state")
         elif tuple(s.shape) != tuple(e.shape) or (compare_dtype and str(s.dtype) != str(e.dtype)):
             lines.append(f"{path}: saved {tuple(s.shape)} {s.dtype}, expected {tuple(e.shape)} {e.dtype}")
     if len(lines) > limit:
@@ -175,15 +178,16 @@ class Checkpointer:
 
     def restore_params(self, step: int, abstract_params, prefix: tuple = ("params",)):
         """Only the parameters at `prefix` of step `step`'s state (no optimizer state is read), laid out like
-        `abstract_params` (ShapeDtypeStructs with shardings; dtypes are cast), verified against their saved
-        checksums. CheckpointMismatchError lists the leaves whose path, shape or dtype differ."""
+        `abstract_params` (ShapeDtypeStructs with shardings; dtypes are cast; saved leaves it lacks, e.g. an LM
+        head for a reward model's backbone, are not read), verified against their saved checksums.
+        CheckpointMismatchError lists the leaves that are missing or differ in shape."""
         path = self.step_path(step)
         if step not in self.manager.all_steps():
             raise CheckpointError(step, path, f"no committed checkpoint for this step (have {self.all_steps()})")
         saved = self._saved_leaves(step)
         root = "/".join(prefix) + "/"
         saved_params = {k[len(root):]: v for k, v in saved.items() if k.startswith(root)}
-        diff = tree_diff(saved_params, leaves_by_path(abstract_params), compare_dtype=False)
+        diff = tree_diff(saved_params, leaves_by_path(abstract_params), compare_dtype=False, subset=True)
         if diff:
             raise CheckpointMismatchError(step, path, f"its parameters at '{root.rstrip('/')}' do not match this "
                                           "run's model (path: saved, expected):\n  " + "\n  ".join(diff))
@@ -201,8 +205,8 @@ class Checkpointer:
             restored = restored[key]
         sums = self.read_meta(step).get("state_checksums")
         if isinstance(sums, dict):
-            same_dtype = {k for k, v in saved_params.items()
-                          if str(v.dtype) == str(leaves_by_path(abstract_params)[k].dtype)}
+            wanted = leaves_by_path(abstract_params)
+            same_dtype = {k for k, v in saved_params.items() if k in wanted and str(v.dtype) == str(wanted[k].dtype)}
             check_checksums(step, path, restored, {k[len(root):]: v for k, v in sums.items()
                                                    if k.startswith(root) and k[len(root):] in same_dtype},
                             subset=True)

@@ -135,9 +135,18 @@ def _from_hf(source: InitSource, cfg: ExperimentConfig, abstract_policy) -> Load
     shardings = jax.tree.map(lambda s: s.sharding, abstract_policy)
     params = import_params(SafetensorsCheckpoint(source.path), cfg.model, interleaved=hf_config.rope_interleaved(hf),
                            shardings=shardings, allow_missing_bias=method != "noaux_tc")
-    params = jax.tree.map(lambda x, s: x.astype(s.dtype) if x.dtype != s.dtype else x, params, abstract_policy)
+    params = jax.tree.map(lambda x, s: x.astype(s.dtype) if x.dtype != s.dtype else x,
+                          _select_like(params, abstract_policy), abstract_policy)
     return Loaded(params, {"init_from": f"hf:{source.path}", "kind": "hf", "path": source.path, "step": None,
                            "stage": None, "checksum": params_checksum(params)})
+
+
+def _select_like(tree, like):
+    """The part of nested dict `tree` that `like` has (e.g. a language model's params without the LM head, for a
+    reward model's backbone)."""
+    if not isinstance(like, dict):
+        return tree
+    return {k: _select_like(tree[k], v) for k, v in like.items()}
 
 
 def load(spec: str, cfg: ExperimentConfig, abstract_policy) -> Loaded:

@@ -3,10 +3,10 @@
 `midtrain` is next-token training like `pretrain` (same module): a named stage so that config.json, metrics and
 the pipeline say which one ran; what differs is its config (a reasoning : replay mixture, `train.init_from`).
 """
-from kanana_jax.train.stages import pretrain
+from kanana_jax.train.stages import dpo, pretrain, reward_model, sft
 from kanana_jax.train.stages.protocol import BatchField, Stage
 
-MODULES = {"pretrain": pretrain, "midtrain": pretrain}
+MODULES = {"pretrain": pretrain, "midtrain": pretrain, "sft": sft, "dpo": dpo, "reward_model": reward_model}
 STAGES = {name: Stage.from_module(name, module) for name, module in MODULES.items()}
 
 

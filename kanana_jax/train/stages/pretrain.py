@@ -59,6 +59,11 @@ def per_source_sums(ce_BxT, mask_BxT, source_ids_BxT, names):
 
 
 def loss_fn(model, params, extra, batch, cfg: ExperimentConfig, rng):
+    return lm_loss(model, params, batch, cfg, pipeline.source_names(cfg.data))
+
+
+def lm_loss(model, params, batch, cfg: ExperimentConfig, source_names):
+    """Masked next-token loss + router aux losses; per-source sums when the batch carries `source_ids_BxT`."""
     logits_BxTxV, state = forward(model, params, batch)
     ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch["targets_BxT"])
     lm_loss, n_tokens = masked_mean(ce_BxT, batch["loss_mask_BxT"])
@@ -67,7 +72,7 @@ def loss_fn(model, params, extra, batch, cfg: ExperimentConfig, rng):
     out = {"metrics": metrics, "intermediates": state.get("intermediates", {})}
     if "source_ids_BxT" in batch:
         out["sums"], out["ratios"] = per_source_sums(ce_BxT, batch["loss_mask_BxT"], batch["source_ids_BxT"],
-                                                     pipeline.source_names(cfg.data))
+                                                     source_names)
     return lm_loss + aux, out
 
 
@@ -83,9 +88,14 @@ def eval_metrics(cfg: ExperimentConfig) -> dict:
 
 
 def batch_spec(cfg: ExperimentConfig) -> dict:
-    shape = (cfg.data.global_batch_size, cfg.data.seq_len)
+    return token_batch_spec(cfg.data)
+
+
+def token_batch_spec(data_cfg) -> dict:
+    """The fields of the packed token batches of `data_cfg` (source ids with a mixture of several sources)."""
+    shape = (data_cfg.global_batch_size, data_cfg.seq_len)
     spec = {name: BatchField(shape, dtype) for name, dtype in pipeline.BATCH_DTYPES.items()}
-    if len(pipeline.source_names(cfg.data)) > 1:
+    if len(pipeline.source_names(data_cfg)) > 1:
         spec["source_ids_BxT"] = BatchField(shape, np.int32)
     return spec
 
