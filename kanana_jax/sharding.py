@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from kanana_jax.config import MeshConfig
+from kanana_jax.config import ConfigError, MeshConfig
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 BATCH_AXES = ("data", "fsdp", "expert")
@@ -123,21 +123,21 @@ def mesh_axis_sizes(cfg: MeshConfig, n_devices: int, n_slices: int = 1) -> tuple
     """(per-slice ICI sizes, DCN sizes) per mesh axis; the one -1 absorbs the devices left in a slice."""
     dcn = {"data": cfg.dcn_data, "fsdp": cfg.dcn_fsdp, "expert": cfg.dcn_expert, "tensor": 1}
     if math.prod(dcn.values()) != n_slices:
-        raise ValueError(f"mesh.dcn_data*dcn_fsdp*dcn_expert = {math.prod(dcn.values())} but the devices form "
+        raise ConfigError(f"mesh.dcn_data*dcn_fsdp*dcn_expert = {math.prod(dcn.values())} but the devices form "
                          f"{n_slices} slice(s); make the product of the dcn_* sizes equal the number of slices")
     if n_devices % n_slices:
-        raise ValueError(f"{n_devices} devices cannot be split into {n_slices} equal slices")
+        raise ConfigError(f"{n_devices} devices cannot be split into {n_slices} equal slices")
     per_slice = n_devices // n_slices
     ici = {a: getattr(cfg, a) for a in MESH_AXES}
     fixed = math.prod(v for v in ici.values() if v != -1)
     free = [a for a, v in ici.items() if v == -1]
     if free:
         if per_slice % fixed:
-            raise ValueError(f"mesh axes {ici} cannot fill {per_slice} devices per slice: {per_slice} is not a "
+            raise ConfigError(f"mesh axes {ici} cannot fill {per_slice} devices per slice: {per_slice} is not a "
                              f"multiple of the fixed axes' product {fixed}")
         ici[free[0]] = per_slice // fixed
     if math.prod(ici.values()) != per_slice:
-        raise ValueError(f"mesh {ici} has {math.prod(ici.values())} devices but {per_slice} are available per "
+        raise ConfigError(f"mesh {ici} has {math.prod(ici.values())} devices but {per_slice} are available per "
                          "slice; set one axis to -1 or make the product match")
     return ici, dcn
 
@@ -236,10 +236,10 @@ def check_batch_divides(global_batch_size: int, mesh: Mesh, rules, grad_accum_st
     if rows % shards:
         sizes = " x ".join(f"{a} {mesh.shape[a]}" for a in axes)
         if grad_accum_steps == 1:
-            raise ValueError(f"data.global_batch_size={global_batch_size} cannot be split over the batch mesh axes "
+            raise ConfigError(f"data.global_batch_size={global_batch_size} cannot be split over the batch mesh axes "
                              f"({sizes} = {shards} shards); use a multiple of {shards} or a mesh with fewer batch "
                              "shards")
-        raise ValueError(f"a microbatch of data.global_batch_size={global_batch_size} / train.grad_accum_steps="
+        raise ConfigError(f"a microbatch of data.global_batch_size={global_batch_size} / train.grad_accum_steps="
                          f"{grad_accum_steps} = {rows} rows cannot be split over the batch mesh axes ({sizes} = "
                          f"{shards} shards); use fewer accumulation steps or a global batch that is a multiple of "
                          f"{shards * grad_accum_steps}")

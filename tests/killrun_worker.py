@@ -72,8 +72,9 @@ def main():
     if sys.argv[1] == "preemption-sync":
         preemption_sync(*map(int, sys.argv[2:5]))
         return
-    install_markers()
     from kanana_jax import cli
+    cli.configure_logging()   # as `kanana-jax` does before anything imports jax / orbax
+    install_markers()
     cli.main(sys.argv[1:])
 
 

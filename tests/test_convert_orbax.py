@@ -62,7 +62,9 @@ def test_hf_to_orbax_train_and_back(hf_dir, tmp_path, monkeypatch, capsys):
 
     # `kanana-jax run` resumes from the imported step 0 and trains; the export of its last step has moved.
     cli.main(["run", SPEC, "--workdir", str(workdir), *set_args])
-    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "finished step 2 of 2" in capsys.readouterr().out
+    with open(workdir / "metrics.jsonl") as f:
+        row = json.loads(f.read().strip().splitlines()[-1])
     assert np.isfinite(row["loss"])
     cli.main(["convert", "orbax-to-hf", str(workdir), str(tmp_path / "back2"), "--dtype", "bfloat16",
               "--base", str(hf_dir)])
@@ -75,11 +77,14 @@ def test_hf_to_orbax_train_and_back(hf_dir, tmp_path, monkeypatch, capsys):
     assert step == 2 and "opt_state" not in params
 
 
-def test_hf_to_orbax_refuses_a_different_architecture(hf_dir, tmp_path, monkeypatch):
+def test_hf_to_orbax_refuses_a_different_architecture(hf_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    argv = ["convert", "hf-to-orbax", str(hf_dir), SPEC, "--workdir", str(tmp_path / "x"), "--set", "model.n_heads=8"]
+    with pytest.raises(SystemExit) as e:     # a user error: one line, exit status 2
+        cli.main(argv)
+    assert e.value.code == 2 and "--set model.n_heads=4" in capsys.readouterr().err
     with pytest.raises(hf_config.HFConfigError, match=r"--set model.n_heads=4"):
-        cli.main(["convert", "hf-to-orbax", str(hf_dir), SPEC, "--workdir", str(tmp_path / "x"), "--set",
-                  "model.n_heads=8"])
+        cli.main(["--debug", *argv])
 
 
 SHARDED_IMPORT = """

@@ -29,6 +29,22 @@ def test_sigterm_sets_the_flag_and_a_second_one_reaches_the_previous_handler():
         signal.signal(signal.SIGTERM, previous)
 
 
+def test_ctrl_c_sets_the_flag_and_a_second_one_raises_keyboard_interrupt():
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)   # as in a `kanana-jax` process
+    try:
+        with PreemptionWatcher() as watcher:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert watcher.should_stop(1) and watcher.reason == "SIGINT"
+            try:
+                os.kill(os.getpid(), signal.SIGINT)    # Python's default handler: abort at once
+                raised = False
+            except KeyboardInterrupt:
+                raised = True
+        assert raised and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("localhost", 0))

@@ -12,7 +12,7 @@ from kanana_jax import config as config_lib
 from kanana_jax import sharding
 from kanana_jax.config import ExperimentConfig
 from kanana_jax.data.tokenizer import make_tokenizer
-from kanana_jax.train import init_from
+from kanana_jax.train import init_from, run_record
 from kanana_jax.train.builder import Trainer, build_trainer
 from kanana_jax.train.checkpoint import Checkpointer, leaves_by_path
 from kanana_jax.train.metrics import MetricsWriter, peak_flops_per_device
@@ -56,42 +56,41 @@ def evaluate(trainer: Trainer, state) -> dict:
     return out
 
 
-def write_run_config(workdir: str, cfg: ExperimentConfig, provenance: dict | None) -> None:
-    """WORKDIR/config.json: the validated config, plus where its params came from (`train.init_from`)."""
-    path = os.path.join(workdir, "config.json")
-    record = config_lib.to_dict(cfg)
-    if provenance:
-        record["provenance"] = provenance
-    tmp = f"{path}.tmp{jax.process_index()}"   # written aside and renamed: a kill never leaves half a file
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(tmp, path)
-
-
-def saved_provenance(workdir: str) -> dict | None:
-    """The provenance an earlier launch of this run recorded in config.json, if any."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path) as f:
-            return json.load(f).get("provenance")
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def run(cfg: ExperimentConfig, workdir: str, *, stop_after: int | None = None) -> dict:
     """Trains `cfg` in `workdir`, resuming from its newest readable checkpoint (else from `train.init_from`, else
     fresh); returns the last logged metrics. `stop_after` ends this invocation after that step (with a
-    checkpoint). SIGTERM (or a multi-host preemption notice) saves a checkpoint at the next step boundary and
-    returns with 'preempted_at_step' set."""
-    os.makedirs(workdir, exist_ok=True)
-    write_run_config(workdir, cfg, saved_provenance(workdir))
+    checkpoint). SIGTERM or SIGINT (or a multi-host preemption notice) saves a checkpoint at the next step boundary
+    and returns with 'preempted_at_step' set. Before anything is written, a relaunch's config is compared with the
+    one in WORKDIR/config.json (`run_record.check_resume`: unusable checkpoint -> ResumeConfigError). A run whose
+    newest checkpoint is at train.steps or later trains nothing and returns its last logged metrics with
+    'already_finished_at_step'."""
+    run_record.prepare_workdir(workdir)
+    provenance, history = run_record.check_resume(workdir, cfg)
+    run_record.write_record(workdir, cfg, provenance, history, jax.process_index())
+    steps = run_record.committed_steps(workdir)
+    if steps and steps[-1] >= cfg.train.steps:
+        log.info("already finished at step %d (train.steps=%d): nothing to train; relaunch with --set "
+                 "train.steps=N (N > %d) to train longer", steps[-1], cfg.train.steps, steps[-1])
+        return dict(last_logged_row(workdir), already_finished_at_step=steps[-1])
     check_vocab(cfg, make_tokenizer(cfg.data.tokenizer))
     trainer = build_trainer(cfg)
     sharding.check_batch_divides(cfg.data.global_batch_size, trainer.mesh, trainer.rules, cfg.train.grad_accum_steps)
     with trainer.context():
         return _train(trainer, workdir, stop_after)
+
+
+def last_logged_row(workdir: str) -> dict:
+    """The last complete row of WORKDIR/metrics.jsonl ({} if none)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    row = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+    return row
 
 
 def initial_params(trainer: Trainer, rng):
@@ -119,7 +118,8 @@ def _start(trainer: Trainer, checkpointer: Checkpointer, data, workdir: str):
             return trainer.init(rng), {}, None
         params, provenance = initial_params(trainer, rng)
         if provenance:
-            write_run_config(workdir, cfg, provenance)
+            history = (run_record.read_record(workdir) or {}).get("history")
+            run_record.write_record(workdir, cfg, provenance, history, jax.process_index())
             log.info("initialized from %s (step %s, params checksum %s); fresh optimizer state and data position",
                      provenance["path"], provenance["step"], provenance["checksum"])
         return trainer.state_from_params(params, rng), {}, provenance
@@ -127,7 +127,7 @@ def _start(trainer: Trainer, checkpointer: Checkpointer, data, workdir: str):
     if stage.rebuild_extra:
         state = state.replace(extra=trainer.make_extra(initial_params(trainer, rng)[0], rng))
     data.set_state(restored.data_state)
-    log.warning("resumed from %s at step %d", checkpointer.step_path(restored.step), restored.step)
+    log.info("resumed from %s at step %d", checkpointer.step_path(restored.step), restored.step)
     return state, restored.loop_state, None
 
 
@@ -164,6 +164,9 @@ def _train(trainer: Trainer, workdir: str, stop_after: int | None) -> dict:
     last_row, window_start, window_steps = {}, time.perf_counter(), 0
     end = cfg.train.steps if stop_after is None else min(stop_after, cfg.train.steps)
     pending = None  # (step, metrics) not yet checked for non-finite values: read one step late, not to stall
+    if start < end:
+        log.info("compiling the train step…")
+        compile_start = time.perf_counter()
     try:
         with PreemptionWatcher() as preemption:
             for step in range(start, end):
@@ -172,6 +175,10 @@ def _train(trainer: Trainer, workdir: str, stop_after: int | None) -> dict:
                 if done in poison:
                     batch = poison_batch(batch)
                 state, metrics = trainer.train_step(state, sharding.put_batch(batch, trainer.batch_sharding))
+                if step == start:  # the first call compiles; the progress bar's rate and ETA start after it
+                    jax.block_until_ready(metrics)
+                    log.info("compiled the train step in %.1f s (first step included); training steps %d-%d of %d",
+                             time.perf_counter() - compile_start, start + 1, end, cfg.train.steps)
                 if pending is not None:
                     nonfinite.check(*pending)
                 pending = (done, metrics)
@@ -203,7 +210,7 @@ def _train(trainer: Trainer, workdir: str, stop_after: int | None) -> dict:
                 if preempted:
                     log.warning("%s at step %d: saved checkpoint %s; exiting. Relaunch the same command to resume.",
                                 preemption.reason, done, checkpointer.step_path(done))
-                    last_row = dict(last_row, preempted_at_step=done)
+                    last_row = dict(last_row, preempted_at_step=done, preempted_by=preemption.reason)
                     break
     finally:  # an error still lets an in-flight async save commit
         checkpointer.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import sys
 import time
 
@@ -34,8 +35,54 @@ def peak_flops_per_device(configured_tflops: float) -> float:
     return 5 * 2 * n ** 3 / (time.perf_counter() - start)
 
 
+def _read_records(path: str):
+    """The records of a TFRecord file (TensorBoard events); a record cut short by a kill ends the file."""
+    with open(path, "rb") as f:
+        data = f.read()
+    pos = 0
+    while pos + 12 <= len(data):
+        (length,) = struct.unpack("<Q", data[pos:pos + 8])
+        end = pos + 12 + length + 4
+        if end > len(data):
+            break
+        yield data[pos + 12:pos + 12 + length]
+        pos = end
+
+
+def purge_events_after(logdir: str, step: int) -> int:
+    """Rewrites the TensorBoard event files under `logdir`, dropping events logged after `step` (the steps a
+    resumed run logs again); returns how many were dropped. Rewritten aside and renamed, like metrics.jsonl."""
+    if not os.path.isdir(logdir):
+        return 0
+    from tensorboardX.proto.event_pb2 import Event
+    from tensorboardX.record_writer import masked_crc32c
+    dropped = 0
+    for name in sorted(os.listdir(logdir)):
+        path = os.path.join(logdir, name)
+        if "tfevents" not in name or not os.path.isfile(path):
+            continue
+        kept, n = [], 0
+        for record in _read_records(path):
+            n += 1
+            event = Event.FromString(record)
+            if event.step <= step or not event.HasField("summary"):
+                kept.append(record)
+        dropped += n - len(kept)
+        if len(kept) == n and os.path.getsize(path) == sum(len(r) + 16 for r in kept):
+            continue
+        with open(path + ".tmp", "wb") as f:
+            for record in kept:
+                header = struct.pack("<Q", len(record))
+                f.write(header + struct.pack("<I", masked_crc32c(header)) + record
+                        + struct.pack("<I", masked_crc32c(record)))
+        os.replace(path + ".tmp", path)
+    return dropped
+
+
 class MetricsWriter:
-    """Appends metrics to metrics.jsonl and TensorBoard; on resume, drops lines logged after the restored step."""
+    """Appends metrics to metrics.jsonl and TensorBoard; on resume, drops lines and TensorBoard events logged after
+    the restored step. The progress bar appears at the first `advance()` (after the first step, which compiles),
+    so its rate and ETA count training steps only."""
 
     def __init__(self, workdir: str, *, resume_step: int, tensorboard: bool, progress_bar: bool, total_steps: int):
         self.path = os.path.join(workdir, "metrics.jsonl")
@@ -44,12 +91,13 @@ class MetricsWriter:
         self.tb = None
         if tensorboard and jax.process_index() == 0:
             from tensorboardX import SummaryWriter
-            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-        self.bar = None
-        if progress_bar and jax.process_index() == 0:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total_steps, initial=resume_step, file=sys.stderr, dynamic_ncols=True,
-                            desc="train", mininterval=1.0)
+            self.tb_dir = os.path.join(workdir, "tensorboard")
+            purge_events_after(self.tb_dir, resume_step)
+            # a unique file per launch (tensorboardX names files by the second; a relaunch within it would
+            # overwrite the earlier file)
+            self.tb = SummaryWriter(self.tb_dir, filename_suffix=f".{os.getpid()}.{time.time_ns() % 10 ** 9}")
+        self.bar, self._step, self._total = None, resume_step, total_steps
+        self._want_bar = progress_bar and jax.process_index() == 0
 
     def _truncate_after(self, step: int):
         if not os.path.exists(self.path):
@@ -82,8 +130,13 @@ class MetricsWriter:
         return row
 
     def advance(self, n: int = 1):
+        self._step += n
         if self.bar is not None:
             self.bar.update(n)
+        elif self._want_bar:
+            from tqdm import tqdm
+            self.bar = tqdm(total=self._total, initial=self._step, file=sys.stderr, dynamic_ncols=True,
+                            desc="train", mininterval=1.0)
 
     def close(self):
         self.file.close()

@@ -1,6 +1,7 @@
 """Preemption: the loop asks at every step boundary whether to checkpoint and exit.
 
-One process: a SIGTERM handler sets a flag (a second SIGTERM gets the previous handler, usually: terminate now).
+One process: a SIGTERM or SIGINT (Ctrl-C) handler sets a flag; a second signal gets the previous handler (for
+SIGINT a KeyboardInterrupt: abort now, without a checkpoint; for SIGTERM usually: terminate now).
 Several processes: jax's preemption sync service (started by jax.distributed.initialize) catches the notice
 and `reached_preemption_sync_point(step)` turns true on every host at the same step."""
 from __future__ import annotations
@@ -17,7 +18,7 @@ log = logging.getLogger("kanana_jax.train")
 class PreemptionWatcher:
     """Context manager; `should_stop(step)` is True at the step boundary where the run should save and exit."""
 
-    def __init__(self, signals=(signal.SIGTERM,)):
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
         self.signals, self.reason = signals, None
         self.multihost = jax.process_count() > 1
         self._previous = {}
@@ -36,6 +37,9 @@ class PreemptionWatcher:
     def _handle(self, signum, frame):
         self.reason = signal.Signals(signum).name
         signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))  # a second signal is not deferred
+        if signum == signal.SIGINT:
+            log.warning("Ctrl-C: saving a checkpoint at the end of this step, then exiting (Ctrl-C again aborts "
+                        "at once, without saving)")
 
     def should_stop(self, step: int) -> bool:
         """Call at every step boundary with the number of completed steps (the same on every host)."""
