@@ -109,3 +109,16 @@ def test_no_accelerator_means_cpu_unless_jax_platforms_is_set(monkeypatch):
     env = {}
     cli.default_platform(env)
     assert env == {}
+
+
+def test_which_config_changes_make_a_checkpoint_unusable():
+    from kanana_jax.train.run_record import is_blocking
+    for key in ("model.d_model", "model.param_dtype", "model.scan_layers", "model.rope_theta", "optimizer.name",
+                "optimizer.partition_rules", "train.stage", "train.seed", "data.seq_len", "data.tokenizer",
+                "data.mixture", "sft.buckets", "dpo.pairs"):
+        assert is_blocking(key), key
+    for key in ("train.steps", "optimizer.learning_rate", "optimizer.schedule", "optimizer.warmup_steps",
+                "train.eval_every", "train.log_every", "train.checkpoint_every", "train.init_from", "mesh.fsdp",
+                "mesh.rules", "model.remat_policy", "model.moe_impl", "model.dtype", "data.global_batch_size",
+                "data.eval_sources", "dpo.beta"):
+        assert not is_blocking(key), key

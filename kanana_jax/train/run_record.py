@@ -24,13 +24,13 @@ CONFIG_FILE = "config.json"
 # Changing one of these makes the run's checkpoints unusable for resuming (dotted key, or 'section.' for a whole
 # section, minus the keys in NOT_BLOCKING). model: shapes, dtypes and layer layout of the saved parameters and
 # what the model computes; optimizer name and partition rules: the optimizer state's structure; the stage; data
-# (and train.seed, sft.buckets): what the saved iterator position points into.
+# (and train.seed, sft.buckets, dpo.pairs, reward_model.pairs): what the saved iterator position points into.
 BLOCKING = ("model.", "optimizer.name", "optimizer.partition_rules", "train.stage", "train.seed", "data.",
-            "sft.buckets")
+            "sft.buckets", "dpo.pairs", "reward_model.pairs")
 # keys inside those sections that change how a step is computed or fed, not what the checkpoint means
 NOT_BLOCKING = ("model.attention_impl", "model.moe_impl", "model.moe_block_rows", "model.expert_parallel",
                 "model.expert_capacity_factor", "model.dtype", "model.remat_policy", "model.init_std",
-                "data.global_batch_size", "data.on_bad_record")
+                "data.global_batch_size", "data.on_bad_record", "data.eval_sources")
 
 
 class WorkdirError(ConfigError):
