@@ -7,6 +7,8 @@ Two levels:
   prompts of any lengths (token lists or strings), left-pads them into a power-of-two length bucket, pads the
   batch to a power of two divisible by the mesh's data-parallel size, and returns one `Completion` per prompt
   (tokens, log-probs, finish reason, text). Compiles once per (batch, length bucket, max_new_tokens, filters).
+  Repeated prompts (K samples of each, as rejection sampling and GRPO ask) are prefilled once: their cache
+  rows and first logits are copied to every row that samples from them (`prefilled_rows` says how many ran).
 
 Stops: a stop token id ends a row after emitting it ('stop_token'); a stop string ends it once the text contains
 it ('stop_string'): the device loop matches each stop string's token encoding, the host then cuts the text at
@@ -178,6 +180,13 @@ def shard_params(cfg: ModelConfig, params, mesh, rules):
     return jax.device_put(params, shardings)
 
 
+@jax.jit
+def _gather_rows(cache, logits_BxV, index_B):
+    """Cache rows (axis 1 of every [L, B, S, ...] leaf) and first-token logits of prefilled prompts, copied to the
+    rows that sample from them."""
+    return jax.tree.map(lambda x: jnp.take(x, index_B, axis=1), cache), jnp.take(logits_BxV, index_B, axis=0)
+
+
 @functools.lru_cache(maxsize=32)
 def _jitted(cfg: ModelConfig, mesh, batch_axes):
     """(prefill, decode_loop) jitted once per model config and mesh layout (shared by Samplers)."""
@@ -202,6 +211,7 @@ class Sampler:
         self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
         self.mesh, self.rules = mesh, rules
         self.min_prompt_bucket = min_prompt_bucket
+        self.prefilled_rows = 0   # rows the last generate_arrays prefilled (fewer than its batch when prompts repeat)
         self.pad_id = tokenizer.pad_id if tokenizer is not None else 0
         self.batch_axes, self.row_multiple = None, 1
         self._rows = self._rows_2d = None
@@ -252,24 +262,51 @@ class Sampler:
         if empty:
             raise ValueError(f"prompts {empty[:5]} are empty; every prompt needs at least one token (e.g. BOS)")
         n = len(ids)
-        B = -(-_bucket(n, 1) // self.row_multiple) * self.row_multiple
+        B = self._rows_for(n)
         Pb = _bucket(max(map(len, ids)), self.min_prompt_bucket)
-        tokens = np.full((B, Pb), self.pad_id, np.int32)
+        unique: dict[tuple, int] = {}
+        row_of = [unique.setdefault(tuple(p), len(unique)) for p in ids]
         lengths = np.ones((B,), np.int32)
-        for b, p in enumerate(ids):
-            tokens[b, Pb - len(p):] = p
-            lengths[b] = len(p)
+        lengths[:n] = [len(p) for p in ids]
         cache_len = Pb + sampling.max_new_tokens - 1
         with self._context():
-            tokens_d = tokens if self.mesh is None else jax.device_put(tokens, self._rows_2d)
             lengths_d = lengths if self.mesh is None else jax.device_put(lengths, self._rows)
-            cache, logits = self._prefill(self.params, tokens_d, lengths_d, cache_len=cache_len)
+            if len(unique) < n:   # repeated prompts (K samples each): prefill each once, copy its cache rows
+                U = self._rows_for(len(unique))
+                tokens, u_lengths = self._left_padded(list(unique), U, Pb)
+                cache, logits = self._prefill(self.params, *self._put(tokens, u_lengths), cache_len=cache_len)
+                index = np.zeros((B,), np.int32)
+                index[:n] = row_of
+                cache, logits = _gather_rows(cache, logits, index if self.mesh is None else
+                                             jax.device_put(index, self._rows))
+                self.prefilled_rows = U
+            else:
+                tokens, _ = self._left_padded(ids, B, Pb)
+                cache, logits = self._prefill(self.params, *self._put(tokens, lengths), cache_len=cache_len)
+                self.prefilled_rows = B
             controls, static = make_controls(sampling, self._stop_sequences(sampling, stop_sequences), self.pad_id)
             out = self._decode(self.params, cache, logits, lengths_d, key, controls, **static,
                                valid_vocab=None if self.tokenizer is None else self.tokenizer.vocab_size)
         out.pop("cache")
         out = jax.device_get(out)
         return {k: np.asarray(v)[:n] for k, v in out.items()} | {"prompt_lengths": lengths[:n]}
+
+    def _rows_for(self, n: int) -> int:
+        """Padded batch rows for n prompts: a power of two that the data-parallel mesh size divides."""
+        return -(-_bucket(n, 1) // self.row_multiple) * self.row_multiple
+
+    def _left_padded(self, ids, rows: int, width: int):
+        tokens = np.full((rows, width), self.pad_id, np.int32)
+        lengths = np.ones((rows,), np.int32)
+        for b, p in enumerate(ids):
+            tokens[b, width - len(p):] = p
+            lengths[b] = len(p)
+        return tokens, lengths
+
+    def _put(self, tokens, lengths):
+        if self.mesh is None:
+            return tokens, lengths
+        return jax.device_put(tokens, self._rows_2d), jax.device_put(lengths, self._rows)
 
     def _cut_at_stop_string(self, tokens: np.ndarray, stops: tuple[str, ...]) -> tuple[int, str] | None:
         """(tokens to keep, text before the stop) when the decoded text contains a stop string, else None."""

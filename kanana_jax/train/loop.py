@@ -18,6 +18,7 @@ from kanana_jax.train.checkpoint import Checkpointer, leaves_by_path
 from kanana_jax.train.metrics import MetricsWriter, peak_flops_per_device
 from kanana_jax.train.nonfinite import NonFinitePolicy, poison_batch
 from kanana_jax.train.preemption import PreemptionWatcher
+from kanana_jax.train.stages import DRIVERS
 from kanana_jax.train.stages.protocol import replace_subtree, subtree
 
 log = logging.getLogger("kanana_jax.train")
@@ -67,6 +68,9 @@ def run(cfg: ExperimentConfig, workdir: str, *, stop_after: int | None = None) -
     run_record.prepare_workdir(workdir)
     provenance, history = run_record.check_resume(workdir, cfg)
     run_record.write_record(workdir, cfg, provenance, history, jax.process_index())
+    driver = DRIVERS.get(cfg.train.stage)
+    if driver is not None:   # a stage made of rounds of other stages (each trained by this loop in a sub-workdir)
+        return driver.run(cfg, workdir, stop_after=stop_after)
     steps = run_record.committed_steps(workdir)
     if steps and steps[-1] >= cfg.train.steps:
         log.info("already finished at step %d (train.steps=%d): nothing to train; relaunch with --set "

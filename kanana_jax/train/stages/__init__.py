@@ -8,9 +8,13 @@ from kanana_jax.train.stages.protocol import BatchField, Stage
 
 MODULES = {"pretrain": pretrain, "midtrain": pretrain, "sft": sft, "dpo": dpo, "reward_model": reward_model}
 STAGES = {name: Stage.from_module(name, module) for name, module in MODULES.items()}
+# Stages made of rounds of other stages: `module.run(cfg, workdir, stop_after=None) -> dict` drives them, every
+# training through loop.run in its own sub-workdir (e.g. rejection sampling: sample -> verify -> keep -> SFT).
+DRIVERS: dict = {}
 
 
 def get_stage(name: str) -> Stage:
     if name not in STAGES:
-        raise ValueError(f"train.stage={name!r}; allowed values: {', '.join(STAGES)}")
+        raise ValueError(f"train.stage={name!r} has no train step (allowed: {', '.join(STAGES)}"
+                         + (f"; {name!r} drives other stages)" if name in DRIVERS else ")"))
     return STAGES[name]
