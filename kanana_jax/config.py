@@ -14,21 +14,9 @@ import typing
 from typing import Any, Literal, Optional
 
 
-_INT32_MAX = 2 ** 31 - 1
-
-
-class ConfigError(ValueError):
-    """A config key or value is invalid; the message names the dotted key and the allowed values."""
-
-
-def _field(default, *, lo=None, hi=None, doc: str = ""):
-    """A dataclass field with an optional inclusive numeric range [lo, hi] checked at load."""
-    return dataclasses.field(default=default, metadata={"lo": lo, "hi": hi, "doc": doc})
-
-
-def _check(ok: bool, key: str, message: str):
-    if not ok:
-        raise ConfigError(f"config key '{key}': {message}")
+from kanana_jax.config_fields import _INT32_MAX, ConfigError, _check, _field  # noqa: F401 (re-exported)
+from kanana_jax.config_posttrain import (DPOConfig, RewardModelConfig, RLConfig, SFTConfig,  # noqa: F401
+                                         parse_reward_spec)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,7 +182,7 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Steps, logging, evaluation, checkpointing and loss weights."""
-    stage: Literal["pretrain", "midtrain", "sft", "dpo", "reward_model"] = "pretrain"
+    stage: Literal["pretrain", "midtrain", "sft", "dpo", "reward_model", "rl"] = "pretrain"
     init_from: str = _field("", doc="start from another run's params: WORKDIR[:STEP] or hf:DIR (fresh optimizer "
                                     "and data position; used only while the workdir has no checkpoint of its own)")
     steps: int = _field(200, lo=1)
@@ -244,41 +232,31 @@ class MeshConfig:
         _check(sum(v == -1 for v in sizes.values()) <= 1, "mesh", "at most one axis may be -1")
 
 
-def _check_weighted_sources(entries, key: str):
-    for entry in entries:
-        ok = (isinstance(entry, (tuple, list)) and len(entry) == 3 and isinstance(entry[0], str)
-              and isinstance(entry[1], str) and isinstance(entry[2], (int, float))
-              and not isinstance(entry[2], bool) and math.isfinite(entry[2]) and entry[2] > 0)
-        _check(ok, key, f"entries must be (name, path, weight > 0), got {entry!r}")
-    names = [e[0] for e in entries]
-    _check(len(set(names)) == len(names), key, f"names must be unique, got {names}")
-
-
 @dataclasses.dataclass(frozen=True)
-class SFTConfig:
-    """Supervised fine-tuning (train.stage='sft'): conversations trained on their assistant tokens only."""
-    buckets: tuple = _field((), doc="((name, path, weight), ...): 'sft:chat' (an embedded bucket) or 'chat:FILE' "
-                                    "(message records); weights are shares of data.mixture_weights_in units")
+class PrecisionConfig:
+    """Matmul precision (kanana_jax/model/fp8.py). 'fp8': the attention projections, dense / shared-expert MLPs and
+    routed experts' grouped matmuls (and, with fp8_lm_head, the LM head) take e4m3 operands forward and
+    fp8_grad_dtype output gradients, float32 accumulation; master weights and optimizer state are unchanged.
+    Delayed scaling keeps per-site amax histories in the train state (TrainState.model_state; the routed experts
+    always scale from the current amax). The fp8_* keys act only with matmul='fp8': set otherwise, they fail."""
+    matmul: Literal["bf16", "fp8"] = "bf16"
+    fp8_grad_dtype: Literal["e4m3", "e5m2"] = "e5m2"
+    fp8_lm_head: bool = False
+    fp8_scaling: Literal["current", "delayed"] = "current"
+    fp8_amax_history: int = _field(16, lo=1, doc="delayed scaling: steps of amax history per tensor")
 
     def __post_init__(self):
-        _check_weighted_sources(self.buckets, "sft.buckets")
-
-
-@dataclasses.dataclass(frozen=True)
-class DPOConfig:
-    """Direct preference optimization (train.stage='dpo') against the frozen `train.init_from` params."""
-    pairs: str = _field("embedded", doc="preference pairs: 'embedded' (kanana_jax/data/preference) or a JSONL file")
-    beta: float = _field(0.1, lo=1e-6, doc="strength of the implicit KL to the reference")
-    label_smoothing: float = _field(0.0, lo=0.0, hi=0.5, doc="dpo: assumed rate of flipped preference labels")
-    loss: Literal["dpo", "ipo"] = _field("dpo", doc="dpo: -log sigmoid(beta h); ipo: (h - 1/(2 beta))^2 on "
-                                                    "per-token mean log-ratios")
-
-
-@dataclasses.dataclass(frozen=True)
-class RewardModelConfig:
-    """Reward-model training (train.stage='reward_model'): a scalar head, Bradley-Terry loss on pairs."""
-    pairs: str = _field("embedded", doc="preference pairs: 'embedded' (kanana_jax/data/preference) or a JSONL file")
-    score_l2_coef: float = _field(0.0, lo=0.0, doc="weight of mean(score^2): keeps scores centred at 0 (0 = off)")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name in ("fp8_grad_dtype", "fp8_lm_head", "fp8_scaling", "fp8_amax_history"):
+            value = getattr(self, name)
+            if self.matmul != "fp8":
+                _check(value == defaults[name], f"precision.{name}",
+                       f"{value!r} acts only with precision.matmul='fp8' (this config has "
+                       f"{self.matmul!r}); set precision.matmul='fp8' or leave it at {defaults[name]!r}")
+        _check(self.fp8_scaling == "delayed" or self.fp8_amax_history == defaults["fp8_amax_history"],
+               "precision.fp8_amax_history", f"{self.fp8_amax_history} acts only with "
+               f"precision.fp8_scaling='delayed' (this config has {self.fp8_scaling!r}); set "
+               f"precision.fp8_scaling='delayed' or leave it at {defaults['fp8_amax_history']}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,11 +270,24 @@ class ExperimentConfig:
     sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
     dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
     reward_model: RewardModelConfig = dataclasses.field(default_factory=RewardModelConfig)
+    rl: RLConfig = dataclasses.field(default_factory=RLConfig)
+    precision: PrecisionConfig = dataclasses.field(default_factory=PrecisionConfig)
 
     def __post_init__(self):
         n, b = self.train.grad_accum_steps, self.data.global_batch_size
         _check(b % n == 0, "train.grad_accum_steps",
                f"{n} does not divide data.global_batch_size={b}; allowed: a divisor of {b}")
+        if self.precision.matmul == "fp8":
+            _check(self.model.moe_impl != "ragged_dot", "model.moe_impl",
+                   "'ragged_dot' cannot run precision.matmul='fp8' (jax.lax.ragged_dot takes no fp8 operands with "
+                   "scales); allowed with fp8: 'pallas', 'blocked'")
+        if self.precision.fp8_lm_head:
+            _check(not self.model.tie_embeddings, "precision.fp8_lm_head",
+                   "True needs an untied LM head (model.tie_embeddings=True); allowed with tied embeddings: False")
+            # these stages never run the LM head's matmul in the model (reward: no head; dpo: chunked log-probs)
+            _check(self.train.stage not in ("dpo", "reward_model"), "precision.fp8_lm_head",
+                   f"True has no effect with train.stage={self.train.stage!r} (its loss reads no LM head through "
+                   "the model's fp8 path); allowed: False")
 
 
 def _type_name(tp) -> str:

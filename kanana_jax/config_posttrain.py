@@ -1,0 +1,112 @@
+"""Config sections of the post-training stages (SFT, DPO, reward model, RL). Part of kanana_jax/config.py's
+ExperimentConfig: validated the same way, every key declared here with its default."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+from kanana_jax.config_fields import _check, _field
+
+
+def _check_weighted_sources(entries, key: str):
+    for entry in entries:
+        ok = (isinstance(entry, (tuple, list)) and len(entry) == 3 and isinstance(entry[0], str)
+              and isinstance(entry[1], str) and isinstance(entry[2], (int, float))
+              and not isinstance(entry[2], bool) and math.isfinite(entry[2]) and entry[2] > 0)
+        _check(ok, key, f"entries must be (name, path, weight > 0), got {entry!r}")
+    names = [e[0] for e in entries]
+    _check(len(set(names)) == len(names), key, f"names must be unique, got {names}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    """Supervised fine-tuning (train.stage='sft'): conversations trained on their assistant tokens only."""
+    buckets: tuple = _field((), doc="((name, path, weight), ...): 'sft:chat' (an embedded bucket) or 'chat:FILE' "
+                                    "(message records); weights are shares of data.mixture_weights_in units")
+
+    def __post_init__(self):
+        _check_weighted_sources(self.buckets, "sft.buckets")
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOConfig:
+    """Direct preference optimization (train.stage='dpo') against the frozen `train.init_from` params."""
+    pairs: str = _field("embedded", doc="preference pairs: 'embedded' (kanana_jax/data/preference) or a JSONL file")
+    beta: float = _field(0.1, lo=1e-6, doc="strength of the implicit KL to the reference")
+    label_smoothing: float = _field(0.0, lo=0.0, hi=0.5, doc="dpo: assumed rate of flipped preference labels")
+    loss: Literal["dpo", "ipo"] = _field("dpo", doc="dpo: -log sigmoid(beta h); ipo: (h - 1/(2 beta))^2 on "
+                                                    "per-token mean log-ratios")
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardModelConfig:
+    """Reward-model training (train.stage='reward_model'): a scalar head, Bradley-Terry loss on pairs."""
+    pairs: str = _field("embedded", doc="preference pairs: 'embedded' (kanana_jax/data/preference) or a JSONL file")
+    score_l2_coef: float = _field(0.0, lo=0.0, doc="weight of mean(score^2): keeps scores centred at 0 (0 = off)")
+
+
+REWARD_TERM_KINDS = ("verifiable", "reward_model")
+
+
+def parse_reward_spec(spec: str, key: str = "rl.tracks") -> tuple[tuple[str, str, float], ...]:
+    """'verifiable' | 'reward_model:WORKDIR' | terms joined by '+', each optionally '*weight' ->
+    ((kind, argument, weight), ...); a bad spec is a ConfigError naming `key`."""
+    terms = []
+    for term in (t.strip() for t in str(spec).split("+")):
+        body, _, w = term.rpartition("*") if "*" in term else (term, "", "1")
+        kind, _, arg = body.partition(":")
+        try:
+            weight = float(w)
+        except ValueError:
+            weight = float("nan")
+        _check(kind in REWARD_TERM_KINDS and math.isfinite(weight) and (kind != "reward_model" or arg), key,
+               f"reward {spec!r}: each '+' term is 'verifiable' or 'reward_model:WORKDIR', optionally '*weight'")
+        terms.append((kind, arg, weight))
+    return tuple(terms)
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+    """RL (train.stage='rl'): rollouts of the live policy, GRPO or PPO, tracks optimized side by side."""
+    algorithm: Literal["grpo", "ppo"] = "grpo"
+    tracks: tuple = _field((("logic", "prompts:arith", "verifiable", 1.0),),
+                           doc="((name, prompts spec, reward spec, weight), ...): prompts per rollout by weight")
+    prompts_per_step: int = _field(8, lo=1, doc="prompts per rollout batch, over all tracks")
+    group_size: int = _field(4, lo=1, doc="samples per prompt (GRPO's group)")
+    epochs: int = _field(1, lo=1, doc="learner steps on each rollout batch (old log-probs fixed)")
+    std_normalize: bool = _field(True, doc="GRPO: divide group advantages by the group's std (False: Dr. GRPO)")
+    track_normalize: bool = _field(True, doc="centre and scale each track's advantages to unit std per batch")
+    loss_aggregation: Literal["token_mean", "seq_mean", "dr_grpo"] = "token_mean"
+    clip_low: float = _field(0.2, lo=0.0, hi=1.0)
+    clip_high: float = _field(0.2, lo=0.0, doc="DAPO clip-higher: e.g. 0.28")
+    kl_coef: float = _field(0.01, lo=0.0, doc="weight of the KL to the frozen reference")
+    kl_estimator: Literal["k1", "k3"] = "k3"
+    kl_mode: Literal["penalty", "reward"] = _field("penalty", doc="penalty: in the loss; reward: per-token reward")
+    kl_adaptive: bool = False
+    kl_target: float = _field(0.05, lo=1e-6)
+    kl_horizon: int = _field(100, lo=1)
+    gamma: float = _field(1.0, lo=0.0, hi=1.0, doc="PPO discount")
+    lam: float = _field(0.95, lo=0.0, hi=1.0, doc="PPO GAE lambda")
+    value_clip: float = _field(0.2, lo=0.0, doc="PPO: clip of the value update (0 off)")
+    value_coef: float = _field(0.5, lo=0.0)
+    reward_kind: Literal["verifiable", "random", "format", "incorrect"] = _field(
+        "verifiable", doc="what verifiable tracks pay: the verdict, a coin flip, the format, or a wrong label")
+    random_rate: float = _field(0.5, lo=0.0, hi=1.0)
+    temperature: float = _field(1.0, lo=0.0)
+    top_p: float = _field(1.0, lo=1e-6, hi=1.0)
+    max_new_tokens: int = _field(32, lo=1)
+    max_turns: int = _field(3, lo=1, doc="tool prompts: assistant turns per episode")
+    rollout_batch: int = _field(64, lo=1, doc="sampler rows per generate call")
+    sandbox_timeout_s: float = _field(5.0, lo=0.1)
+    eval_prompts: int = _field(32, lo=1, doc="held-out prompts per track, decoded greedily at each eval")
+
+    def __post_init__(self):
+        _check(bool(self.tracks), "rl.tracks", "needs at least one track")
+        for entry in self.tracks:
+            ok = (isinstance(entry, (tuple, list)) and len(entry) == 4 and all(isinstance(x, str) for x in entry[:3])
+                  and isinstance(entry[3], (int, float)) and not isinstance(entry[3], bool) and entry[3] > 0)
+            _check(ok, "rl.tracks", f"entries are (name, prompts spec, reward spec, weight > 0), got {entry!r}")
+            parse_reward_spec(entry[2])
+        names = [e[0] for e in self.tracks]
+        _check(len(set(names)) == len(names), "rl.tracks", f"names must be unique, got {names}")
