@@ -91,6 +91,11 @@ def valid_values(spec: Spec):
         rule = st.tuples(st.sampled_from([".*", "attn/.*", "^embed", "moe_layers/.*/w_up", "(wq|wo)$"]),
                          st.sampled_from(ROLES))
         s = st.lists(rule, max_size=3).map(tuple)
+    elif spec.name == "tracks":   # rl.tracks: at least one (name, prompts, reward spec, weight > 0)
+        entry = st.tuples(st.text(min_size=1, max_size=6), st.sampled_from(["prompts:arith", "p.jsonl"]),
+                          st.sampled_from(["verifiable", "reward_model:/rm", "verifiable*0.5+reward_model:/rm"]),
+                          st.floats(0.01, 100.0))
+        s = st.lists(entry, min_size=1, max_size=3, unique_by=lambda e: e[0]).map(tuple)
     elif spec.base is tuple:   # a tuple key this file does not know yet: only the empty default is surely valid
         s = st.just(())
     else:
@@ -113,7 +118,7 @@ def invalid_values(spec: Spec):
         entries = st.integers() | st.text(max_size=3) | st.lists(st.integers() | st.text(max_size=2), max_size=3)
         if spec.name == "debug_poison_steps":
             bad |= st.lists(st.integers(max_value=0) | st.booleans() | st.text(max_size=2), min_size=1, max_size=3)
-        elif spec.name in ("mixture", "partition_rules"):   # malformed entries
+        elif spec.name in ("mixture", "partition_rules", "tracks", "buckets", "eval_sources"):   # malformed entries
             bad |= st.lists(entries, min_size=1, max_size=3)
         return bad
     wrong_type = junk | st.booleans()
@@ -183,7 +188,7 @@ def _names_key_or_section(message: str, keys) -> bool:
 # ------------------------------------------------------------------------------------------- properties
 
 def test_every_key_of_every_dataclass_is_covered():
-    assert {s.section for s in SPECS} == {"model", "optimizer", "data", "train", "mesh"}
+    assert {s.section for s in SPECS} == {f.name for f in dataclasses.fields(config_lib.ExperimentConfig)}
     assert len(SPECS) > 60 and all(s.base in (int, float, bool, str, tuple) for s in SPECS)
 
 
