@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import threading
+import time
 from typing import Any, Callable, Sequence
 
 import flax
@@ -33,6 +34,9 @@ from kanana_jax.rewards.math import extract_answer
 from kanana_jax.rewards.tools import ToolEnv, run_episode
 
 CONFIDENCE_MODES = ("auto", "stated", "logprob")
+TABLE_LEGEND = ("ECE: expected calibration error (10 equal-width bins) over the items that have a confidence; "
+                "conf: how many items have one\n(a stated 'Confidence: NN%' in the reply, else the log-probability "
+                "of the answer; --confidence chooses; the report JSON has the split per suite)")
 _END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_turn|>", "<end_of_turn>", "<|endofturn|>")
 
 
@@ -303,7 +307,7 @@ def evaluate_suite(name: str, items: Sequence[dict], generator: Generator, token
 def run_eval(checkpoint: str, suite_names: Sequence[str], *, limit: int | None = None, lang: str | None = None,
              sampling: SamplingParams = SamplingParams(max_new_tokens=512, temperature=0.0), seed: int = 0,
              batch_size: int = 16, confidence: str = "auto", max_turns: int = 4, ask_confidence: bool = True,
-             log: Callable[[str], None] = print) -> dict:
+             log: Callable[[str], None] = lambda message: print(message, flush=True)) -> dict:
     """Loads `checkpoint`, evaluates each suite, and returns the JSON-able report (see module docstring)."""
     workdir, _, _ = resolve_checkpoint(checkpoint)
     cfg = load_config(workdir)
@@ -317,15 +321,20 @@ def run_eval(checkpoint: str, suite_names: Sequence[str], *, limit: int | None =
     generator = Generator(sampler, tokenizer, fmt, sampling, jax.random.PRNGKey(seed), batch_size)
     log(f"eval of {loaded.state_dir} (step {loaded.step}); prompts: {fmt.name}; suites: {', '.join(suite_names)}")
     scores, report = [], {}
-    for name in suite_names:
+    for k, name in enumerate(suite_names, 1):
         items = suites.load_suite(name, lang=lang, limit=limit)
+        start = time.perf_counter()
+        log(f"[{k}/{len(suite_names)}] {name}: {len(items)} items, up to {sampling.max_new_tokens} new tokens each"
+            + (f", up to {max_turns} turns" if name == "tools" else "")
+            + (" (the first batch compiles the sampler)" if k == 1 else "") + "…")
         score, records = evaluate_suite(name, items, generator, tokenizer, confidence=confidence,
                                         max_turns=max_turns, ask_confidence=ask_confidence)
         scores.append(score)
         sources = {s: sum(r["confidence_source"] == s for r in records) for s in ("stated", "logprob", "none")}
         report[name] = {**score.summary(), "confidence_sources": sources, "items": records}
-        log(f"{name}: accuracy {score.accuracy:.3f} over {score.n} items")
-    table = scoring.format_report(scores)
+        log(f"[{k}/{len(suite_names)}] {name}: accuracy {score.accuracy:.3f} over {score.n} items "
+            f"({time.perf_counter() - start:.1f} s)")
+    table = scoring.format_report(scores) + "\n" + TABLE_LEGEND
     return {"checkpoint": loaded.state_dir, "workdir": loaded.workdir, "step": loaded.step,
             "settings": {"suites": list(suite_names), "limit": limit, "lang": lang, "seed": seed,
                          "confidence": confidence, "max_turns": max_turns, "chat_format": fmt.name,

@@ -9,6 +9,8 @@ Two levels:
   (tokens, log-probs, finish reason, text). Compiles once per (batch, length bucket, max_new_tokens, filters).
   Repeated prompts (K samples of each, as rejection sampling and GRPO ask) are prefilled once: their cache
   rows and first logits are copied to every row that samples from them (`prefilled_rows` says how many ran).
+  Long prompts are prefilled a few rows at a time (`prefill_rows`, bounded by PREFILL_SCORE_BYTES of attention
+  scores); the decode loop always runs over the whole batch.
 
 Stops: a stop token id ends a row after emitting it ('stop_token'); a stop string ends it once the text contains
 it ('stop_string'): the device loop matches each stop string's token encoding, the host then cuts the text at
@@ -36,6 +38,10 @@ from kanana_jax.generate import decode_model, kv_cache
 from kanana_jax.generate.sampling import sample
 
 FINISH_REASONS = ("length", "stop_token", "stop_string")
+# Bound on the prefill's float32 attention scores per call (rows x heads x prompt bucket^2 x 4 bytes): long
+# prompts (tool episodes) are prefilled a few rows at a time instead of all at once (the reference attention
+# materializes the scores, and the softmax a few copies: 8 rows x 4 heads x 4096^2 took 6.8 GB).
+PREFILL_SCORE_BYTES = 256 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,10 +213,12 @@ class Sampler:
     expected on the mesh already (see `shard_params`).
     """
 
-    def __init__(self, cfg: ModelConfig, params, *, tokenizer=None, mesh=None, rules=None, min_prompt_bucket=16):
+    def __init__(self, cfg: ModelConfig, params, *, tokenizer=None, mesh=None, rules=None, min_prompt_bucket=16,
+                 prefill_score_bytes: int = PREFILL_SCORE_BYTES):
         self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
         self.mesh, self.rules = mesh, rules
         self.min_prompt_bucket = min_prompt_bucket
+        self.prefill_score_bytes = prefill_score_bytes
         self.prefilled_rows = 0   # rows the last generate_arrays prefilled (fewer than its batch when prompts repeat)
         self.pad_id = tokenizer.pad_id if tokenizer is not None else 0
         self.batch_axes, self.row_multiple = None, 1
@@ -229,9 +237,30 @@ class Sampler:
     def _context(self):
         stack = contextlib.ExitStack()
         if self.mesh is not None:
-            stack.enter_context(self.mesh)
+            stack.enter_context(sharding_lib.use_mesh(self.mesh))
             stack.enter_context(nn.logical_axis_rules(self.rules))
         return stack
+
+    def prefill_rows(self, rows: int, width: int) -> int:
+        """Rows per prefill call for `rows` prompts padded to `width`: the prefill's float32 attention scores
+        (rows x heads x width^2, the reference attention materializes them) stay within `prefill_score_bytes`; a
+        divisor of `rows` that the data-parallel mesh size divides (at least that size)."""
+        per_row = self.cfg.n_heads * width * width * 4
+        fits = [r for r in range(self.row_multiple, rows + 1, self.row_multiple)
+                if rows % r == 0 and r * per_row <= self.prefill_score_bytes]
+        return max(fits, default=self.row_multiple)
+
+    def _prefill_in_chunks(self, tokens, lengths, cache_len: int):
+        """(cache, first logits) of left-padded prompts, prefilled `prefill_rows` rows at a time; the decode then
+        runs over all rows together."""
+        rows = tokens.shape[0]
+        step = self.prefill_rows(rows, tokens.shape[1])
+        if step >= rows:
+            return self._prefill(self.params, *self._put(tokens, lengths), cache_len=cache_len)
+        parts = [self._prefill(self.params, *self._put(tokens[i:i + step], lengths[i:i + step]), cache_len=cache_len)
+                 for i in range(0, rows, step)]
+        cache = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1), *[c for c, _ in parts])
+        return cache, jnp.concatenate([logits for _, logits in parts], axis=0)
 
     def encode(self, prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -274,7 +303,7 @@ class Sampler:
             if len(unique) < n:   # repeated prompts (K samples each): prefill each once, copy its cache rows
                 U = self._rows_for(len(unique))
                 tokens, u_lengths = self._left_padded(list(unique), U, Pb)
-                cache, logits = self._prefill(self.params, *self._put(tokens, u_lengths), cache_len=cache_len)
+                cache, logits = self._prefill_in_chunks(tokens, u_lengths, cache_len)
                 index = np.zeros((B,), np.int32)
                 index[:n] = row_of
                 cache, logits = _gather_rows(cache, logits, index if self.mesh is None else
@@ -282,7 +311,7 @@ class Sampler:
                 self.prefilled_rows = U
             else:
                 tokens, _ = self._left_padded(ids, B, Pb)
-                cache, logits = self._prefill(self.params, *self._put(tokens, lengths), cache_len=cache_len)
+                cache, logits = self._prefill_in_chunks(tokens, lengths, cache_len)
                 self.prefilled_rows = B
             controls, static = make_controls(sampling, self._stop_sequences(sampling, stop_sequences), self.pad_id)
             out = self._decode(self.params, cache, logits, lengths_d, key, controls, **static,
