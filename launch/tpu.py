@@ -102,6 +102,16 @@ def plan(spec: str, overrides: list[str], *, slice_, project: str, zone: str, wo
     raise ValueError(f"--mode {mode!r}; allowed values: gcloud, xpk")
 
 
+def reachable_repo(repo: str) -> bool:
+    """Whether `repo` is a URL another machine can clone (scheme://... or scp-like user@host:path), not a local
+    path (/..., ./..., ~/..., file://...)."""
+    if repo.startswith("file://"):
+        return False
+    if re.match(r"^[a-z][a-z0-9+.-]*://", repo):
+        return True
+    return bool(re.match(r"^[\w.-]+@[\w.-]+:", repo))
+
+
 def _git(*args) -> str | None:
     try:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
@@ -123,7 +133,8 @@ def main(argv=None) -> int:
     p.add_argument("--name", help="TPU VM / workload name (default from the config)")
     p.add_argument("--mode", default="gcloud", choices=("gcloud", "xpk"))
     p.add_argument("--cluster", help="xpk cluster (xpk mode)")
-    p.add_argument("--repo", help="git URL the workers clone (default: this checkout's origin)")
+    p.add_argument("--repo", help="git URL the workers clone (default: this checkout's origin; a local path "
+                   "warns in a dry run and is refused with --execute)")
     p.add_argument("--ref", help="commit/branch to run (default: this checkout's HEAD)")
     p.add_argument("--sweep", action="store_true", help="one run per point of the config module's sweep()")
     p.add_argument("--spot", action="store_true", help="gcloud: create a Spot TPU VM")
@@ -149,6 +160,13 @@ def main(argv=None) -> int:
         repo = args.repo or _git("remote", "get-url", "origin") or ""
         if args.mode == "gcloud" and not repo:
             raise ValueError("no git remote to clone on the workers: pass --repo URL (and --ref)")
+        if args.mode == "gcloud" and not reachable_repo(repo):
+            where = "--repo" if args.repo else "this checkout's origin"
+            message = (f"{where} {repo} is a path on this machine, which "
+                       "the TPU VMs cannot clone: pass --repo with a URL they can reach (https://..., git@host:...)")
+            if args.execute:
+                raise ValueError(message)
+            print(f"warning: {message}", file=sys.stderr)
         commands = plan(args.config, args.set, slice_=slice_, project=project, zone=args.zone,
                         workdir=args.workdir, name=_name_ok(args.name or default_name(args.config)), repo=repo,
                         ref=args.ref or _git("rev-parse", "HEAD") or "main", mode=args.mode, cluster=args.cluster,

@@ -113,3 +113,19 @@ def test_pod_configs_validate_on_every_listed_slice():
             assert cfg.data.global_batch_size == batch and cfg.data.seq_len == seq_len
             assert batch % (sizes["data"] * sizes["fsdp"] * sizes["expert"]) == 0
             assert cfg.model.n_routed_experts % sizes["expert"] == 0 and cfg.mesh.rules == "fsdp_ep"
+
+
+def test_a_local_origin_warns_in_a_dry_run_and_is_refused_with_execute(monkeypatch, capsys):
+    assert tpu.reachable_repo("https://github.com/me/kanana_jax.git") and tpu.reachable_repo("git@github.com:me/k.git")
+    assert tpu.reachable_repo("ssh://git@host/k.git")
+    for local in ("/work/main", "./main", "~/src/kanana_jax", "file:///work/main", "../kanana_jax"):
+        assert not tpu.reachable_repo(local), local
+    monkeypatch.setattr(tpu, "_git", lambda *a: "/path/on/this/machine" if a[0] == "remote" else "abc123")
+    assert tpu.main(COMMON) == 0
+    captured = capsys.readouterr()
+    assert "warning: this checkout's origin /path/on/this/machine is a path on this machine" in captured.err
+    assert "git clone /path/on/this/machine" in captured.out          # the dry run still prints the plan
+    assert tpu.main(COMMON + ["--execute"]) == 2
+    assert "error: this checkout's origin /path/on/this/machine is a path" in capsys.readouterr().err
+    assert tpu.main(COMMON + ["--repo", "https://github.com/me/kanana_jax.git"]) == 0
+    assert "warning" not in capsys.readouterr().err
