@@ -3,9 +3,10 @@
     .venv-hf/bin/python tests/hf_reference.py SPEC.json OUT_DIR
 
 SPEC holds 'models' (tiny random DeepseekV3ForCausalLM configs to build, save with save_pretrained and run on
-'tokens'), 'reload' (checkpoint dirs written by kanana_jax to load with from_pretrained and run) and 'chat'
-(conversations to render with apply_chat_template). Writes OUT_DIR/<name>/ checkpoints,
-OUT_DIR/<name>.logits.npy, OUT_DIR/<name>.reload.npy and OUT_DIR/chat.json.
+'tokens'), 'reload' (checkpoint dirs written by kanana_jax to load with from_pretrained and run), 'chat'
+(conversations to render with apply_chat_template) and 'load' (one export directory loaded with AutoTokenizer +
+AutoModelForCausalLM alone, as a user would). Writes OUT_DIR/<name>/ checkpoints, OUT_DIR/<name>.logits.npy,
+OUT_DIR/<name>.reload.npy, OUT_DIR/load.logits.npy and OUT_DIR/chat.json.
 
 transformers' DeepseekV3 only implements sigmoid scoring (noaux_tc). Models with "router": "softmax" get
 their router replaced by a DeepSeek-V2-style softmax router written here (greedy or group-limited by the group
@@ -157,6 +158,21 @@ def chat(spec: dict) -> dict:
     return {"text": text, "input_ids": list(out["input_ids"]), "assistant_masks": list(out.get("assistant_masks", []))}
 
 
+def load_as_is(spec: dict) -> dict:
+    """An export loaded the way a user would: AutoTokenizer + AutoModelForCausalLM from the directory alone; the
+    tokenizer's ids of `texts`, their decoding, and the model's logits and greedy continuation of the first."""
+    tok = AutoTokenizer.from_pretrained(spec["dir"])
+    model = transformers.AutoModelForCausalLM.from_pretrained(spec["dir"], dtype=torch.float32).eval()
+    ids = [tok(t)["input_ids"] for t in spec["texts"]]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids[0]])).logits.float().numpy()[0]
+        generated = model.generate(torch.tensor([ids[0]]), max_new_tokens=3, do_sample=False)[0].tolist()
+    np.save(os.path.join(spec["out"], "load.logits.npy"), logits)
+    return {"ids": ids, "decoded": [tok.decode(i, skip_special_tokens=True) for i in ids], "generated": generated,
+            "eos_token_id": model.generation_config.eos_token_id, "bos_token": tok.bos_token,
+            "tokenizer_class": type(tok).__name__}
+
+
 def main(spec_path: str, out_dir: str):
     with open(spec_path) as f:
         spec = json.load(f)
@@ -167,8 +183,10 @@ def main(spec_path: str, out_dir: str):
     for reload_spec in spec.get("reload", []):
         reload(reload_spec, tokens, out_dir)
     chats = {c["name"]: chat(c) for c in spec.get("chat", [])}
+    loads = {c["name"]: load_as_is({**c, "out": out_dir}) for c in spec.get("load", [])}
     with open(os.path.join(out_dir, "chat.json"), "w") as f:
-        json.dump({"chats": chats, "torch": torch.__version__, "transformers": transformers.__version__}, f)
+        json.dump({"chats": chats, "loads": loads, "torch": torch.__version__,
+                   "transformers": transformers.__version__}, f)
 
 
 if __name__ == "__main__":

@@ -58,7 +58,8 @@ def _add_arguments(parser):
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="tensor dtype (default: the parameters' own; the router stays float32)")
-    p.add_argument("--base", default=None, help="the HF checkpoint the run started from (token ids, tokenizer)")
+    p.add_argument("--base", default=None, help="the HF checkpoint the run started from (token ids, tokenizer); "
+                   "without it the run's own tokenizer (data.tokenizer) is written")
     p.add_argument("--max-shard-gb", type=float, default=5.0)
     p.set_defaults(convert_fn=_orbax_to_hf)
 

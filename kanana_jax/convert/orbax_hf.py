@@ -7,18 +7,20 @@ workdir_to_hf: restores only the parameters of a step (no optimizer state) and e
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import jax
 
 from kanana_jax import config as config_lib
 from kanana_jax.config import ExperimentConfig
-from kanana_jax.convert import hf_config
+from kanana_jax.convert import hf_config, hf_tokenizer
 from kanana_jax.convert.hf_export import export_hf
 from kanana_jax.convert.hf_import import import_params
 from kanana_jax.convert.safetensors_io import SafetensorsCheckpoint
 
 CHECKPOINTS = "checkpoints"
+log = logging.getLogger("kanana_jax.convert")
 
 
 def check_architecture(cfg: ExperimentConfig, hf: dict) -> None:
@@ -94,9 +96,28 @@ def restore_params(workdir: str, step: int | None = None, cfg: ExperimentConfig 
 
 def workdir_to_hf(workdir: str, out_dir: str, *, step: int | None = None, dtype: str | None = None,
                   base_dir: str | None = None, max_shard_bytes: int = 5 << 30) -> tuple[int, list[str]]:
-    """Exports the parameters of checkpoint `step` (default: latest) of `workdir` as a HF checkpoint;
-    `base_dir` (the checkpoint it started from) supplies token ids and tokenizer files. Returns (step, files)."""
+    """Exports the parameters of checkpoint `step` (default: latest) of `workdir` as a HF checkpoint that
+    transformers loads as it is: `base_dir` (the checkpoint it started from) supplies token ids and tokenizer files,
+    else the run's own tokenizer is written (`hf_tokenizer`). Warns before overwriting files in `out_dir`.
+    Returns (step, files)."""
     cfg = load_workdir_config(workdir)
+    warn_if_overwriting(out_dir)
     step, params = restore_params(workdir, step, cfg)
-    files = export_hf(params, cfg.model, out_dir, dtype=dtype, base_dir=base_dir, max_shard_bytes=max_shard_bytes)
-    return step, files
+    if base_dir is not None:
+        return step, export_hf(params, cfg.model, out_dir, dtype=dtype, base_dir=base_dir,
+                               max_shard_bytes=max_shard_bytes)
+    os.makedirs(out_dir, exist_ok=True)
+    tokenizer_files, token_ids = hf_tokenizer.write_tokenizer(out_dir, cfg.data.tokenizer)
+    files = export_hf(params, cfg.model, out_dir, dtype=dtype, base_config=token_ids, max_shard_bytes=max_shard_bytes)
+    return step, files + tokenizer_files
+
+
+def warn_if_overwriting(out_dir: str) -> list[str]:
+    """Logs a warning naming the files already in `out_dir` (an export replaces its config, weights and
+    tokenizer files); returns their names."""
+    existing = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
+    if existing:
+        shown = ", ".join(existing[:6]) + (f" and {len(existing) - 6} more" if len(existing) > 6 else "")
+        log.warning("%s already holds %d files (%s): overwriting the export's files there (weights, config.json, "
+                    "tokenizer); pass a new directory to keep them", out_dir, len(existing), shown)
+    return existing
