@@ -1,7 +1,7 @@
 """Model sizes: overrides of `kanana_jax.config.ModelConfig` per named size.
 
 `tiny` trains in seconds on a CPU; `small` (~0.5B total) fits one GPU; `kanana2_30b_a3b` is the unverified
-reconstruction of Kanana-2-30B-A3B from KANANA2.md (a real checkpoint's config.json wins); `kanana2_155b_a17b`
+reconstruction of Kanana-2-30B-A3B from the public facts in docs/kanana2.md (a real checkpoint's config.json wins); `kanana2_155b_a17b`
 is our reconstruction of the 155B-A17B model (no config is public): DeepSeek-V3 proportions scaled to reach
 155B total / 17B active (checked by `kanana-jax params`).
 """
@@ -21,7 +21,7 @@ SIZES = {
         n_routed_experts=32, n_shared_experts=1, moe_d_ff=384, top_k=4, n_group=1, topk_group=1,
         dtype="bfloat16", remat_policy="dots_no_batch",
     ),
-    # Unverified reconstruction (KANANA2.md): 48 layers, first dense, 128 experts top-6, 2 shared, MLA q_lora=None.
+    # Unverified reconstruction (docs/kanana2.md, with sources): 48 layers, first dense, 128 experts top-6, 2 shared, MLA q_lora=None.
     "kanana2_30b_a3b": dict(
         vocab_size=128256, d_model=2048, n_layers=48, first_k_dense=1, d_ff=10240,
         n_heads=16, q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
