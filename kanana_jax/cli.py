@@ -292,7 +292,8 @@ def default_platform(environ=os.environ) -> None:
 
 def _register_optional_commands():
     """Subcommands that live in other modules (convert, eval, sweep) register on import."""
-    for module in ("kanana_jax.convert.cli", "kanana_jax.evals.cli", "kanana_jax.sweeps.cli"):
+    for module in ("kanana_jax.convert.cli", "kanana_jax.evals.cli", "kanana_jax.sweeps.cli",
+                   "kanana_jax.train.merge_cli"):
         if importlib.util.find_spec(module.rsplit(".", 1)[0]) is None:
             continue
         try:

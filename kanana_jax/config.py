@@ -16,7 +16,7 @@ from typing import Any, Literal, Optional
 
 from kanana_jax.config_fields import _INT32_MAX, ConfigError, _check, _field  # noqa: F401 (re-exported)
 from kanana_jax.config_posttrain import (DPOConfig, RewardModelConfig, RLConfig, SFTConfig,  # noqa: F401
-                                         parse_reward_spec)
+                                         RejectionSamplingConfig, parse_reward_spec)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,7 +182,8 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Steps, logging, evaluation, checkpointing and loss weights."""
-    stage: Literal["pretrain", "midtrain", "sft", "dpo", "reward_model", "rl"] = "pretrain"
+    stage: Literal["pretrain", "midtrain", "sft", "dpo", "reward_model", "rl",
+                   "rejection_sampling"] = "pretrain"
     init_from: str = _field("", doc="start from another run's params: WORKDIR[:STEP] or hf:DIR (fresh optimizer "
                                     "and data position; used only while the workdir has no checkpoint of its own)")
     steps: int = _field(200, lo=1)
@@ -271,6 +272,7 @@ class ExperimentConfig:
     dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
     reward_model: RewardModelConfig = dataclasses.field(default_factory=RewardModelConfig)
     rl: RLConfig = dataclasses.field(default_factory=RLConfig)
+    rejection_sampling: RejectionSamplingConfig = dataclasses.field(default_factory=RejectionSamplingConfig)
     precision: PrecisionConfig = dataclasses.field(default_factory=PrecisionConfig)
 
     def __post_init__(self):
@@ -284,8 +286,8 @@ class ExperimentConfig:
         if self.precision.fp8_lm_head:
             _check(not self.model.tie_embeddings, "precision.fp8_lm_head",
                    "True needs an untied LM head (model.tie_embeddings=True); allowed with tied embeddings: False")
-            # these stages never run the LM head's matmul in the model (reward: no head; dpo: chunked log-probs)
-            _check(self.train.stage not in ("dpo", "reward_model"), "precision.fp8_lm_head",
+            # these stages never run the LM head's matmul in the model (reward: no head; dpo, rl: chunked log-probs)
+            _check(self.train.stage not in ("dpo", "reward_model", "rl"), "precision.fp8_lm_head",
                    f"True has no effect with train.stage={self.train.stage!r} (its loss reads no LM head through "
                    "the model's fp8 path); allowed: False")
 

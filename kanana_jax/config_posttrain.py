@@ -72,8 +72,8 @@ class RLConfig:
     algorithm: Literal["grpo", "ppo"] = "grpo"
     tracks: tuple = _field((("logic", "prompts:arith", "verifiable", 1.0),),
                            doc="((name, prompts spec, reward spec, weight), ...): prompts per rollout by weight")
-    prompts_per_step: int = _field(8, lo=1, doc="prompts per rollout batch, over all tracks")
-    group_size: int = _field(4, lo=1, doc="samples per prompt (GRPO's group)")
+    group_size: int = _field(4, lo=1, doc="samples per prompt (GRPO's group); a rollout batch holds "
+                                          "data.global_batch_size prompts (over all tracks) x group_size")
     epochs: int = _field(1, lo=1, doc="learner steps on each rollout batch (old log-probs fixed)")
     std_normalize: bool = _field(True, doc="GRPO: divide group advantages by the group's std (False: Dr. GRPO)")
     track_normalize: bool = _field(True, doc="centre and scale each track's advantages to unit std per batch")
@@ -110,3 +110,39 @@ class RLConfig:
             parse_reward_spec(entry[2])
         names = [e[0] for e in self.tracks]
         _check(len(set(names)) == len(names), "rl.tracks", f"names must be unique, got {names}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RejectionSamplingConfig:
+    """Rejection sampling with real execution (train.stage='rejection_sampling', train/stages/rejection_sampling.py):
+    `rounds` of: sample K completions per prompt from the newest policy -> verify each in its real environment ->
+    keep the passing ones -> one SFT round on them. train.* / optimizer.* / data.* configure each round's SFT
+    (train.steps = SFT steps per round); sft.buckets are the original buckets mixed in at `mix_sft`."""
+    rounds: int = _field(3, lo=1)
+    samples_per_prompt: int = _field(4, lo=1, doc="K completions per prompt (they share its prefill)")
+    temperature: float = _field(1.0, lo=0.0, doc="0 = greedy (then K > 1 repeats one completion)")
+    top_p: float = _field(1.0, lo=1e-6, hi=1.0)
+    max_new_tokens: int = _field(256, lo=1)
+    max_turns: int = _field(4, lo=1, doc="tool prompts: assistant turns per episode")
+    prompts: str = _field("prompts:math,code,ifeval", doc="prompt spec (rollout/prompts.py): prompts:NAME[,NAME], "
+                                                          "sft:BUCKET[,BUCKET] or FILE.jsonl; its train split")
+    prompts_per_round: int = _field(64, lo=1, doc="prompts sampled per round: the next ones of a seeded order of "
+                                                  "the train split, cycled")
+    chunk_prompts: int = _field(16, lo=1, doc="prompts per sampling chunk: the unit of progress, keys and resume")
+    sample_batch: int = _field(64, lo=1, doc="sampler rows per generate call")
+    selection: Literal["all", "shortest", "best_k"] = _field(
+        "all", doc="per prompt, of its passing samples: all; the shortest one; the best_k of highest reward")
+    best_k: int = _field(1, lo=1, doc="selection='best_k': passing samples kept per prompt")
+    max_per_prompt: int = _field(0, lo=0, doc="cap on kept samples per prompt after selection (0 = none)")
+    dedup: bool = _field(True, doc="drop a passing sample whose completion equals an earlier one of its prompt")
+    mix_sft: float = _field(0.0, lo=0.0, hi=0.95, doc="share of the original sft.buckets in each round's SFT "
+                                                      "(data.mixture_weights_in units); 0 = kept samples only")
+    overlap_verify: bool = _field(True, doc="verify chunk i on a thread while chunk i+1 samples")
+    sandbox_timeout_s: float = _field(5.0, lo=0.1, doc="code: wall seconds per program")
+    sandbox_memory_mb: int = _field(512, lo=64, doc="code: address-space limit per program")
+    sandbox_workers: int = _field(0, lo=0, doc="code: parallel sandboxes (0 = one per CPU)")
+    heldout_prompts: int = _field(0, lo=0, doc="eval-split prompts sampled K times after every round (held-out "
+                                               "pass@1 / pass@K; round 0 also scores its starting policy); 0 = off")
+    eval_suites: str = _field("", doc="comma-separated eval suites (evals/suites.py) scored on each round's SFT "
+                                      "checkpoint; '' = none")
+    eval_limit: int = _field(16, lo=1, doc="items per eval suite")

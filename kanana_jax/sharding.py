@@ -22,7 +22,7 @@ BATCH_AXES = ("data", "fsdp", "expert")
 
 _COMMON = [
     ("activation_batch", BATCH_AXES), ("activation_length", None), ("activation_embed", None),
-    ("activation_kv", None), ("layers", None), ("norm", None), ("qk_dim", None), ("qkv_dim", None),
+    ("activation_kv", None), ("layers", None), ("norm", None), ("head_out", None), ("qk_dim", None), ("qkv_dim", None),
     ("v_dim", None), ("kv_heads", None), ("experts_router", None),
 ]
 # Parameters: ZeRO-3 style, every weight split over fsdp x expert on its model dimension ('embed'); expert weights

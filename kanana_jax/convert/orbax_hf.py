@@ -87,7 +87,7 @@ def restore_params(workdir: str, step: int | None = None, cfg: ExperimentConfig 
             raise FileNotFoundError(f"no checkpoint for step {step} under {checkpointer.directory}; steps: {steps}")
         trainer = build_trainer(cfg)
         with trainer.context():
-            path = tuple(trainer.stage.policy_path)
+            path = trainer.stage.policy_of(cfg)
             abstract = subtree(trainer.abstract_state().params, path)
             return step, checkpointer.restore_params(step, abstract, ("params",) + path)
     finally:

@@ -17,6 +17,18 @@ Scaling (pallas_kernels/fp8.py: power-of-two per-tensor scales, saturating casts
   amax. The op returns the updated history (rolled by one, newest in column 0) as the cotangent of its
   `history` argument, so a train step that differentiates the 'fp8_meta' collection gets the new state as its
   "gradient" (the flax fp8_ops convention) and stores it in the train state.
+
+Delayed scaling in training (kanana_jax/train/step.py): the histories live in TrainState.model_state
+({'fp8_meta': ...}; {} for every other run), are checkpointed with it and resume bit-exact. The step hands the
+stage a model whose `.apply` adds them to the variables, differentiates the loss w.r.t. (params, model_state),
+and stores the cotangent as the new histories: outside the optimizer and the gradient norm, combined over
+microbatches by elementwise max (every microbatch scales from the same old history; the newest column becomes the
+amax over the whole batch), kept unchanged on a skipped non-finite step. Constraint: a stage differentiates at
+most one fp8 forward of the model per microbatch (two would add two rolled histories); a forward whose output is
+stop-gradient'ed (DPO's reference log-probs) runs no backward and contributes nothing. A site whose forward is
+not differentiated at all in a step gets an all-zero history (it falls back to current scaling next step).
+Evaluation (forward only) scales from the current amaxes (empty histories): the histories are the training
+step's way to skip an amax pass, not part of what the model computes.
 """
 from __future__ import annotations
 
@@ -70,8 +82,8 @@ def _scale(amax_now, history_row, delayed: bool, dtype):
     """Scale for one tensor: from the current amax, or from its history (current amax while it is empty)."""
     if not delayed:
         return fp8_lib.scale_for(amax_now, dtype)
-    past = jnp.max(history_row)
-    return fp8_lib.scale_for(lax.cond(past > 0, lambda: past, lambda: amax_now), dtype)
+    past = jnp.max(history_row)  # a select, not a lax.cond: amax_now is computed anyway (it enters the history)
+    return fp8_lib.scale_for(jnp.where(past > 0, past, amax_now), dtype)
 
 
 def _dot(a, sa, b, sb, form):
@@ -161,16 +173,42 @@ def project(x, w, dtype, recipe: Fp8Recipe | None, spec: str, *, n_contract: int
                   history=None if history_var is None else history_var.value)
 
 
-def summarize(fp8_meta) -> dict:
-    """Per-site summary metrics of an 'fp8_meta' tree: newest amax and scale exponent of x, w, g (the stacked
-    layer axis of scanned layers reduced by max), keyed 'fp8/<site path>/<x|w|g>_amax'."""
+def summarize(fp8_meta, old_meta=None, recipe: Fp8Recipe | None = None) -> dict:
+    """Summary metrics of an updated 'fp8_meta' tree (column 0 = this step's amaxes):
+      'fp8/<site path>/<x|w|g>_amax'           newest amax of the site (scanned stacks: max over their layers)
+      'fp8/<site path>/<x|w|g>_amax_by_layer'  [layers] the same per layer of a scanned stack (an array: the
+                                               metrics writer logs it as a TensorBoard histogram)
+      'fp8/saturated'                          (with `old_meta`, the histories the step scaled from, and `recipe`)
+                                               tensors (site x layer x row) whose amax this step exceeded the
+                                               range of the scale they were quantized with: clipped to fp8_max
+    """
     out = {}
-    for path, hist in jax.tree_util.tree_flatten_with_path(fp8_meta)[0]:
+    flat = jax.tree_util.tree_flatten_with_path(fp8_meta)[0]
+    for path, hist in flat:
         name = "/".join(str(getattr(p, "key", p)) for p in path)
-        newest = hist[..., 0].reshape(-1, 3).max(axis=0) if hist.ndim > 2 else hist[:, 0]
+        newest_Nx3 = hist[..., 0].reshape(-1, 3)
         for i, row in enumerate(ROWS):
-            out[f"fp8/{name}/{row}_amax"] = newest[i]
+            out[f"fp8/{name}/{row}_amax"] = jnp.max(newest_Nx3[:, i])
+            if hist.ndim > 2:
+                out[f"fp8/{name}/{row}_amax_by_layer"] = newest_Nx3[:, i]
+    if old_meta is not None and recipe is not None:
+        out["fp8/saturated"] = sum((saturated(new, old, recipe) for new, old in
+                                    zip(jax.tree.leaves(fp8_meta), jax.tree.leaves(old_meta))),
+                                   jnp.zeros((), jnp.int32))
     return out
+
+
+def saturated(new_history, old_history, recipe: Fp8Recipe):
+    """How many of the tensors of one site (x, w, g of each stacked layer) had an amax this step (new_history's
+    column 0) above fp8_max * the scale their old history gave: values clipped by delayed scaling."""
+    fmts = (fp8_lib.E4M3, fp8_lib.E4M3, fp8_lib.format_dtype(recipe.grad_dtype))
+    past_Nx3 = jnp.max(old_history, axis=-1).reshape(-1, 3)
+    now_Nx3 = new_history[..., 0].reshape(-1, 3)
+    count = jnp.zeros((), jnp.int32)
+    for i, fmt in enumerate(fmts):
+        limit = fp8_lib.fp8_max(fmt) * fp8_lib.scale_for(past_Nx3[:, i], fmt)
+        count += jnp.sum((past_Nx3[:, i] > 0) & (now_Nx3[:, i] > limit)).astype(jnp.int32)
+    return count
 
 
 def check_supported(recipe: Fp8Recipe | None, *, platform: str | None = None, moe_impl: str | None = None,

@@ -35,22 +35,24 @@ class ScalarHead(nn.Module):
 class RewardModel(nn.Module):
     """tokens [B,T] -> a score per position [B,T] float32; a conversation's score is the one at its last token."""
     cfg: ModelConfig
+    fp8: object = None  # model/fp8.Fp8Recipe for the backbone (its LM head is never run)
 
     @nn.compact
     def __call__(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None):
-        h_BxTxD = Transformer(self.cfg, name="backbone")(tokens_BxT, positions_BxT, segment_ids_BxT,
-                                                         return_hidden=True)
+        h_BxTxD = Transformer(self.cfg, self.fp8, name="backbone")(tokens_BxT, positions_BxT, segment_ids_BxT,
+                                                                   return_hidden=True)
         return ScalarHead(self.cfg.init_std, name="reward_head")(h_BxTxD)
 
 
 class ValueModel(nn.Module):
     """tokens [B,T] -> value estimate per position [B,T] float32 (PPO's critic)."""
     cfg: ModelConfig
+    fp8: object = None  # model/fp8.Fp8Recipe for the backbone (its LM head is never run)
 
     @nn.compact
     def __call__(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None):
-        h_BxTxD = Transformer(self.cfg, name="backbone")(tokens_BxT, positions_BxT, segment_ids_BxT,
-                                                         return_hidden=True)
+        h_BxTxD = Transformer(self.cfg, self.fp8, name="backbone")(tokens_BxT, positions_BxT, segment_ids_BxT,
+                                                                   return_hidden=True)
         return ScalarHead(self.cfg.init_std, name="value_head")(h_BxTxD)
 
 
@@ -58,3 +60,24 @@ def last_token_scores(scores_BxT, lengths_B):
     """The score at each row's last token (index lengths - 1) [B]."""
     index_B = jnp.maximum(lengths_B - 1, 0)
     return jnp.take_along_axis(scores_BxT, index_B[:, None], axis=1)[:, 0]
+
+
+class PolicyCritic(nn.Module):
+    """PPO's learner: the policy Transformer ('policy') and a value model ('critic', its own backbone + head).
+    Call `policy_hidden` / `values` through `apply(..., method=...)`; calling the module (init) runs both."""
+    cfg: ModelConfig
+    fp8: object = None
+
+    def setup(self):
+        self.policy = Transformer(self.cfg, self.fp8) if self.fp8 is not None else Transformer(self.cfg)
+        self.critic = ValueModel(self.cfg)
+
+    def __call__(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None):
+        return self.policy(tokens_BxT, positions_BxT, segment_ids_BxT), self.critic(tokens_BxT, positions_BxT,
+                                                                                   segment_ids_BxT)
+
+    def policy_hidden(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None):
+        return self.policy(tokens_BxT, positions_BxT, segment_ids_BxT, return_hidden=True)
+
+    def values(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None):
+        return self.critic(tokens_BxT, positions_BxT, segment_ids_BxT)

@@ -71,3 +71,28 @@ def load_prompts(spec: str, split: str) -> list[dict]:
             return _read_file(spec.replace("{split}", split), None)
         return _read_file(spec, split)
     raise ValueError(f"prompt spec {spec!r}: use prompts:NAME[,NAME], sft:BUCKET[,BUCKET] or a *.jsonl file")
+
+
+def gold_reply(record: dict) -> str | None:
+    """A reply known to pass a prompt record's verifier, or None where the record has none: math / arith
+    '\\boxed{answer}', code its `reference` in a python block, ifeval its `reference` text (tool and chat: None).
+    For warm-start SFT data and held-out losses; rejection sampling keeps only what the policy itself wrote."""
+    bucket = record.get("bucket")
+    if bucket in ("math", "arith") and record.get("answer") is not None:
+        return f"\\boxed{{{record['answer']}}}"
+    if bucket == "code" and isinstance(record.get("reference"), str):
+        return f"```python\n{record['reference'].rstrip()}\n```"
+    if bucket == "ifeval" and isinstance(record.get("reference"), str):
+        return record["reference"]
+    return None
+
+
+def gold_records(records: list[dict]) -> list[dict]:
+    """Message records (prompt + `gold_reply`) of the records that have a gold reply, for SFT."""
+    out = []
+    for r in records:
+        reply = gold_reply(r)
+        if reply is not None:
+            out.append({"id": r["id"], "bucket": r["bucket"],
+                        "messages": list(r["messages"]) + [{"role": "assistant", "content": reply}]})
+    return out

@@ -36,6 +36,12 @@ class Trainer:
     train_step: Callable        # (TrainState, batch) -> (TrainState, metrics); donates the state
     eval_step: Callable         # (params, extra, batch) -> metrics
 
+    @property
+    def batch_rows(self) -> int:
+        """Rows of one global batch (its leading axis: sequences, pairs, or RL prompts), what the batch mesh axes
+        and microbatching split."""
+        return next(iter(self.batch_spec.values())).shape[0]
+
     def abstract_batch(self) -> dict:
         """ShapeDtypeStructs (with shardings) of one global batch, for AOT lowering."""
         return {k: jax.ShapeDtypeStruct(f.shape, f.dtype, sharding=self.batch_sharding[k])
@@ -84,7 +90,8 @@ def build_trainer(cfg: ExperimentConfig, devices=None, stage: Stage | None = Non
     batch_sharding = sharding.batch_shardings(batch_spec, mesh, rules)
     init = jax.jit(functools.partial(step_lib.init_state, model, optimizer, stage, cfg=cfg),
                    out_shardings=state_sharding)
-    state_from_params = jax.jit(functools.partial(step_lib.state_from_params, optimizer, stage, cfg=cfg),
+    state_from_params = jax.jit(functools.partial(step_lib.state_from_params, optimizer, stage, cfg=cfg,
+                                                  model=model),
                                 in_shardings=(state_sharding.params, None), out_shardings=state_sharding)
     make_extra = jax.jit(functools.partial(step_lib.make_extra, stage, cfg=cfg),
                          in_shardings=(state_sharding.params, None), out_shardings=state_sharding.extra)

@@ -89,7 +89,7 @@ def _from_workdir(source: InitSource, cfg: ExperimentConfig, abstract_policy) ->
     from kanana_jax.train.stages import get_stage
     src_cfg = read_source_config(source.path)
     mismatch = _model_mismatch(cfg.model, src_cfg.model)
-    prefix = ("params",) + tuple(get_stage(src_cfg.train.stage).policy_path)
+    prefix = ("params",) + get_stage(src_cfg.train.stage).policy_of(src_cfg)
     checkpointer = Checkpointer(os.path.join(source.path, "checkpoints"), keep=10 ** 6, async_save=False)
     try:
         steps = checkpointer.all_steps()

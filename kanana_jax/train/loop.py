@@ -19,7 +19,7 @@ from kanana_jax.train.metrics import MetricsWriter, peak_flops_per_device
 from kanana_jax.train.nonfinite import NonFinitePolicy, poison_batch
 from kanana_jax.train.preemption import PreemptionWatcher
 from kanana_jax.train.stages import DRIVERS
-from kanana_jax.train.stages.protocol import replace_subtree, subtree
+from kanana_jax.train.stages.protocol import subtree
 
 log = logging.getLogger("kanana_jax.train")
 
@@ -34,8 +34,11 @@ def check_vocab(cfg: ExperimentConfig, tokenizer):
 def evaluate(trainer: Trainer, state) -> dict:
     """The stage's eval metrics over the first `train.eval_batches` batches of each held-out group, averaged as
     `stage.eval_metrics` says (e.g. token-weighted); a group's metrics are named '<metric>/<group>', and with
-    several groups the overall '<metric>' is the same average over all of them."""
+    several groups the overall '<metric>' is the same average over all of them. A stage with its own
+    `evaluate` (RL: verified greedy rollouts) is asked instead."""
     cfg, stage = trainer.cfg, trainer.stage
+    if stage.evaluate is not None:
+        return stage.evaluate(trainer, state)
     weights = stage.eval_metrics(cfg)
     groups = stage.make_eval_sources(cfg)
     overall = {m: [0.0, 0.0] for m in weights}
@@ -78,7 +81,7 @@ def run(cfg: ExperimentConfig, workdir: str, *, stop_after: int | None = None) -
         return dict(last_logged_row(workdir), already_finished_at_step=steps[-1])
     check_vocab(cfg, make_tokenizer(cfg.data.tokenizer))
     trainer = build_trainer(cfg)
-    sharding.check_batch_divides(cfg.data.global_batch_size, trainer.mesh, trainer.rules, cfg.train.grad_accum_steps)
+    sharding.check_batch_divides(trainer.batch_rows, trainer.mesh, trainer.rules, cfg.train.grad_accum_steps)
     with trainer.context():
         return _train(trainer, workdir, stop_after)
 
@@ -100,13 +103,15 @@ def last_logged_row(workdir: str) -> dict:
 def initial_params(trainer: Trainer, rng):
     """(step-0 params, provenance or None): the `train.init_from` source's params in the stage's policy subtree
     (the rest freshly initialized), or a fresh init."""
-    cfg, path = trainer.cfg, tuple(trainer.stage.policy_path)
+    cfg, stage = trainer.cfg, trainer.stage
+    path = stage.policy_of(cfg)
     if not cfg.train.init_from:
         return trainer.init(rng).params, None
     abstract = trainer.abstract_state().params
     loaded = init_from.load(cfg.train.init_from, cfg, subtree(abstract, path))
-    params = loaded.params if not path else replace_subtree(trainer.init(rng).params, path, loaded.params)
-    return params, loaded.provenance
+    if not path and stage.init_params_from is None:
+        return loaded.params, loaded.provenance
+    return stage.start_params(cfg, trainer.init(rng).params, loaded.params), loaded.provenance
 
 
 def _start(trainer: Trainer, checkpointer: Checkpointer, data, workdir: str):
@@ -140,13 +145,15 @@ def _provenance_metrics(provenance: dict) -> dict:
             is not None else -1, "init_from_checksum": int(provenance["checksum"], 16)}
 
 
-def _mixture_shares(data) -> dict:
-    """Realized token share of each mixture source over the run so far ('mixture_share/<name>')."""
+def _data_metrics(data) -> dict:
+    """Host-side numbers of the data source: the realized token share of each mixture source over the run so far
+    ('mixture_share/<name>'), and whatever a source's `metrics()` reports (rollout rewards, timings)."""
+    out = dict(data.metrics()) if hasattr(data, "metrics") else {}
     counts = data.stats().get("packed_tokens_per_source", {}) if hasattr(data, "stats") else {}
     total = sum(counts.values())
-    if len(counts) < 2 or not total:
-        return {}
-    return {f"mixture_share/{name}": n / total for name, n in counts.items()}
+    if len(counts) >= 2 and total:
+        out.update({f"mixture_share/{name}": n / total for name, n in counts.items()})
+    return out
 
 
 def _train(trainer: Trainer, workdir: str, stop_after: int | None) -> dict:
@@ -154,6 +161,8 @@ def _train(trainer: Trainer, workdir: str, stop_after: int | None) -> dict:
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints,
                                 async_save=cfg.train.async_checkpoint)
     data = stage.make_source(cfg, "train", cfg.train.seed, jax.process_index(), jax.process_count())
+    if hasattr(data, "bind"):    # e.g. a rollout source: the model it samples with, the workdir it logs to
+        data.bind(trainer, workdir)
     state, counters, provenance = _start(trainer, checkpointer, data, workdir)
     saveable = (lambda st: st.replace(extra={})) if stage.rebuild_extra else (lambda st: st)
     start = int(state.step)
@@ -175,6 +184,8 @@ def _train(trainer: Trainer, workdir: str, stop_after: int | None) -> dict:
         with PreemptionWatcher() as preemption:
             for step in range(start, end):
                 done = step + 1
+                if hasattr(data, "observe"):   # rollouts sample from the live params
+                    data.observe(state)
                 batch = next(data)
                 if done in poison:
                     batch = poison_batch(batch)
@@ -201,7 +212,7 @@ def _train(trainer: Trainer, workdir: str, stop_after: int | None) -> dict:
                     metrics.update(learning_rate=trainer.schedule(step),
                                    tokens_per_s=window_steps * tokens_per_step / elapsed,
                                    mfu=window_steps * flops_per_step / elapsed / peak,
-                                   skipped_updates=nonfinite.skipped, **_mixture_shares(data))
+                                   skipped_updates=nonfinite.skipped, **_data_metrics(data))
                     if cfg.train.eval_every and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
                         metrics.update(evaluate(trainer, state))
                     if provenance is not None:

@@ -1,5 +1,6 @@
 """Run metrics: WORKDIR/metrics.jsonl (one object per logged step), TensorBoard events, a terminal progress bar.
-Values are numbers, except a few strings (e.g. 'init_from', the source of a run's params), kept in the JSON only."""
+Values are numbers, except a few strings (e.g. 'init_from', the source of a run's params), kept in the JSON only,
+and a few arrays (e.g. per-layer fp8 amaxes, 'fp8/<site>/x_amax_by_layer'), logged as TensorBoard histograms only."""
 from __future__ import annotations
 
 import json
@@ -117,7 +118,9 @@ class MetricsWriter:
 
     def write(self, step: int, metrics: dict):
         row = {"step": int(step)}
-        row.update({k: v if isinstance(v, str) else float(np.asarray(v)) for k, v in metrics.items()})
+        arrays = {k: np.asarray(v) for k, v in metrics.items() if not isinstance(v, str) and np.ndim(v) > 0}
+        row.update({k: v if isinstance(v, str) else float(np.asarray(v)) for k, v in metrics.items()
+                    if k not in arrays})
         if jax.process_index() == 0:
             self.file.write(json.dumps(row) + "\n")
             self.file.flush()
@@ -125,6 +128,8 @@ class MetricsWriter:
                 for k, v in row.items():
                     if k != "step" and not isinstance(v, str):
                         self.tb.add_scalar(k, v, step)
+                for k, v in arrays.items():
+                    self.tb.add_histogram(k, v.astype(np.float64), step)
         if self.bar is not None:
             self.bar.set_postfix({k: f"{row[k]:.4g}" for k in ("loss", "eval_loss") if k in row}, refresh=False)
         return row

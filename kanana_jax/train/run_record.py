@@ -24,9 +24,10 @@ CONFIG_FILE = "config.json"
 # Changing one of these makes the run's checkpoints unusable for resuming (dotted key, or 'section.' for a whole
 # section, minus the keys in NOT_BLOCKING). model: shapes, dtypes and layer layout of the saved parameters and
 # what the model computes; optimizer name and partition rules: the optimizer state's structure; the stage; data
-# (and train.seed, sft.buckets, dpo.pairs, reward_model.pairs): what the saved iterator position points into.
+# (and train.seed, sft.buckets, dpo.pairs, reward_model.pairs): what the saved iterator position points into;
+# precision.fp8_scaling / fp8_amax_history: whether the state holds fp8 amax histories, and their length.
 BLOCKING = ("model.", "optimizer.name", "optimizer.partition_rules", "train.stage", "train.seed", "data.",
-            "sft.buckets", "dpo.pairs", "reward_model.pairs")
+            "sft.buckets", "dpo.pairs", "reward_model.pairs", "precision.fp8_scaling", "precision.fp8_amax_history")
 # keys inside those sections that change how a step is computed or fed, not what the checkpoint means
 NOT_BLOCKING = ("model.attention_impl", "model.moe_impl", "model.moe_block_rows", "model.expert_parallel",
                 "model.expert_capacity_factor", "model.dtype", "model.remat_policy", "model.init_std",
@@ -109,8 +110,9 @@ def _json_normal(value):
 
 def config_changes(saved: dict, cfg: ExperimentConfig) -> dict:
     """{dotted key: (saved value, new value)} for every config key that differs (run-record keys ignored); a key
-    missing on one side reads as None."""
+    the saved record lacks (written before the key existed) reads as its default, a key only it has as None."""
     old = _flatten({k: v for k, v in saved.items() if k not in config_lib.RUN_RECORD_KEYS})
+    old = {**_flatten(_json_normal(config_lib.to_dict(ExperimentConfig()))), **old}
     new = _flatten(_json_normal(config_lib.to_dict(cfg)))
     return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
 

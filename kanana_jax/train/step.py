@@ -11,6 +11,7 @@ import optax
 
 from kanana_jax import sharding
 from kanana_jax.config import ExperimentConfig
+from kanana_jax.model import fp8
 from kanana_jax.model.layers import DTYPES
 from kanana_jax.optim.partition import path_str
 from kanana_jax.train import hooks, nonfinite
@@ -18,12 +19,35 @@ from kanana_jax.train import hooks, nonfinite
 
 @flax.struct.dataclass
 class TrainState:
-    """step, the trained params, their optimizer state, and the stage's non-trained `extra` state (frozen
-    reference params, controllers): never differentiated, never given to the optimizer."""
+    """step, the trained params, their optimizer state, the stage's non-trained `extra` state (frozen
+    reference params, controllers): never differentiated, never given to the optimizer, and `model_state`: the
+    model's non-param collections (`MODEL_STATE_COLLECTIONS`: fp8 delayed-scaling amax histories), {} for models
+    without them, so every other run keeps its checkpoint tree. The step updates it outside the optimizer
+    (`loss_and_grad_fn`)."""
     step: jax.Array
     params: dict
     opt_state: optax.OptState
     extra: dict = flax.struct.field(default_factory=dict)
+    model_state: dict = flax.struct.field(default_factory=dict)
+
+
+# Variable collections besides 'params' that live in the train state: the fp8 amax histories (model/fp8.py).
+MODEL_STATE_COLLECTIONS = (fp8.COLLECTION,)
+
+
+class ModelWithState:
+    """The model as a stage's loss_fn / eval_fn sees it when the train state carries `model_state`: `.apply`
+    adds those collections to the variables it is given (read-only; the histories' new values come back as their
+    cotangent, model/fp8.py); every other attribute is the model's."""
+
+    def __init__(self, model, model_state: dict):
+        self.model, self.model_state = model, model_state
+
+    def apply(self, variables, *args, **kwargs):
+        return self.model.apply({**self.model_state, **variables}, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
 
 
 _EXTRA_SALT = 0x657874  # the rng of init_extra, apart from the params' init rng
@@ -44,21 +68,32 @@ def init_params(model, rng, cfg: ExperimentConfig, boxed: bool = False):
     return params
 
 
+def init_model_state(model, cfg: ExperimentConfig) -> dict:
+    """The model's `MODEL_STATE_COLLECTIONS` at init ({} when it has none): zeros, as the fp8 history variables
+    initialise (an empty history; the first step scales from the current amaxes)."""
+    if model is None:
+        return {}
+    tokens = jax.ShapeDtypeStruct((1, min(cfg.data.seq_len, 8)), jnp.int32)
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens)
+    return {c: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), flax.core.unfreeze(shapes[c]))
+            for c in MODEL_STATE_COLLECTIONS if c in shapes}
+
+
 def make_extra(stage, params, rng, cfg: ExperimentConfig) -> dict:
     """The stage's extra state for initial params `params` (run rng `rng`)."""
     return stage.init_extra(cfg, params, jax.random.fold_in(rng, _EXTRA_SALT))
 
 
-def state_from_params(optimizer, stage, params, rng, cfg: ExperimentConfig) -> TrainState:
+def state_from_params(optimizer, stage, params, rng, cfg: ExperimentConfig, model=None) -> TrainState:
     """The step-0 state around `params` (fresh or loaded by train.init_from): fresh optimizer state, the stage's
-    extra state built from these params."""
+    extra state built from these params, the model's initial `model_state` (none without `model`)."""
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                      extra=make_extra(stage, params, rng, cfg))
+                      extra=make_extra(stage, params, rng, cfg), model_state=init_model_state(model, cfg))
 
 
 def init_state(model, optimizer, stage, rng, cfg: ExperimentConfig) -> TrainState:
-    """Fresh parameters, optimizer state and extra state at step 0."""
-    return state_from_params(optimizer, stage, init_params(model, rng, cfg), rng, cfg)
+    """Fresh parameters, optimizer state, extra state and model state at step 0."""
+    return state_from_params(optimizer, stage, init_params(model, rng, cfg), rng, cfg, model=model)
 
 
 def state_shardings(model, optimizer, stage, cfg: ExperimentConfig, mesh, rules) -> TrainState:
@@ -72,8 +107,9 @@ def state_shardings(model, optimizer, stage, cfg: ExperimentConfig, mesh, rules)
     abstract_extra = jax.eval_shape(functools.partial(stage.init_extra, cfg), abstract_params, rng)
     follow = functools.partial(sharding.opt_state_shardings, abstract_params=abstract_params,
                                params_sharding=params_sharding, mesh=mesh)
+    model_state = jax.tree.map(lambda _: sharding.replicated(mesh), init_model_state(model, cfg))
     return TrainState(step=sharding.replicated(mesh), params=params_sharding, opt_state=follow(abstract_opt),
-                      extra=follow(abstract_extra))
+                      extra=follow(abstract_extra), model_state=model_state)
 
 
 def microbatches(batch: dict, n: int) -> dict:
@@ -114,9 +150,21 @@ def compute_dtype_copy(params, cfg: ExperimentConfig):
         lambda path, p: p.astype(dt) if _READ_IN_COMPUTE_DTYPE.search(path_str(path)) else p, params)
 
 
-def loss_and_grad_fn(stage, model, extra, cfg: ExperimentConfig):
-    """(params, batch, rng) -> ((loss, aux), grads) of the stage's loss; grads w.r.t. params only."""
-    grad_fn = jax.value_and_grad(lambda p, b, r: stage.loss_fn(model, p, extra, b, cfg, r), has_aux=True)
+def loss_and_grad_fn(stage, model, extra, cfg: ExperimentConfig, model_state=None):
+    """(params, batch, rng) -> ((loss, aux), grads) of the stage's loss; grads w.r.t. params only.
+
+    With a non-empty `model_state` (fp8 delayed scaling) the stage gets a `ModelWithState` and the loss is also
+    differentiated w.r.t. model_state: its "gradient" is the updated state (the fp8 ops' cotangent convention,
+    model/fp8.py), returned as aux['model_state'], never part of grads. So a stage differentiates at most one
+    fp8 forward of the model per microbatch (a stop-gradient'ed one, like DPO's reference, runs no backward)."""
+    if not model_state:
+        return jax.value_and_grad(lambda p, b, r: stage.loss_fn(model, p, extra, b, cfg, r), has_aux=True)
+    loss = lambda p, ms, b, r: stage.loss_fn(ModelWithState(model, ms), p, extra, b, cfg, r)
+    value_and_grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+
+    def grad_fn(params, batch, rng):
+        (value, aux), (grads, new_model_state) = value_and_grads(params, model_state, batch, rng)
+        return (value, {**aux, "model_state": new_model_state}), grads
     return grad_fn
 
 
@@ -140,7 +188,9 @@ def accumulate_gradients(grad_fn, params, batch, cfg: ExperimentConfig, rng):
     microbatch is weighted by `microbatch_weight` (its counted tokens for next-token stages), so the masked-mean
     LM loss and its gradient equal the full-batch ones; gradients accumulate in float32; the metric 'tokens' and
     aux 'sums' and 'ratios' parts are summed, the other metrics are weighted means; sown intermediates are combined
-    by `_combine_intermediates` (MuonClip sees the max logit over the whole batch, the router bias the total load).
+    by `_combine_intermediates` (MuonClip sees the max logit over the whole batch, the router bias the total load);
+    aux 'model_state' (updated fp8 amax histories, see `loss_and_grad_fn`) by elementwise max, not weighted: every
+    microbatch rolled the same old history, so the max holds the amax over the whole batch in its newest column.
     """
     n = cfg.train.grad_accum_steps
     mb = microbatches(batch, n)
@@ -159,6 +209,8 @@ def accumulate_gradients(grad_fn, params, batch, cfg: ExperimentConfig, rng):
     totals0 = {k: zeros(shapes[2].get(k, {})) for k in ("sums", "ratios")}
     if "tokens" in shapes[2]["metrics"]:
         totals0["tokens"] = jnp.zeros((), jnp.float32)
+    if "model_state" in shapes[2]:  # amaxes are >= 0: zeros are the identity of the max
+        totals0["model_state"] = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[2]["model_state"])
     carry0 = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros(shapes[2]["metrics"]), inter0,
               zeros(shapes[3]), totals0)
     weigh = lambda w, tree: jax.tree.map(lambda x: w * x.astype(jnp.float32), tree)
@@ -170,6 +222,8 @@ def accumulate_gradients(grad_fn, params, batch, cfg: ExperimentConfig, rng):
         totals = {**totals, **{k: add(totals[k], aux.get(k, {})) for k in ("sums", "ratios")}}
         if "tokens" in aux["metrics"]:  # counted tokens add up, whatever the microbatch weights
             totals["tokens"] = totals["tokens"] + aux["metrics"]["tokens"].astype(jnp.float32)
+        if "model_state" in aux:
+            totals["model_state"] = jax.tree.map(jnp.maximum, totals["model_state"], aux["model_state"])
         return (w_sum + w, loss_sum + w * loss, add(metrics_sum, weigh(w, aux["metrics"])),
                 _combine_intermediates(inter, aux["intermediates"]), add(grads_sum, weigh(w, grads)), totals), None
 
@@ -179,6 +233,8 @@ def accumulate_gradients(grad_fn, params, batch, cfg: ExperimentConfig, rng):
     metrics = {k: (totals["tokens"] if k == "tokens" else v * inv) for k, v in metrics_sum.items()}
     grads = jax.tree.map(lambda g, p: (g * inv).astype(p.dtype), grads_sum, params)
     aux = {"metrics": metrics, "intermediates": inter, "sums": totals["sums"], "ratios": totals["ratios"]}
+    if "model_state" in totals:
+        aux["model_state"] = totals["model_state"]
     return loss_sum * inv, aux, grads
 
 
@@ -190,8 +246,9 @@ def step_rng(cfg: ExperimentConfig, step):
 
 def train_step(state: TrainState, batch, *, model, optimizer, stage, cfg: ExperimentConfig):
     """One update: loss and grads, optimizer, post-update rules (router bias, MuonClip) on the policy subtree,
-    metrics; a step with a non-finite loss or gradient skips the update (nonfinite.apply_if_finite)."""
-    grad_fn = loss_and_grad_fn(stage, model, state.extra, cfg)
+    the model state (fp8 amax histories) from aux['model_state'], metrics; a step with a non-finite loss or
+    gradient skips the update (nonfinite.apply_if_finite), keeping the old model state too."""
+    grad_fn = loss_and_grad_fn(stage, model, state.extra, cfg, state.model_state)
     rng = step_rng(cfg, state.step)
     if cfg.train.grad_accum_steps == 1:
         (loss, aux), grads = grad_fn(state.params, batch, rng)
@@ -201,14 +258,25 @@ def train_step(state: TrainState, batch, *, model, optimizer, stage, cfg: Experi
     def update(state):
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        params, hook_metrics = hooks.post_update(params, aux["intermediates"], cfg, stage.policy_path)
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), hook_metrics
+        params, hook_metrics = hooks.post_update(params, aux["intermediates"], cfg, stage.policy_of(cfg))
+        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        if "model_state" in aux:
+            new = new.replace(model_state=aux["model_state"])
+        return new, hook_metrics
 
     new_state, update_metrics = nonfinite.apply_if_finite(state, loss, grads, update)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **finish_metrics(aux), **update_metrics,
                **hooks.routing_metrics(aux["intermediates"])}
+    if fp8.COLLECTION in aux.get("model_state", {}):
+        metrics.update(fp8.summarize(aux["model_state"][fp8.COLLECTION], state.model_state[fp8.COLLECTION],
+                                     fp8.recipe_from(cfg.precision)))
     return new_state, metrics
 
 
 def eval_step(params, extra, batch, *, model, stage, cfg: ExperimentConfig):
+    """The stage's eval metrics; a model with `model_state` (fp8 delayed scaling) evaluates with its initial
+    (empty) state: fp8 forwards scale from the current amaxes (model/fp8.py)."""
+    model_state = init_model_state(model, cfg)
+    if model_state:
+        model = ModelWithState(model, model_state)
     return stage.eval_fn(model, params, extra, batch, cfg)

@@ -28,12 +28,24 @@ defaults marked below, so a stage writes only what differs from next-token train
       `get_state()` / `set_state(state)` (a JSON-able dict saved in every checkpoint).
   make_eval_sources(cfg) -> {group: iterator}                           default {'': make_source(cfg, 'eval', ...)};
       each group's metrics are logged as '<metric>/<group>' (plus the overall '<metric>' when there are several).
-  make_model(cfg) -> flax Module called as model(tokens_BxT, ...)       default: Transformer(cfg.model)
+  make_model(cfg) -> flax Module called as model(tokens_BxT, ...)       default: Transformer(cfg.model,
+      fp8_recipe(cfg)) (fp8 matmuls per the `precision` section). With fp8 delayed scaling the model has an
+      'fp8_meta' collection: loss_fn / eval_fn then get a step.ModelWithState whose .apply adds it (call
+      model.apply({'params': p}, ...) as always), and loss_fn may differentiate at most one fp8 forward of the
+      model per microbatch (stop-gradient'ed forwards, e.g. a frozen reference, are free); see model/fp8.py.
   init_extra(cfg, params, rng) -> dict                                  default: {} (`params` = the initial params,
       from `train.init_from` when set)
-  policy_path: tuple of keys                                            default (): where the policy Transformer's
+  policy_path: tuple of keys, or cfg -> tuple                          default (): where the policy Transformer's
       params sit inside `params` (a reward model's backbone, say); `train.init_from` loads into that subtree and
-      the post-update hooks address it.
+      the post-update hooks address it (`Stage.policy_of(cfg)` resolves it).
+  init_params_from(cfg, fresh_params, loaded_policy) -> params         default: loaded_policy at policy_path in
+      fresh_params (PPO also starts its critic's backbone from it).
+  evaluate(trainer, state) -> {name: value}                           default None: the loop averages eval_fn
+      over make_eval_sources; a stage whose evaluation is not a batch function (RL: greedy rollouts on held-out
+      prompts, verified) gives its own; eval_fn / eval_metrics are then optional.
+  Sources may also define `bind(trainer, workdir)` (called once after creation), `observe(state)` (called with
+  the live state before every batch: rollouts sample from it) and `metrics()` (host-side numbers logged with
+  the step's, e.g. reward statistics).
   rebuild_extra: bool                                                   default False: True keeps `extra` out of
       checkpoints and rebuilds it with init_extra from the `train.init_from` params at every start.
   tokens_per_step(cfg) -> int                                           default global_batch_size * seq_len: the
@@ -68,9 +80,18 @@ class BatchField:
         return (self.shape[0] // shard_count,) + self.shape[1:]
 
 
+def fp8_recipe(cfg: ExperimentConfig):
+    """The model's fp8 recipe from the `precision` section (None for bf16 matmuls), checked on this backend:
+    fp8 where it cannot run raises, naming the key (no silent bf16 fallback)."""
+    from kanana_jax.model import fp8
+    recipe = fp8.recipe_from(cfg.precision)
+    fp8.check_supported(recipe, moe_impl=cfg.model.moe_impl)
+    return recipe
+
+
 def default_make_model(cfg: ExperimentConfig):
     from kanana_jax.model import Transformer
-    return Transformer(cfg.model)
+    return Transformer(cfg.model, fp8_recipe(cfg))
 
 
 def default_init_extra(cfg: ExperimentConfig, params, rng) -> dict:
@@ -88,7 +109,7 @@ def default_flops_per_step_of(tokens_per_step: Callable):
     return flops_per_step
 
 
-REQUIRED = ("loss_fn", "eval_fn", "eval_metrics", "batch_spec", "make_source")
+REQUIRED = ("loss_fn", "batch_spec", "make_source")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,14 +117,16 @@ class Stage:
     """A stage module's protocol functions (see the module docstring), defaults filled in."""
     name: str
     loss_fn: Callable
-    eval_fn: Callable
-    eval_metrics: Callable
     batch_spec: Callable
     make_source: Callable
     make_eval_sources: Callable
+    eval_fn: Callable | None = None
+    eval_metrics: Callable | None = None
+    evaluate: Callable | None = None
     make_model: Callable = default_make_model
     init_extra: Callable = default_init_extra
-    policy_path: tuple = ()
+    init_params_from: Callable | None = None
+    policy_path: Any = ()
     rebuild_extra: bool = False
     tokens_per_step: Callable = default_tokens_per_step
     flops_per_step: Callable | None = None
@@ -111,6 +134,18 @@ class Stage:
     def __post_init__(self):
         if self.flops_per_step is None:
             object.__setattr__(self, "flops_per_step", default_flops_per_step_of(self.tokens_per_step))
+        if self.evaluate is None and (self.eval_fn is None or self.eval_metrics is None):
+            raise TypeError(f"stage {self.name!r} needs eval_fn and eval_metrics, or its own evaluate")
+
+    def policy_of(self, cfg: ExperimentConfig) -> tuple:
+        """The policy subtree's path for this config."""
+        return tuple(self.policy_path(cfg) if callable(self.policy_path) else self.policy_path)
+
+    def start_params(self, cfg: ExperimentConfig, fresh_params, loaded_policy):
+        """The step-0 params of a run started from `train.init_from` (see init_params_from)."""
+        if self.init_params_from is not None:
+            return self.init_params_from(cfg, fresh_params, loaded_policy)
+        return replace_subtree(fresh_params, self.policy_of(cfg), loaded_policy)
 
     @classmethod
     def from_module(cls, name: str, module) -> "Stage":
@@ -121,7 +156,7 @@ class Stage:
                   if f.name != "name" and hasattr(module, f.name)}
         if "make_eval_sources" not in kwargs:
             make_source = module.make_source
-            kwargs["make_eval_sources"] = lambda cfg: {"": make_source(cfg, "eval", cfg.train.seed, 0, 1)}
+            kwargs["make_eval_sources"] = (lambda cfg: {"": make_source(cfg, "eval", cfg.train.seed, 0, 1)})
         return cls(name=name, **kwargs)
 
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from kanana_jax.config import ExperimentConfig
 from kanana_jax.model.heads import RewardModel, last_token_scores
-from kanana_jax.train.stages import pairs
+from kanana_jax.train.stages import pairs, protocol
 
 policy_path = ("backbone",)
 batch_spec = pairs.batch_spec_for
@@ -20,7 +20,7 @@ tokens_per_step = pairs.tokens_per_step
 
 
 def make_model(cfg: ExperimentConfig):
-    return RewardModel(cfg.model)
+    return RewardModel(cfg.model, protocol.fp8_recipe(cfg))
 
 
 def pair_scores(model, params, batch):
