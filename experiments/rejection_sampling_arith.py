@@ -86,18 +86,22 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: str):
+    """Pass rates by policy: 0 = the warm start, r + 1 = after round r's SFT (round r samples policy r)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    rounds = [r["round"] for r in rows]
-    ax.plot(rounds, [r["pass@1"] for r in rows], "o-", label="pass@1, sampled train prompts (policy in)")
-    ax.plot(rounds, [r["pass@k"] for r in rows], "o--", label="pass@k, sampled train prompts")
+    policies = [r["round"] for r in rows]
+    ax.plot(policies, [r["pass@1"] for r in rows], "o-", label="pass@1, sampled train prompts")
+    ax.plot(policies, [r["pass@k"] for r in rows], "o--", label=f"pass@{rows[0]['samples'] // rows[0]['prompts']}"
+            ", sampled train prompts")
     if "heldout_pass@1" in rows[0]:
-        ax.plot([-1] + rounds, [rows[0]["heldout_start_pass@1"]] + [r["heldout_pass@1"] for r in rows], "s-",
-                label="held-out pass@1 (policy after round; -1 = warm start)")
-    ax.set_xlabel("round")
-    ax.set_ylabel("pass rate")
+        held = [rows[0]["heldout_start_pass@1"]] + [r["heldout_pass@1"] for r in rows]
+        ax.plot([0] + [p + 1 for p in policies], held, "s-", label="pass@1, held-out eval prompts")
+    n = len(rows) + 1
+    ax.set_xticks(range(n), ["warm start"] + [f"after round {r}" for r in range(n - 1)])
+    ax.set_xlabel("policy")
+    ax.set_ylabel("pass rate (temperature 1)")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -109,8 +113,8 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True)
     p.add_argument("--out", default="", help="folder for rs_arith.json / .png ('' = none)")
-    p.add_argument("--warm-steps", type=int, default=60)
-    p.add_argument("--steps", type=int, default=40, help="SFT steps per round")
+    p.add_argument("--warm-steps", type=int, default=40)
+    p.add_argument("--steps", type=int, default=30, help="SFT steps per round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--prompts-per-round", type=int, default=236)
@@ -119,7 +123,7 @@ def parse(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=12)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--layers", type=int, default=1)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overlap", default="true", choices=["true", "false"])

@@ -131,7 +131,7 @@ def test_scripted_policy_keeps_exactly_the_passing_samples_with_provenance(tmp_p
             text = s.turns if isinstance(s, Sample) else (s,)
             if reason == "correct" and text not in seen:
                 expected.append((r["id"], j))
-            seen.add(text) if reason == "correct" else None
+                seen.add(text)
     order = list(dict.fromkeys(row["prompt_id"] for row in rows))   # the round's (seeded) prompt order
     assert [(k["provenance"]["prompt_id"], k["provenance"]["sample_index"]) for k in kept] == sorted(
         expected, key=lambda e: (order.index(e[0]), e[1]))

@@ -504,6 +504,11 @@ def _checkpoint_dir(spec: str) -> str | None:
     return spec
 
 
+def final_run(cfg: ExperimentConfig, workdir: str) -> str:
+    """The run directory holding this stage's final policy: the last round's SFT."""
+    return os.path.join(workdir, f"round_{cfg.rejection_sampling.rounds - 1}", "sft")
+
+
 def run(cfg: ExperimentConfig, workdir: str, stop_after: int | None = None, *, policy: Callable | None = None,
         hook: Callable | None = None) -> dict:
     """Runs (or resumes) every round in `workdir`; returns the last round's metrics row (module docstring)."""
