@@ -30,6 +30,7 @@ setup(
     ],
     extras_require={
         "tpu": ["jax[tpu]==0.11.2"],
+        "viz": ["tensorboard>=2.16", "jupyterlab>=4.0"],   # the TensorBoard viewer and notebooks (docs)
         "gpu": ["jax[cuda13]==0.11.2"],
         "data": ["grain>=0.2", "array-record>=0.7", "tensorflow-datasets>=4.9"],
         "dev": ["pytest>=8", "pytest-xdist>=3.6", "hypothesis>=6.100", "pandas>=2.2", "matplotlib>=3.8",

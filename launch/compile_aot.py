@@ -1,6 +1,6 @@
 """Compile the real train step ahead of time for a Cloud TPU slice, on a CPU-only machine with libtpu installed.
 
-    python -m launch.compile_aot --config experiments/pretrain.py:size=kanana2_30b_a3b --topology v5p-128
+    python -m launch.compile_aot --config experiments/pod.py:model=30b_a3b      # v5p-128, the pod layout
 
 Builds the same trainer the training loop uses (`build_trainer(cfg, devices=<the slice's compile-only TPU
 devices>)`: the stage's model, optimizer, post-update rules, mesh, shardings), lowers `train_step` on abstract
@@ -14,8 +14,11 @@ the analytic FLOPs would take at the chip's bf16 peak. Exit code 1 when the step
 carries the compiler's message), 2 (message on stderr) when the layout cannot exist on the slice (mesh sizes,
 a global batch that does not split over the batch axes).
 
-Environment: this sets JAX_PLATFORMS=cpu (no TPU is needed or used) and ALLOW_MULTIPLE_LIBTPU_LOAD=1 (libtpu
-otherwise refuses to load while another process on the machine holds its lock file) unless they are already set.
+`--dry-run` stops after the layout check (mesh sizes, batch split), in seconds: exit 0 if the layout exists.
+
+Environment: this sets JAX_PLATFORMS=cpu (no TPU is needed or used), ALLOW_MULTIPLE_LIBTPU_LOAD=1 (libtpu
+otherwise refuses to load while another process on the machine holds its lock file), and TPU_WORKER_HOSTNAMES /
+TPU_ACCELERATOR_TYPE (localhost, the slice; libtpu otherwise prints errors about them) unless they are already set.
 """
 from __future__ import annotations
 
@@ -29,10 +32,16 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+POD_HINT = ("hint: experiments/pod.py lays the Kanana-2 sizes out per TPU slice (mesh, global batch, sequence "
+            "length, remat; SCALING.md), e.g. python -m launch.compile_aot --config experiments/pod.py:model=30b_a3b "
+            "(v5p-128) or experiments/pod.py:model=30b_a3b,slice=v5p-16")
+
+
 def prepare_environment(environ=os.environ) -> None:
     """Env vars that let libtpu describe a topology on a machine without TPUs; call before importing jax."""
     environ.setdefault("JAX_PLATFORMS", "cpu")
     environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # else libtpu logs INVALID_ARGUMENT errors at load
     environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -71,8 +80,9 @@ def parse_oom(message: str) -> dict | None:
     return None
 
 
-def compile_for_topology(cfg, slice_) -> dict:
-    """Lowers and compiles `cfg`'s train step for `slice_`; returns the report (see the module docstring)."""
+def compile_for_topology(cfg, slice_, compile: bool = True) -> dict:
+    """Lowers and compiles `cfg`'s train step for `slice_`; returns the report (see the module docstring).
+    `compile=False` only builds the trainer on the slice's devices and checks the layout (mesh, batch split)."""
     from kanana_jax.sharding import check_batch_divides
     from kanana_jax.train.builder import build_trainer
     from launch.topologies import topology_devices
@@ -88,6 +98,10 @@ def compile_for_topology(cfg, slice_) -> dict:
               "expert_parallel": cfg.model.expert_parallel, "hbm_per_chip": slice_.generation.hbm_bytes,
               "batch_fields": {k: list(f.shape) for k, f in trainer.batch_spec.items()},
               "model_flops_per_step_per_chip": trainer.stage.flops_per_step(cfg) / chips}
+    if not compile:
+        report.update(fits=None, dry_run=True, note="layout checked (mesh sizes, batch split over the batch axes); "
+                      "nothing lowered or compiled: run without --dry-run for memory and FLOPs")
+        return report
     start = time.perf_counter()
     with trainer.context():
         state = trainer.abstract_state()
@@ -121,20 +135,26 @@ def main(argv=None) -> int:
     parser.add_argument("--topology", help="TPU slice, e.g. v5p-128, v5litepod-16, v6e-256, v4-32 (default: the "
                         "config module's topology(arg), if it defines one)")
     parser.add_argument("--num-slices", type=int, default=1, help="slices joined over DCN (multi-slice)")
+    parser.add_argument("--dry-run", action="store_true", help="check the layout on the slice (mesh, batch split) "
+                        "without lowering or compiling (seconds instead of minutes); exit 0 if it exists")
     args = parser.parse_args(argv)
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
     from kanana_jax.cli import build_config
     from launch.topologies import resolve
-    slice_ = resolve(args.config, args.topology, args.num_slices)
-    _, cfg = build_config(args.config, args.set)
-    try:
-        report = {"config": args.config, "overrides": args.set, **compile_for_topology(cfg, slice_)}
-    except ValueError as e:  # a layout that cannot exist on this slice (mesh sizes, batch split)
+    try:  # a bad config, or a layout that cannot exist on this slice (mesh sizes, batch split): ValueErrors
+        slice_ = resolve(args.config, args.topology, args.num_slices)
+        os.environ.setdefault("TPU_ACCELERATOR_TYPE", slice_.name)  # (before jax starts) libtpu asks, else warns
+        _, cfg = build_config(args.config, args.set)
+        report = {"config": args.config, "overrides": args.set,
+                  **compile_for_topology(cfg, slice_, compile=not args.dry_run)}
+    except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
+        if "mesh" in str(e) or "batch" in str(e):
+            print(POD_HINT, file=sys.stderr)
         return 2
     print(json.dumps(report))
-    return 0 if report["fits"] else 1
+    return 0 if report["fits"] or args.dry_run else 1
 
 
 if __name__ == "__main__":

@@ -25,12 +25,21 @@ find_python312() {
 }
 
 VENV=.venv
-STAMP="$VENV/.installed-$(cat setup.py | sha1sum | cut -c1-12)"
-if [ ! -f "$STAMP" ]; then
+# kanana-jax with the dev extras (sweeps, notebooks, pytest). libtpu (the [tpu] extra) is added only where it is
+# used: the tests (AOT TPU compiles of kernels and steps), the ahead-of-time compile launchers, and TPU machines;
+# a CPU laptop's first `kanana-jax run` goes without it.
+EXTRAS=dev
+if [[ " $* " == *pytest* || " $* " == *compile_aot* || " $* " == *compile_kernels_aot* ]] || \
+   ls /dev/accel* /dev/vfio/[0-9]* >/dev/null 2>&1; then
+  EXTRAS=dev,tpu
+fi
+SETUP_HASH=$(cat setup.py | sha1sum | cut -c1-12)
+STAMP="$VENV/.installed-$SETUP_HASH-$EXTRAS"
+if [ ! -f "$STAMP" ] && [ ! -f "$VENV/.installed-$SETUP_HASH-dev,tpu" ]; then
   PY=$(find_python312)
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
-  "$VENV/bin/python" -m pip install -q -e ".[dev,tpu]"
+  "$VENV/bin/python" -m pip install -q -e ".[$EXTRAS]"
   touch "$STAMP"
 fi
 # --- HF reference venv (owner: kanana_jax/convert) -------------------------------------------------------------
@@ -57,10 +66,11 @@ if [[ " $* " == *pytest* ]] && [ -z "${KANANA_HF_PYTHON:-}" ] && \
   fi
 fi
 # --- end HF reference venv -------------------------------------------------------------------------------------
-# libtpu is installed for ahead-of-time TPU compilation; on a machine with no TPU or GPU, run on the CPU.
+# On a machine with no TPU or GPU, run on the CPU (libtpu, if installed, would otherwise probe for a TPU).
 if [ -z "${JAX_PLATFORMS:-}" ] && ! ls /dev/accel* /dev/vfio/* >/dev/null 2>&1 && ! command -v nvidia-smi >/dev/null 2>&1; then
   export JAX_PLATFORMS=cpu
 fi
 export PATH="$PWD/$VENV/bin:$PATH"
 export VIRTUAL_ENV="$PWD/$VENV"
+export KANANA_LAUNCHER=launch/local.sh   # the commands kanana-jax prints (resume, eval) start with it
 exec "$@"

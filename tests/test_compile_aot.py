@@ -52,9 +52,17 @@ def test_compiled_flops_are_close_to_the_model_count(report):
 
 
 def test_exit_code_is_1_when_it_does_not_fit(monkeypatch, capsys):
-    monkeypatch.setattr(compile_aot, "compile_for_topology", lambda cfg, s: {"fits": False, "chips": s.chips})
+    monkeypatch.setattr(compile_aot, "compile_for_topology", lambda cfg, s, compile=True: {"fits": False, "chips": s.chips})
     assert compile_aot.main(["--config", "experiments/pretrain.py:size=tiny", "--topology", "v5p-8"]) == 1
     assert json.loads(capsys.readouterr().out)["fits"] is False
+
+
+def test_a_layout_that_cannot_exist_names_the_key_and_points_to_the_pod_configs(capsys):
+    # the README's old command: pretrain.py's batch of 16 does not split over the 64 chips of a v5p-128
+    assert compile_aot.main(["--config", "experiments/pretrain.py:size=kanana2_30b_a3b", "--topology", "v5p-128",
+                             "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "error: data.global_batch_size=16 cannot be split" in err and "hint: experiments/pod.py" in err
 
 
 def test_out_of_hbm_messages_are_parsed():
