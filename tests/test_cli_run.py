@@ -78,7 +78,7 @@ def _tensorboard_steps(workdir, tag="loss"):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("cli_run")
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "KANANA_DEBUG")}
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "KANANA_DEBUG", "KANANA_LAUNCHER")}
     env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3",
                JAX_COMPILATION_CACHE_DIR=str(base / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
