@@ -7,6 +7,10 @@ layer, and the train step of the 30B-A3B slice. Each mode runs in its own proces
     python3 benchmarks/fp8.py step --layers 8 --batch 4 --accum 4 --out $OUT/step.json   # train step bf16 vs fp8
     python3 benchmarks/fp8.py table $OUT/*.json
 
+The step mode builds both variants through the config like any run: bf16 is the slice config (plus `--set`
+overrides), fp8 adds `precision.matmul=fp8`, `precision.fp8_grad_dtype=<--grad-dtype>`,
+`precision.fp8_lm_head=<--lm-head>` and any `--fp8-set` overrides (e.g. --fp8-set precision.fp8_scaling=delayed).
+
 Shapes: the 30B-A3B reconstruction (hidden 2048, MLA 16 heads, 128 experts of 768, top-6) at 4 x 4096 tokens
 per microbatch. XLA's fp8 GEMMs are autotuned per shape at compile time (25-42 s each with the default flags,
 PERFORMANCE.md); `--xla-flags` passes flags to the child processes (e.g. --xla_gpu_autotune_level=0).
@@ -165,36 +169,24 @@ def layer(args):
     _write(args.out, out)
 
 
-def precision_seam(recipe):
-    """Builds the train step's model with `recipe` (the benchmark's own seam until the config's precision
-    section reaches the builder: then `precision.matmul=fp8` does this)."""
-    import dataclasses
-    from kanana_jax.model import transformer
-    base = transformer.Transformer
-
-    class Fp8Transformer(base):
-        fp8: object = dataclasses.field(default=recipe)
-
-    import kanana_jax.model as model_pkg
-    model_pkg.Transformer = Fp8Transformer
-    for mod in ("kanana_jax.train.builder", "kanana_jax.train.stages.pretrain"):
-        m = sys.modules.get(mod) or __import__(mod, fromlist=["_"])
-        if hasattr(m, "Transformer"):
-            m.Transformer = Fp8Transformer
+def fp8_overrides(grad_dtype: str = "e5m2", lm_head: bool = False, extra=()) -> list[str]:
+    """The config overrides of an fp8 run (the `precision` section), as `kanana-jax run --set` takes them."""
+    return ["precision.matmul=fp8", f"precision.fp8_grad_dtype={grad_dtype}",
+            f"precision.fp8_lm_head={str(bool(lm_head)).lower()}", *extra]
 
 
 def step_child(args):
     from benchmarks import train_step as ts
+    overrides = list(args.set)
     if args.only == "fp8":
         _require_fp8_gpu()
-        from kanana_jax.model import fp8
-        precision_seam(fp8.Fp8Recipe(grad_dtype=args.grad_dtype, scaling="current", lm_head=args.lm_head))
+        overrides += fp8_overrides(args.grad_dtype, args.lm_head, args.fp8_set)
     ns = argparse.Namespace(layers=args.layers, batch=args.batch, accum=args.accum, seq=args.seq,
                             optimizer="muon", remat="none", reps=args.reps, profile="kernels" if args.profile
-                            == args.only else "", out=args.trace_dir, size="kanana2_30b_a3b")
+                            == args.only else "", out=args.trace_dir, size="kanana2_30b_a3b", set=overrides)
     os.makedirs(ns.out, exist_ok=True)
     rec = ts.run_variant("kernels", ns, args.ceiling)
-    rec["variant"] = args.only
+    rec["variant"], rec["overrides"] = args.only, overrides
     print("RESULT " + json.dumps(rec, default=str), flush=True)
 
 
@@ -212,6 +204,7 @@ def step(args):
                "--profile", args.profile, "--trace-dir", os.path.join(args.trace_dir, name)]
         if args.lm_head:
             cmd.append("--lm-head")
+        cmd += [f"--set={s}" for s in args.set] + [f"--fp8-set={s}" for s in args.fp8_set]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.child_timeout)
         lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
         rec = json.loads(lines[-1][7:]) if lines else {"variant": name, "error": (proc.stderr or proc.stdout)[-800:]}
@@ -261,7 +254,11 @@ def main():
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--variants", default="bf16,fp8")
     p.add_argument("--grad-dtype", default="e5m2")
-    p.add_argument("--lm-head", action="store_true")
+    p.add_argument("--lm-head", action="store_true", help="fp8 variant: precision.fp8_lm_head=true")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for both step variants (e.g. model.remat_policy=full)")
+    p.add_argument("--fp8-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for the fp8 step variant only (e.g. precision.fp8_scaling=delayed)")
     p.add_argument("--profile", default="", help="variant to trace (bf16|fp8)")
     p.add_argument("--trace-dir", default="/tmp/fp8_step")
     p.add_argument("--child-timeout", type=int, default=560)

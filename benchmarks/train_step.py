@@ -39,9 +39,10 @@ from kanana_jax.train.builder import build_trainer  # noqa: E402
 
 
 def slice_config(layers: int, batch: int, seq: int, attention_impl: str, moe_impl: str, optimizer: str,
-                 remat: str, muon_clip: bool, size: str = "kanana2_30b_a3b", accum: int = 1):
+                 remat: str, muon_clip: bool, size: str = "kanana2_30b_a3b", accum: int = 1, overrides=()):
     """A named size (default the 30B-A3B reconstruction) at full width with `layers` layers, validated;
-    `batch` rows per microbatch, `accum` microbatches per optimizer step."""
+    `batch` rows per microbatch, `accum` microbatches per optimizer step; `overrides`: 'dotted.key=value'
+    strings applied last, as `kanana-jax run --set` does (e.g. 'precision.matmul=fp8')."""
     from experiments import sizes
     model = sizes.model_overrides(size)
     model.update(n_layers=layers, attention_impl=attention_impl, moe_impl=moe_impl, remat_policy=remat)
@@ -54,7 +55,21 @@ def slice_config(layers: int, batch: int, seq: int, attention_impl: str, moe_imp
     }
     if optimizer == "muon":
         values["optimizer"]["muon_clip_tau"] = 100.0 if muon_clip else 0.0
-    return config_lib.build(config_lib.ExperimentConfig, values)
+    return with_overrides(config_lib.build(config_lib.ExperimentConfig, values), overrides)
+
+
+def with_overrides(cfg, overrides=()):
+    """`cfg` with 'dotted.key=value' overrides applied (values parsed by the key's type) and validated again."""
+    if not overrides:
+        return cfg
+    import ml_collections
+    config = ml_collections.ConfigDict(config_lib.to_dict(cfg))
+    pairs = [item.split("=", 1) for item in overrides]
+    bad = [item for item, pair in zip(overrides, pairs) if len(pair) != 2]
+    if bad:
+        raise config_lib.ConfigError(f"--set expects dotted.key=value, got {bad[0]!r}")
+    config_lib.apply_overrides(config, dict(pairs))
+    return config_lib.load(config)
 
 
 def synthetic_batch(batch: int, seq: int, vocab: int, seed: int = 0):
@@ -110,7 +125,8 @@ def run_variant(name, args, ceiling):
     if name == "tokamax":
         install_tokamax_seams()
     cfg = slice_config(args.layers, args.batch, args.seq, attention_impl, moe_impl, args.optimizer, args.remat,
-                       muon_clip=name != "tokamax", size=args.size, accum=args.accum)
+                       muon_clip=name != "tokamax", size=args.size, accum=args.accum,
+                       overrides=getattr(args, "set", ()))
     trainer = build_trainer(cfg)
     rows = args.batch * args.accum
     batch = {k: jnp.asarray(v) for k, v in synthetic_batch(rows, args.seq, cfg.model.vocab_size).items()}
@@ -154,6 +170,8 @@ def main():
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--variants", default="kernels,xla,tokamax")
     p.add_argument("--profile", default="kernels", help="variant to trace (empty: none)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for every variant, e.g. --set precision.matmul=fp8")
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp/train_step_bench"))
     p.add_argument("--only", default="", help=argparse.SUPPRESS)  # internal: run one variant, print JSON
     p.add_argument("--ceiling", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -179,7 +197,7 @@ def main():
     for name in args.variants.split(","):  # one process per variant: clean peak memory, no leaked seams
         cmd = [sys.executable, os.path.abspath(__file__), "--only", name, "--ceiling", str(ceiling)] + [
             f"--{k}={getattr(args, k)}" for k in ("size", "layers", "batch", "accum", "seq", "optimizer", "remat", "reps", "profile",
-                                                  "out")]
+                                                  "out")] + [f"--set={s}" for s in args.set]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=CHILD_ENV)
         lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
         if lines:

@@ -1,10 +1,12 @@
 """FP8 vs bf16 numerics: the same model, seed and data order trained with bf16 matmuls and with fp8 matmuls.
 
     python -m experiments.fp8_numerics --size tiny --steps 300 --out experiments/results     # CPU, ~10 min
+    python -m experiments.fp8_numerics --size tiny --fp8-set precision.fp8_scaling=delayed  # another recipe
 
-Both runs use model.dtype=bfloat16 (bf16 activations, fp32 master weights and optimizer state); the fp8 run
-quantizes the attention projections, dense/shared MLPs and routed experts (kanana_jax/model/fp8.py,
-pallas_kernels/moe/fp8.py: e4m3 forward, e5m2 output gradients, current per-tensor scaling). On CPU the fp8
+Both runs use model.dtype=bfloat16 (bf16 activations, fp32 master weights and optimizer state); the fp8 run is
+the same config with `precision.matmul=fp8` (plus any --fp8-set overrides), which quantizes the attention
+projections, dense/shared MLPs and routed experts (kanana_jax/model/fp8.py, pallas_kernels/moe/fp8.py: e4m3
+forward, e5m2 output gradients, current per-tensor scaling by default). On CPU the fp8
 products are emulated exactly (the same rounding, float32 accumulation), so the numerics are those of the GPU
 path; only speed differs. Records loss and gradient norm per step; writes fp8_numerics_<size>.json and .png.
 """
@@ -28,15 +30,13 @@ def get_config(size: str, steps: int, lr: float, seed: int = 0, batch: int = 16,
     return c
 
 
-def train(cfg, recipe) -> list[dict]:
-    """Per-step {step, loss, grad_norm} of cfg trained in-process with `recipe` (None = bf16 matmuls)."""
+def train(cfg) -> list[dict]:
+    """Per-step {step, loss, grad_norm} of cfg trained in-process (its `precision` section picks the matmuls)."""
     import jax
 
-    from benchmarks.fp8 import precision_seam
     from kanana_jax import sharding
     from kanana_jax.data import pipeline
     from kanana_jax.train.builder import build_trainer
-    precision_seam(recipe)
     trainer = build_trainer(cfg)
     rows = []
     with trainer.context():
@@ -50,15 +50,28 @@ def train(cfg, recipe) -> list[dict]:
     return rows
 
 
-def compare(size: str, steps: int, lr: float, out_dir: str) -> dict:
+FP8 = ("precision.matmul=fp8",)
+
+
+def configs(size: str, steps: int, lr: float, fp8_sets=()) -> dict:
+    """{'bf16': cfg, 'fp8': the same cfg with precision.matmul=fp8 and `fp8_sets` ('dotted.key=value')}."""
     from kanana_jax import config as config_lib
-    from kanana_jax.model import fp8
+    out = {}
+    for name, sets in (("bf16", ()), ("fp8", (*FP8, *fp8_sets))):
+        c = get_config(size, steps, lr)
+        config_lib.apply_overrides(c, dict(item.split("=", 1) for item in sets))
+        out[name] = config_lib.load(c)
+    return out
+
+
+def compare(size: str, steps: int, lr: float, out_dir: str, fp8_sets=()) -> dict:
     os.makedirs(out_dir, exist_ok=True)
-    cfg = config_lib.load(get_config(size, steps, lr))
-    result = {"size": size, "steps": steps, "lr": lr, "optimizer": cfg.optimizer.name}
-    for name, recipe in (("bf16", None), ("fp8", fp8.Fp8Recipe())):
+    cfgs = configs(size, steps, lr, fp8_sets)
+    result = {"size": size, "steps": steps, "lr": lr, "optimizer": cfgs["bf16"].optimizer.name,
+              "fp8_overrides": [*FP8, *fp8_sets]}
+    for name, cfg in cfgs.items():
         print(f"{name}:", flush=True)
-        result[name] = train(cfg, recipe)
+        result[name] = train(cfg)
     result["summary"] = summarize(result["bf16"], result["fp8"])
     print(json.dumps(result["summary"], indent=1))
     with open(os.path.join(out_dir, f"fp8_numerics_{size}.json"), "w") as f:
@@ -116,8 +129,10 @@ def main():
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--out", default="experiments/results")
+    ap.add_argument("--fp8-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra override of the fp8 run, e.g. precision.fp8_scaling=delayed")
     args = ap.parse_args()
-    compare(args.size, args.steps, args.lr, args.out)
+    compare(args.size, args.steps, args.lr, args.out, tuple(args.fp8_set))
 
 
 if __name__ == "__main__":

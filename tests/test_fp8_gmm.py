@@ -4,6 +4,8 @@ GPU, fp8 wgmma) and TPU (Mosaic, fp8 storage) kernels in interpret mode.
 Bound as in test_fp8_ops.py: per output element sum_k e_x |w| + |x| e_w (+ e_x e_w) with e = u |v| + a s,
 u = 2^-4 (e4m3) / 2^-3 (e5m2), plus the bf16 output cast 2^-8 |y|. The weight gradient is a bf16 tgmm.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,11 +23,11 @@ TILES = {"reference": None,
 
 
 def _case(seed, m=200, k=128, n=128, e=6):
-    ks = jax.random.split(jax.random.PRNGKey(seed), 3)
-    x = jax.random.normal(ks[0], (m, k), jnp.float32).astype(jnp.bfloat16)
+    rng = np.random.default_rng(seed)  # numpy's generator: no per-shape compiles
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     spread = jnp.asarray([1, 4, 0.25, 1, 2, 1][:e], jnp.float32)[:, None, None]  # experts' ranges differ
-    w = (jax.random.normal(ks[1], (e, k, n), jnp.float32) / np.sqrt(k) * spread).astype(jnp.bfloat16)
-    g = jax.random.normal(ks[2], (m, n), jnp.float32).astype(jnp.bfloat16)
+    w = (jnp.asarray(rng.standard_normal((e, k, n)), jnp.float32) / np.sqrt(k) * spread).astype(jnp.bfloat16)
+    g = jnp.asarray(rng.standard_normal((m, n)), jnp.bfloat16)
     gs = jnp.asarray([30, 0, 50, 70, 20, 20][:e], jnp.int32)  # an empty group, 10 rows past the groups
     return x, w, g, gs
 
@@ -40,33 +42,47 @@ def _per_group_bound(a, b_g, fa, fb, sa, sb_g, rows):
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _references(seed=0):
+    """float32 references of one case, in one jitted program (shared by the backends)."""
+    def refs(x, w, g, gs):
+        return {"exact": reference.gmm_reference(x, w, gs, out_dtype=jnp.float32),
+                "sim": gmm_fp8_reference(x, w, gs), "sw": quantize_weights(w)[2],
+                "sx": fp8_lib.scale_for(fp8_lib.amax(x), "e4m3"), "sg": fp8_lib.scale_for(fp8_lib.amax(g), "e5m2"),
+                "dx_exact": reference.gmm_reference(g, jnp.swapaxes(w, 1, 2), gs, out_dtype=jnp.float32),
+                "dw_exact": reference.tgmm_reference(x.T, g, gs, out_dtype=jnp.float32)}
+    return jax.tree.map(np.asarray, jax.jit(refs)(*_case(seed)))
+
+
 @pytest.mark.parametrize("backend", ["reference", "gpu", "tpu"])
 def test_gmm_fp8_forward_and_gradients_within_the_bounds(backend):
     x, w, g, gs = _case(0)
-    f = lambda x, w: gmm_fp8(x, w, gs, tiling=TILES[backend], backend=backend, interpret=backend != "reference")
-    out, vjp = jax.vjp(f, x, w)
-    dx, dw = vjp(g)
+
+    @jax.jit
+    def fwd_bwd(x, w, g):
+        f = lambda x, w: gmm_fp8(x, w, gs, tiling=TILES[backend], backend=backend, interpret=backend != "reference")
+        out, vjp = jax.vjp(f, x, w)
+        return (out, *vjp(g))
+    out, dx, dw = fwd_bwd(x, w, g)
     assert out.dtype == dx.dtype == jnp.bfloat16 and dw.dtype == w.dtype
+    r = _references()
     x32, w32, g32 = (np.asarray(a, np.float32) for a in (x, w, g))
     ends = np.cumsum(np.asarray(gs))
     rows = list(zip(np.concatenate([[0], ends[:-1]]), ends))
-    exact = np.asarray(reference.gmm_reference(x, w, gs, out_dtype=jnp.float32))
-    sx = float(fp8_lib.scale_for(fp8_lib.amax(x), "e4m3"))
-    sw = np.asarray(quantize_weights(w)[2])
+    exact, sx, sw = r["exact"], float(r["sx"]), r["sw"]
     bound = _per_group_bound(x32, w32, "e4m3", "e4m3", sx, sw, rows) + 2 ** -8 * np.abs(exact)
     assert np.all(np.abs(np.asarray(out, np.float32) - exact) <= bound * 1.0001 + 1e-5)
     assert np.all(np.asarray(out[int(ends[-1]):], np.float32) == 0), "rows past the groups are 0"
     # the kernel computes the dequantized product (only the bf16 output cast differs)
-    sim = np.asarray(gmm_fp8_reference(x, w, gs))
+    sim = r["sim"]
     assert np.max(np.abs(np.asarray(out, np.float32) - sim)) <= 2 ** -8 * np.max(np.abs(sim)) + 1e-6
     # dx: e5m2 cotangent x e4m3 weights, per group
-    sg = float(fp8_lib.scale_for(fp8_lib.amax(g), "e5m2"))
-    dx_exact = np.asarray(reference.gmm_reference(g, jnp.swapaxes(w, 1, 2), gs, out_dtype=jnp.float32))
+    sg, dx_exact = float(r["sg"]), r["dx_exact"]
     dx_bound = _per_group_bound(g32, np.swapaxes(w32, 1, 2), "e5m2", "e4m3", sg, sw, rows)
     assert np.all(np.abs(np.asarray(dx, np.float32) - dx_exact) <= dx_bound * 1.0001 + 2 ** -8 * np.abs(dx_exact)
                   + 1e-5)
     # dw: bf16 tgmm, empty group -> zeros
-    dw_exact = np.asarray(reference.tgmm_reference(x.T, g, gs, out_dtype=jnp.float32))
+    dw_exact = r["dw_exact"]
     rel = np.max(np.abs(np.asarray(dw, np.float32) - dw_exact)) / np.max(np.abs(dw_exact))
     assert rel < 1e-2 and np.all(np.asarray(dw[1], np.float32) == 0)
 
