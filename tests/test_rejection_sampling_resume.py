@@ -1,7 +1,8 @@
 """Rejection sampling with the tiny model resumes anywhere with identical results: killed inside the sampling phase
 (after a chunk), stopped inside an SFT round, killed between rounds, and inside the second round's sampling; the
-samples, kept data sets, round metrics and final params equal an uninterrupted run's. The second round samples
-from the first round's SFT checkpoint, and its records say so (step and params checksum)."""
+samples, kept data sets, held-out pass rates, eval-suite scores, round metrics and final params equal an
+uninterrupted run's. The second round samples from the first round's SFT checkpoint, and its records say so (step
+and params checksum)."""
 import json
 
 import jax
@@ -43,7 +44,8 @@ def _config(tmp_path):
     prompts, gold = write_data(str(tmp_path / "data_root"))
     _, cfg = build_config(
         f"experiments/rejection_sampling.py:size=tiny,rounds=2,k=4,prompts_per_round=8,chunk=4,heldout=4,"
-        f"steps={STEPS},batch=4,seq_len=64,max_new_tokens=12,mix_sft=0.5,temperature=0.5,lr=3e-3",
+        f"eval_suites=math,eval_limit=1,"
+        f"steps={STEPS},batch=4,seq_len=128,max_new_tokens=12,mix_sft=0.5,temperature=0.5,lr=3e-3",
         ["model.n_layers=1", "train.progress_bar=false", "train.tensorboard=false", "train.log_every=1",
          "train.checkpoint_every=10", "train.eval_every=0", "train.async_checkpoint=false",
          f"rejection_sampling.prompts={prompts}",
@@ -62,7 +64,7 @@ def _without_timing(rows):
 def _files(workdir):
     rounds = [json.loads(line) for line in _read(workdir, "rounds.jsonl").splitlines()]
     files = {f"round_{r}/{n}": _read(workdir, f"round_{r}/{n}") for r in (0, 1)
-             for n in ("samples.jsonl", "kept_train.jsonl", "heldout.json")}
+             for n in ("samples.jsonl", "kept_train.jsonl", "heldout.json", "eval.json")}
     losses = {r: [(row["step"], row["loss"]) for row in map(json.loads, _read(workdir, f"round_{r}/sft/metrics.jsonl")
                                                             .splitlines())] for r in (0, 1)}
     return _without_timing(rounds), files, losses
@@ -73,6 +75,8 @@ def test_resume_anywhere_equals_the_uninterrupted_run(tmp_path, compile_cache):
     ref = tmp_path / "uninterrupted"
     final = driver.run(cfg, str(ref))
     assert final["round"] == 1 and final["final_policy"] == f"{ref}/round_1/sft:{STEPS}"
+    assert driver.final_run(cfg, str(ref)) == f"{ref}/round_1/sft"
+    assert {"eval/math/accuracy", "heldout_pass@1", "pass@k/arith", "kept", "samples_per_s"} <= set(final)
 
     work = tmp_path / "interrupted"
     events = []

@@ -505,7 +505,12 @@ def _checkpoint_dir(spec: str) -> str | None:
 
 
 def final_run(cfg: ExperimentConfig, workdir: str) -> str:
-    """The run directory holding this stage's final policy: the last round's SFT."""
+    """The run directory holding this stage's final policy (of a finished run): the SFT of the last round that
+    trained (a round where no sample passed and nothing was mixed in trains nothing and passes its policy on)."""
+    for r in reversed(range(cfg.rejection_sampling.rounds)):
+        sft = os.path.join(workdir, f"round_{r}", "sft")
+        if run_record.committed_steps(sft):
+            return sft
     return os.path.join(workdir, f"round_{cfg.rejection_sampling.rounds - 1}", "sft")
 
 
