@@ -15,8 +15,9 @@ from typing import Any, Literal, Optional
 
 
 from kanana_jax.config_fields import _INT32_MAX, ConfigError, _check, _field  # noqa: F401 (re-exported)
-from kanana_jax.config_posttrain import (DPOConfig, RewardModelConfig, RLConfig, SFTConfig,  # noqa: F401
-                                         RejectionSamplingConfig, parse_reward_spec)
+from kanana_jax.config_posttrain import (CalibrationConfig, DPOConfig,  # noqa: F401 (re-exported)
+                                         RejectionSamplingConfig, RewardModelConfig, RLConfig, SFTConfig,
+                                         parse_reward_spec)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,7 +184,7 @@ class DataConfig:
 class TrainConfig:
     """Steps, logging, evaluation, checkpointing and loss weights."""
     stage: Literal["pretrain", "midtrain", "sft", "dpo", "reward_model", "rl",
-                   "rejection_sampling"] = "pretrain"
+                   "rejection_sampling", "calibration"] = "pretrain"
     init_from: str = _field("", doc="start from another run's params: WORKDIR[:STEP] or hf:DIR (fresh optimizer "
                                     "and data position; used only while the workdir has no checkpoint of its own)")
     steps: int = _field(200, lo=1)
@@ -273,6 +274,7 @@ class ExperimentConfig:
     reward_model: RewardModelConfig = dataclasses.field(default_factory=RewardModelConfig)
     rl: RLConfig = dataclasses.field(default_factory=RLConfig)
     rejection_sampling: RejectionSamplingConfig = dataclasses.field(default_factory=RejectionSamplingConfig)
+    calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
     precision: PrecisionConfig = dataclasses.field(default_factory=PrecisionConfig)
 
     def __post_init__(self):

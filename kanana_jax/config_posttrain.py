@@ -46,11 +46,12 @@ class RewardModelConfig:
     score_l2_coef: float = _field(0.0, lo=0.0, doc="weight of mean(score^2): keeps scores centred at 0 (0 = off)")
 
 
-REWARD_TERM_KINDS = ("verifiable", "reward_model")
+# 'calibration': the RLCR reward 1[correct] - (q - 1[correct])^2 on the stated confidence q (rewards/calibration.py)
+REWARD_TERM_KINDS = ("verifiable", "reward_model", "calibration")
 
 
 def parse_reward_spec(spec: str, key: str = "rl.tracks") -> tuple[tuple[str, str, float], ...]:
-    """'verifiable' | 'reward_model:WORKDIR' | terms joined by '+', each optionally '*weight' ->
+    """'verifiable' | 'reward_model:WORKDIR' | 'calibration' | terms joined by '+', each optionally '*weight' ->
     ((kind, argument, weight), ...); a bad spec is a ConfigError naming `key`."""
     terms = []
     for term in (t.strip() for t in str(spec).split("+")):
@@ -60,8 +61,10 @@ def parse_reward_spec(spec: str, key: str = "rl.tracks") -> tuple[tuple[str, str
             weight = float(w)
         except ValueError:
             weight = float("nan")
-        _check(kind in REWARD_TERM_KINDS and math.isfinite(weight) and (kind != "reward_model" or arg), key,
-               f"reward {spec!r}: each '+' term is 'verifiable' or 'reward_model:WORKDIR', optionally '*weight'")
+        _check(kind in REWARD_TERM_KINDS and math.isfinite(weight) and (kind != "reward_model" or arg)
+               and (kind != "calibration" or not arg), key,
+               f"reward {spec!r}: each '+' term is 'verifiable', 'reward_model:WORKDIR' or 'calibration', "
+               "optionally '*weight'")
         terms.append((kind, arg, weight))
     return tuple(terms)
 
@@ -100,9 +103,17 @@ class RLConfig:
     rollout_batch: int = _field(64, lo=1, doc="sampler rows per generate call")
     sandbox_timeout_s: float = _field(5.0, lo=0.1)
     eval_prompts: int = _field(32, lo=1, doc="held-out prompts per track, decoded greedily at each eval")
+    ask_confidence: bool = _field(False, doc="append the eval runner's 'Confidence: NN%' request (EN, or KO by the "
+                                             "record's lang) to each prompt's last user turn; confidence lines are "
+                                             "then left out of answer verification")
+    unparseable_confidence_reward: float = _field(-1.0, doc="what a 'calibration' reward term pays a completion "
+                                                            "without a parseable 'Confidence: NN%' (-1 = the worst "
+                                                            "stated confidence: wrong at 100%)")
 
     def __post_init__(self):
         _check(bool(self.tracks), "rl.tracks", "needs at least one track")
+        _check(math.isfinite(self.unparseable_confidence_reward), "rl.unparseable_confidence_reward",
+               f"must be a finite number, got {self.unparseable_confidence_reward}")
         for entry in self.tracks:
             ok = (isinstance(entry, (tuple, list)) and len(entry) == 4 and all(isinstance(x, str) for x in entry[:3])
                   and isinstance(entry[3], (int, float)) and not isinstance(entry[3], bool) and entry[3] > 0)
@@ -146,3 +157,37 @@ class RejectionSamplingConfig:
     eval_suites: str = _field("", doc="comma-separated eval suites (evals/suites.py) scored on each round's SFT "
                                       "checkpoint; '' = none")
     eval_limit: int = _field(16, lo=1, doc="items per eval suite")
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationConfig:
+    """Calibration tuning (train.stage='calibration', train/stages/calibration.py): the model answers, then states
+    'Confidence: NN%'. method='rl': the RL stage (rl.* as usual) on `prompts` asked for confidence with the reward
+    `reward` (RLCR: 1[correct] - (q - 1[correct])^2). method='sft': the start policy's accuracy per item family is
+    measured by sampling `prompts`' train split, and one SFT trains on its own answers annotated with
+    'Confidence: NN%' = the family's accuracy. Either way train.* / optimizer.* / data.* configure that one run,
+    which starts from train.init_from; the stated confidence is evaluated before and after on the eval split."""
+    method: Literal["rl", "sft"] = "rl"
+    prompts: str = _field("prompts:arith", doc="verifiable prompt spec (rollout/prompts.py): its train split is "
+                                               "trained on (rl) or sampled (sft), its eval split is the eval")
+    reward: str = _field("calibration", doc="method='rl': the track's reward spec; 'calibration' = RLCR, "
+                                            "'verifiable' = correctness only (the baseline RLCR reports as worsening "
+                                            "calibration)")
+    family: str = _field("difficulty", doc="record field naming an item's family (sft: the confidence target is its "
+                                           "family's accuracy; eval: a row per family); '' or absent: the bucket")
+    samples_per_prompt: int = _field(1, lo=1, doc="sft: samples per train prompt (each becomes an SFT record)")
+    temperature: float = _field(0.0, lo=0.0, doc="sft: sampling temperature (0 = greedy, the eval's decoding)")
+    sample_prompts: int = _field(0, lo=0, doc="sft: train prompts sampled, the first N of a seeded order (0 = all)")
+    sample_batch: int = _field(64, lo=1, doc="sampler rows per generate call (sampling and eval)")
+    max_new_tokens: int = _field(24, lo=1, doc="new tokens per answer (sft sampling and the eval)")
+    eval_prompts: int = _field(0, lo=0, doc="eval-split prompts of the before/after eval (0 = all)")
+    n_bins: int = _field(10, lo=1, doc="equal-width bins of the ECE and the reliability diagram")
+    eval_suites: str = _field("", doc="comma-separated `kanana-jax eval` suites also scored before and after "
+                                      "(runner.run_eval; needs a workdir checkpoint as train.init_from); '' = none")
+    eval_limit: int = _field(16, lo=1, doc="items per eval suite")
+
+    def __post_init__(self):
+        terms = parse_reward_spec(self.reward, "calibration.reward")
+        _check(all(kind != "reward_model" for kind, _, _ in terms), "calibration.reward",
+               f"{self.reward!r}: calibration runs on verifiable prompts; use 'calibration' or 'verifiable' terms")
+

@@ -1,7 +1,8 @@
-"""Calibration: expected calibration error (equal-width bins), Brier score, confidence parsing."""
+"""Calibration: expected calibration error (equal-width bins), Brier score, AUROC, confidence parsing."""
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 import re
@@ -130,3 +131,17 @@ def brier_score(confidences: Sequence[float], correct: Sequence[bool | float]) -
     if not conf:
         raise ValueError("brier_score needs at least one item")
     return sum((c - y) ** 2 for c, y in zip(conf, corr)) / len(conf)
+
+
+def auroc(confidences: Sequence[float], correct: Sequence[bool | float]) -> float | None:
+    """Area under the ROC curve of confidence as a predictor of correctness: the probability that a random correct
+    item has a higher confidence than a random wrong one (ties count 1/2; Mann-Whitney U / (n_correct n_wrong)).
+    0.5 = confidence does not separate right from wrong. None when every item is right or every item is wrong."""
+    conf, corr = _check(confidences, correct)
+    pos = sorted(c for c, y in zip(conf, corr) if y >= 0.5)
+    neg = sorted(c for c, y in zip(conf, corr) if y < 0.5)
+    if not pos or not neg:
+        return None
+    wins = sum(bisect.bisect_left(neg, p) + 0.5 * (bisect.bisect_right(neg, p) - bisect.bisect_left(neg, p))
+               for p in pos)
+    return wins / (len(pos) * len(neg))

@@ -13,7 +13,7 @@ import collections
 import dataclasses
 from typing import Any, Sequence, Union
 
-from kanana_jax.evals.calibration import brier_score, expected_calibration_error, parse_stated_confidence
+from kanana_jax.evals.calibration import auroc, brier_score, expected_calibration_error, parse_stated_confidence
 from kanana_jax.evals.calibration import strip_confidence
 from kanana_jax.rewards.code_sandbox import SandboxLimits, extract_code, run_many
 from kanana_jax.rewards.ifeval import evaluate_instructions
@@ -35,7 +35,9 @@ class ItemScore:
 
 @dataclasses.dataclass(frozen=True)
 class SuiteScore:
-    """Suite accuracy, calibration over items with a confidence, extra metrics and the item verdicts."""
+    """Suite accuracy, calibration over items with a confidence (ECE, Brier, AUROC of confidence vs correctness:
+    None without confidences, AUROC also None when every item is right or every one wrong), extra metrics and the
+    item verdicts."""
 
     suite: str
     n: int
@@ -45,10 +47,11 @@ class SuiteScore:
     n_with_confidence: int
     metrics: dict[str, float]
     items: tuple[ItemScore, ...]
+    auroc: float | None = None
 
     def summary(self) -> dict[str, Any]:
         return {"suite": self.suite, "n": self.n, "accuracy": self.accuracy, "ece": self.ece, "brier": self.brier,
-                "n_with_confidence": self.n_with_confidence, **self.metrics}
+                "auroc": self.auroc, "n_with_confidence": self.n_with_confidence, **self.metrics}
 
 
 def _last_text(response: Response) -> str:
@@ -155,7 +158,8 @@ def score_suite(suite: str, items: Sequence[dict], responses: Sequence[Response]
         suite=suite, n=len(scored), accuracy=sum(s.correct for s in scored) / max(len(scored), 1),
         ece=expected_calibration_error(conf_values, conf_correct, n_bins) if with_conf else None,
         brier=brier_score(conf_values, conf_correct) if with_conf else None,
-        n_with_confidence=len(with_conf), metrics=metrics, items=scored)
+        n_with_confidence=len(with_conf), metrics=metrics, items=scored,
+        auroc=auroc(conf_values, conf_correct) if with_conf else None)
 
 
 def format_report(scores: Sequence[SuiteScore]) -> str:

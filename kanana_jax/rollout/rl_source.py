@@ -18,6 +18,7 @@ Rows of rollouts.jsonl past the restored position are dropped on resume.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -28,9 +29,11 @@ import numpy as np
 
 from kanana_jax.config import ExperimentConfig, parse_reward_spec
 from kanana_jax.data.preference import response_tokens
+from kanana_jax.evals.calibration import expected_calibration_error, strip_confidence
 from kanana_jax.generate.sampler import SamplingParams
 from kanana_jax.model.heads import ValueModel
 from kanana_jax.model.logprobs import head_weight, token_logprobs
+from kanana_jax.rewards.calibration import ask_confidence, calibration_rewards
 from kanana_jax.rewards.code_sandbox import SandboxLimits
 from kanana_jax.rollout import advantages as adv_lib
 from kanana_jax.rollout.generate import RolloutGenerator
@@ -51,35 +54,58 @@ def _scorer(workdir: str):
 
 
 class Track:
-    """One RL track: its prompts (train / eval), reward terms and weight."""
+    """One RL track: its prompts (train / eval), reward terms and weight. `ask_confidence` (rl.ask_confidence)
+    poses every prompt with the 'Confidence: NN%' request and verifies answers without their confidence lines."""
 
-    def __init__(self, entry, index: int):
+    def __init__(self, entry, index: int, ask_confidence: bool = False):
         self.name, spec, reward, self.weight = entry[0], entry[1], entry[2], float(entry[3])
         self.index, self.terms = index, parse_reward_spec(reward)
-        self.prompts = load_prompts(spec, "train")
+        self.ask_confidence = ask_confidence
+        self.prompts = self._posed(load_prompts(spec, "train"))
         if not self.prompts:
             raise ValueError(f"rl.tracks {self.name!r}: prompt set {spec!r} is empty")
         self.spec = spec
         self._eval = None
+        self.confidences = None   # the stated confidences of the last `rewards` call with a calibration term
+
+    def _posed(self, records):
+        return [ask_confidence(r) for r in records] if self.ask_confidence else records
 
     def eval_prompts(self):
         if self._eval is None:
-            self._eval = load_prompts(self.spec, "eval")
+            self._eval = self._posed(load_prompts(self.spec, "eval"))
         return self._eval
 
     def rewards(self, cfg: ExperimentConfig, records, samples, salt: str):
         """(reward [n], true verdict [n] or None when no term verifies, reasons [n])."""
         total, passed, reasons = np.zeros(len(samples)), None, ["scored"] * len(samples)
+        answers = [without_confidence(s) for s in samples] if self.ask_confidence else samples
+        self.confidences = None
         for kind, arg, weight in self.terms:
             if kind == "verifiable":
-                verdicts = verify(records, samples, reward_kind=cfg.rl.reward_kind, random_rate=cfg.rl.random_rate,
+                verdicts = verify(records, answers, reward_kind=cfg.rl.reward_kind, random_rate=cfg.rl.random_rate,
                                   salt=salt, limits=SandboxLimits(timeout_s=cfg.rl.sandbox_timeout_s))
                 total += weight * np.array([v.reward for v in verdicts])
                 passed, reasons = np.array([v.passed for v in verdicts]), [v.reason for v in verdicts]
+            elif kind == "calibration":   # RLCR: the true verdict and the stated confidence (rewards/calibration.py)
+                verdicts = verify(records, answers, limits=SandboxLimits(timeout_s=cfg.rl.sandbox_timeout_s))
+                ok = [v.passed for v in verdicts]
+                reward, self.confidences = calibration_rewards([s.text for s in samples], ok,
+                                                               cfg.rl.unparseable_confidence_reward)
+                total += weight * np.array(reward)
+                passed = np.array(ok)
+                reasons = [v.reason if q is not None else f"{v.reason}/no_confidence"
+                           for v, q in zip(verdicts, self.confidences)]
             else:
                 convs = [list(r["messages"]) + list(s.messages) for r, s in zip(records, samples)]
                 total += weight * np.asarray(_scorer(arg).score(convs), np.float64)
         return total, passed, reasons
+
+
+def without_confidence(sample):
+    """The sample with its 'Confidence: NN%' lines removed from the text and every turn (for answer checks)."""
+    return dataclasses.replace(sample, text=strip_confidence(sample.text),
+                               turns=tuple(strip_confidence(t) for t in sample.turns))
 
 
 def _sampling(cfg: ExperimentConfig, greedy: bool = False) -> SamplingParams:
@@ -93,7 +119,7 @@ def evaluate_tracks(cfg: ExperimentConfig, policy_params) -> dict:
     gen = RolloutGenerator(cfg, _sampling(cfg, greedy=True), batch_size=cfg.rl.rollout_batch, max_turns=cfg.rl.max_turns)
     out = {}
     for i, entry in enumerate(cfg.rl.tracks):
-        track = Track(entry, i)
+        track = Track(entry, i, cfg.rl.ask_confidence)
         records = track.eval_prompts()[:cfg.rl.eval_prompts]
         if not records:
             continue
@@ -102,6 +128,22 @@ def evaluate_tracks(cfg: ExperimentConfig, policy_params) -> dict:
         out[f"eval_reward/{track.name}"] = float(reward.mean())
         if passed is not None:
             out[f"eval_pass_rate/{track.name}"] = float(passed.mean())
+        out.update(_confidence_metrics(track, passed, "eval_"))
+    return out
+
+
+def _confidence_metrics(track: Track, passed, prefix: str = "") -> dict:
+    """Stated-confidence numbers of a calibration track's last scored samples: the share that stated one, their
+    mean and (evaluation) the ECE over them."""
+    if track.confidences is None:
+        return {}
+    stated = [(q, bool(ok)) for q, ok in zip(track.confidences, passed) if q is not None]
+    out = {f"{prefix}confidence_stated/{track.name}": len(stated) / max(len(track.confidences), 1)}
+    if stated:
+        out[f"{prefix}confidence_mean/{track.name}"] = float(np.mean([q for q, _ in stated]))
+        if prefix:
+            out[f"{prefix}ece/{track.name}"] = expected_calibration_error([q for q, _ in stated],
+                                                                          [ok for _, ok in stated])
     return out
 
 
@@ -113,7 +155,7 @@ class RolloutSource:
             raise ValueError("RL rollouts run in one process: multi-host rollout generation is not built "
                              f"(this run has {shard_count} data shards)")
         self.cfg, self.seed = cfg, int(seed)
-        self.tracks = [Track(e, i) for i, e in enumerate(cfg.rl.tracks)]
+        self.tracks = [Track(e, i, cfg.rl.ask_confidence) for i, e in enumerate(cfg.rl.tracks)]
         weights = np.array([t.weight for t in self.tracks])
         self.weights = weights / weights.sum()
         self.generator = RolloutGenerator(cfg, _sampling(cfg), batch_size=cfg.rl.rollout_batch,
@@ -203,6 +245,7 @@ class RolloutSource:
         self.generator.prefilled_rows = self.generator.rows = self.generator.generated_tokens = 0
         samples = self.generator.generate(policy_params, records, G, jax.random.fold_in(jax.random.PRNGKey(self.seed), r))
         rewards = np.zeros((P, G))
+        self._confidence = {}
         passed = np.full((P, G), np.nan)
         reasons = [[""] * G for _ in range(P)]
         for t, track in enumerate(self.tracks):
@@ -212,6 +255,7 @@ class RolloutSource:
             recs = [records[p] for p in rows for _ in range(G)]
             flat = [samples[p][g] for p in rows for g in range(G)]
             rew, ok, why = track.rewards(cfg, recs, flat, salt=f"{self.seed}/{r}")
+            self._confidence[t] = _confidence_metrics(track, ok)
             rewards[rows] = rew.reshape(len(rows), G)
             if ok is not None:
                 passed[rows] = ok.reshape(len(rows), G)
@@ -324,6 +368,7 @@ class RolloutSource:
                 m[f"reward_std/{track.name}"] = float(rewards[rows].std())
                 if not np.isnan(passed[rows]).any():
                     m[f"pass_rate/{track.name}"] = float(passed[rows].mean())
+                m.update(self._confidence.get(t, {}))
         self.st["rollout_metrics"].update(m)
 
     # ------------------------------------------------------------------ state
