@@ -17,7 +17,7 @@ from kanana_jax.rewards.tools import ToolEnv, run_episode
 from kanana_jax.rollout import rejection
 from kanana_jax.rollout.prompts import load_prompts
 from kanana_jax.rollout.verify import Sample
-from kanana_jax.train.stages import DRIVERS
+from kanana_jax.train.stages import DRIVERS, get_stage
 from kanana_jax.train.stages import rejection_sampling as driver
 
 K = 8
@@ -227,6 +227,10 @@ def test_config_builds_for_every_size(size):
     assert (rs.mix_sft > 0) == (size != "tiny") and bool(cfg.sft.buckets) == (size != "tiny")
     if size.startswith("kanana2"):
         assert cfg.mesh.fsdp != 1 or cfg.mesh.expert != 1   # the pod layout
+    sft_cfg = driver.sft_config(cfg, "/runs/rs/round_0")     # what each round trains (and an AOT check compiles)
+    assert sft_cfg.train.stage == "sft" and sft_cfg.sft.buckets[0][0] == driver.KEPT_BUCKET
+    assert abs(sum(b[2] for b in sft_cfg.sft.buckets) - 1.0) < 1e-9
+    assert get_stage("sft").batch_spec(sft_cfg)["inputs_BxT"].shape == (cfg.data.global_batch_size, cfg.data.seq_len)
 
 
 def test_sweep_expands():

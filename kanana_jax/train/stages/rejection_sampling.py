@@ -236,17 +236,7 @@ class Driver:
         return (("heldout", f"chat:{self.workdir}/heldout_{{split}}.jsonl"),)
 
     def sft_config(self, r: int, init_spec: str, with_kept: bool = True) -> ExperimentConfig:
-        """Round r's SFT run: this config with train.stage='sft', the kept samples (+ the original buckets at
-        mix_sft), init_from = the round's policy, train.seed + r."""
-        cfg, mix = self.cfg, self.rs.mix_sft
-        kept = (KEPT_BUCKET, f"chat:{self.round_dir(r)}/kept_{{split}}.jsonl", 1.0 - mix)
-        total = sum(w for _, _, w in cfg.sft.buckets) or 1.0
-        original = tuple((n, p, mix * w / total) for n, p, w in cfg.sft.buckets) if mix > 0 else ()
-        buckets = ((kept,) if with_kept else ()) + original
-        train = dataclasses.replace(cfg.train, stage="sft", init_from=init_spec, seed=cfg.train.seed + r,
-                                    eval_every=cfg.train.eval_every if self.eval_sources else 0)
-        return dataclasses.replace(cfg, train=train, sft=dataclasses.replace(cfg.sft, buckets=buckets),
-                                   data=dataclasses.replace(cfg.data, eval_sources=self.eval_sources))
+        return sft_config(self.cfg, self.round_dir(r), r, init_spec, self.eval_sources, with_kept)
 
     # ---- the policy --------------------------------------------------------------------------------------------
     def policy(self, spec: str) -> _Policy:
@@ -486,6 +476,22 @@ class Driver:
     def _write_rounds(self, last: int):
         rows = [_read_json(os.path.join(self.round_dir(r), "metrics.json")) for r in range(last + 1)]
         _write_jsonl(os.path.join(self.workdir, "rounds.jsonl"), [r for r in rows if r])
+
+
+def sft_config(cfg: ExperimentConfig, round_dir: str, r: int = 0, init_spec: str = "", eval_sources: tuple = (),
+               with_kept: bool = True) -> ExperimentConfig:
+    """Round r's SFT run: `cfg` with train.stage='sft', the kept samples of `round_dir` (+ the original buckets at
+    mix_sft), init_from = the round's policy, train.seed + r, held-out `eval_sources` (none: no eval). Also the
+    config whose train step this stage compiles (e.g. for an AOT check of a slice: any round_dir will do)."""
+    mix = cfg.rejection_sampling.mix_sft
+    kept = (KEPT_BUCKET, f"chat:{round_dir}/kept_{{split}}.jsonl", 1.0 - mix)
+    total = sum(w for _, _, w in cfg.sft.buckets) or 1.0
+    original = tuple((n, p, mix * w / total) for n, p, w in cfg.sft.buckets) if mix > 0 else ()
+    buckets = ((kept,) if with_kept else ()) + original
+    train = dataclasses.replace(cfg.train, stage="sft", init_from=init_spec, seed=cfg.train.seed + r,
+                                eval_every=cfg.train.eval_every if eval_sources else 0)
+    return dataclasses.replace(cfg, train=train, sft=dataclasses.replace(cfg.sft, buckets=buckets),
+                               data=dataclasses.replace(cfg.data, eval_sources=tuple(eval_sources)))
 
 
 def _done(job):
