@@ -4,9 +4,9 @@ that the [B, T, V] float32 logits never exist at once (at vocabulary 128K they a
     h_BxTxD = model.apply({"params": p}, tokens_BxT, positions, segments, return_hidden=True)
     logp_BxT, entropy_BxT = token_logprobs(h_BxTxD, head_weight(p, cfg.model), targets_BxT)
 
-Each chunk of `chunk` positions computes its logits [B, chunk, V] in float32 (`layers.logits_matmul`, the LM
+Each chunk of `chunk` tokens (of the flattened B x T positions) computes its logits [chunk, V] in float32 (`layers.logits_matmul`, the LM
 head's own matmul), the log-softmax at the targets and the entropy, inside `jax.checkpoint`: the backward pass
-recomputes one chunk's logits at a time. T need not be a multiple of `chunk` (the tail is padded, then cut).
+recomputes one chunk's logits at a time. B x T need not be a multiple of `chunk` (the tail is padded, then cut).
 `full_token_logprobs` is the unchunked reference (tests).
 """
 from __future__ import annotations
@@ -34,27 +34,28 @@ def _chunk_stats(h_BxCxD, w_DxV, targets_BxC):
     return picked_BxC - lse_BxC, entropy_BxC
 
 
-def token_logprobs(h_BxTxD, w_DxV, targets_BxT, chunk: int = 256):
-    """(log p(target) [B,T] float32, entropy of the predictive distribution [B,T] float32) per position."""
+def token_logprobs(h_BxTxD, w_DxV, targets_BxT, chunk: int = 2048):
+    """(log p(target) [B,T] float32, entropy of the predictive distribution [B,T] float32) per position, `chunk`
+    tokens (over the flattened B*T positions) at a time: the logits in flight are [chunk, V] float32."""
     B, T, D = h_BxTxD.shape
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
-    c = min(chunk, T)
-    n = -(-T // c)
-    pad = n * c - T
-    if pad:
-        h_BxTxD = jnp.pad(h_BxTxD, ((0, 0), (0, pad), (0, 0)))
-        targets_BxT = jnp.pad(targets_BxT, ((0, 0), (0, pad)))
-    h_NxBxCxD = jnp.moveaxis(h_BxTxD.reshape(B, n, c, D), 1, 0)
-    t_NxBxC = jnp.moveaxis(targets_BxT.reshape(B, n, c), 1, 0)
-    stats = jax.checkpoint(_chunk_stats)
+    N = B * T
+    c = min(chunk, N)
+    n = -(-N // c)
+    h_NxD, t_N = h_BxTxD.reshape(N, D), targets_BxT.reshape(N)
+    if n * c > N:
+        h_NxD = jnp.pad(h_NxD, ((0, n * c - N), (0, 0)))
+        t_N = jnp.pad(t_N, (0, n * c - N))
+    stats = jax.checkpoint(lambda h, t: _chunk_stats(h[None], w_DxV, t[None]))
 
     def body(_, xs):
-        return None, stats(xs[0], w_DxV, xs[1])
+        logp, ent = stats(*xs)
+        return None, (logp[0], ent[0])
 
-    _, (logp_NxBxC, ent_NxBxC) = jax.lax.scan(body, None, (h_NxBxCxD, t_NxBxC))
-    unchunk = lambda x: jnp.moveaxis(x, 0, 1).reshape(B, n * c)[:, :T]
-    return unchunk(logp_NxBxC), unchunk(ent_NxBxC)
+    _, (logp_KxC, ent_KxC) = jax.lax.scan(body, None, (h_NxD.reshape(n, c, D), t_N.reshape(n, c)))
+    unchunk = lambda x: x.reshape(n * c)[:N].reshape(B, T)
+    return unchunk(logp_KxC), unchunk(ent_KxC)
 
 
 def full_token_logprobs(h_BxTxD, w_DxV, targets_BxT):

@@ -29,7 +29,10 @@ tokens_per_step = pairs.tokens_per_step
 
 
 def init_extra(cfg: ExperimentConfig, params, rng) -> dict:
-    return {"reference": jax.tree.map(jnp.copy, params)}
+    """A copy of the initial params; weights the model reads only through a cast to the compute dtype are kept in
+    that dtype (the same forward at half their bytes: step.compute_dtype_copy)."""
+    from kanana_jax.train.step import compute_dtype_copy
+    return {"reference": jax.tree.map(jnp.copy, compute_dtype_copy(params, cfg))}
 
 
 def response_logprobs(model, params, batch, cfg: ExperimentConfig):

@@ -41,7 +41,10 @@ def make_model(cfg: ExperimentConfig):
 
 
 def init_extra(cfg: ExperimentConfig, params, rng) -> dict:
-    return {"reference": jax.tree.map(jnp.copy, subtree(params, policy_path(cfg)))}
+    """The frozen reference: the initial policy, with the weights the model reads only through a cast to the
+    compute dtype stored in that dtype (the same forward, half their bytes: step.compute_dtype_copy)."""
+    from kanana_jax.train.step import compute_dtype_copy
+    return {"reference": jax.tree.map(jnp.copy, compute_dtype_copy(subtree(params, policy_path(cfg)), cfg))}
 
 
 def init_params_from(cfg: ExperimentConfig, fresh, loaded):
