@@ -15,7 +15,7 @@ from typing import Any, Literal, Optional
 
 
 from kanana_jax.config_fields import _INT32_MAX, ConfigError, _check, _field  # noqa: F401 (re-exported)
-from kanana_jax.config_posttrain import (CalibrationConfig, DPOConfig,  # noqa: F401 (re-exported)
+from kanana_jax.config_posttrain import (CalibrationConfig, DPOConfig, PipelineConfig,  # noqa: F401 (re-exported)
                                          RejectionSamplingConfig, RewardModelConfig, RLConfig, SFTConfig,
                                          parse_reward_spec)
 
@@ -184,7 +184,7 @@ class DataConfig:
 class TrainConfig:
     """Steps, logging, evaluation, checkpointing and loss weights."""
     stage: Literal["pretrain", "midtrain", "sft", "dpo", "reward_model", "rl",
-                   "rejection_sampling", "calibration"] = "pretrain"
+                   "rejection_sampling", "calibration", "pipeline"] = "pretrain"
     init_from: str = _field("", doc="start from another run's params: WORKDIR[:STEP] or hf:DIR (fresh optimizer "
                                     "and data position; used only while the workdir has no checkpoint of its own)")
     steps: int = _field(200, lo=1)
@@ -275,6 +275,7 @@ class ExperimentConfig:
     rl: RLConfig = dataclasses.field(default_factory=RLConfig)
     rejection_sampling: RejectionSamplingConfig = dataclasses.field(default_factory=RejectionSamplingConfig)
     calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
+    pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
     precision: PrecisionConfig = dataclasses.field(default_factory=PrecisionConfig)
 
     def __post_init__(self):

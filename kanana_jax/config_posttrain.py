@@ -191,3 +191,30 @@ class CalibrationConfig:
         _check(all(kind != "reward_model" for kind, _, _ in terms), "calibration.reward",
                f"{self.reward!r}: calibration runs on verifiable prompts; use 'calibration' or 'verifiable' terms")
 
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """The whole recipe as one run (train.stage='pipeline', train/stages/pipeline.py): stages in order, each in
+    its own folder, each starting from an earlier stage's final policy through train.init_from."""
+    stages: tuple = _field((), doc="((name, config spec, from), ...): spec 'path.py[:args]' with '{name}' standing "
+                                   "for an earlier stage's folder; from: the stage whose final policy is init_from "
+                                   "('' = the previous one, '-' = none)")
+    overrides: tuple = _field((), doc="('stage:dotted.key=value', ...): --set overrides of one stage's config")
+    eval_suites: str = _field("math,code,ifeval,tools", doc="suites scored after each language-model stage")
+    eval_limit: int = _field(8, lo=1, doc="items per suite")
+    eval_max_new_tokens: int = _field(128, lo=1)
+
+    def __post_init__(self):
+        names = []
+        for entry in self.stages:
+            ok = isinstance(entry, (tuple, list)) and len(entry) == 3 and all(isinstance(x, str) for x in entry)
+            _check(ok and bool(entry[0]) and bool(entry[1]), "pipeline.stages",
+                   f"entries are (name, config spec, from), got {entry!r}")
+            _check(entry[0] not in names, "pipeline.stages", f"stage name {entry[0]!r} appears twice")
+            _check(entry[2] in ("", "-") or entry[2] in names, "pipeline.stages",
+                   f"stage {entry[0]!r} starts from {entry[2]!r}, which is not an earlier stage ({names})")
+            names.append(entry[0])
+        for item in self.overrides:
+            stage, _, kv = str(item).partition(":")
+            _check(stage in names and "=" in kv, "pipeline.overrides",
+                   f"{item!r}: expected 'stage:dotted.key=value' with stage one of {names}")

@@ -86,8 +86,13 @@ def _model_mismatch(ours, theirs) -> str | None:
 
 
 def _from_workdir(source: InitSource, cfg: ExperimentConfig, abstract_policy) -> Loaded:
-    from kanana_jax.train.stages import get_stage
+    from kanana_jax.train.stages import DRIVERS, get_stage
     src_cfg = read_source_config(source.path)
+    while src_cfg.train.stage in DRIVERS:   # a driver run (rounds, a pipeline): its final sub-run holds the policy
+        final = DRIVERS[src_cfg.train.stage].final_run(src_cfg, source.path)
+        log.info("%s: %s is a %s run; its final policy is in %s", KEY, source.path, src_cfg.train.stage, final)
+        source = dataclasses.replace(source, path=final)
+        src_cfg = read_source_config(source.path)
     mismatch = _model_mismatch(cfg.model, src_cfg.model)
     prefix = ("params",) + get_stage(src_cfg.train.stage).policy_of(src_cfg)
     checkpointer = Checkpointer(os.path.join(source.path, "checkpoints"), keep=10 ** 6, async_save=False)

@@ -4,15 +4,17 @@
 the pipeline say which one ran; what differs is its config (a reasoning : replay mixture, `train.init_from`).
 """
 from kanana_jax.train.stages import dpo, pretrain, reward_model, rl, sft
-from kanana_jax.train.stages import calibration, rejection_sampling  # drivers (DRIVERS); import the loop lazily
+from kanana_jax.train.stages import calibration, pipeline, rejection_sampling  # drivers (DRIVERS)
 from kanana_jax.train.stages.protocol import BatchField, Stage
 
 MODULES = {"pretrain": pretrain, "midtrain": pretrain, "sft": sft, "dpo": dpo, "reward_model": reward_model,
            "rl": rl}
 STAGES = {name: Stage.from_module(name, module) for name, module in MODULES.items()}
 # Stages made of rounds of other stages: `module.run(cfg, workdir, stop_after=None) -> dict` drives them, every
-# training through loop.run in its own sub-workdir (e.g. rejection sampling: sample -> verify -> keep -> SFT).
-DRIVERS: dict = {"rejection_sampling": rejection_sampling, "calibration": calibration}
+# training through loop.run in its own sub-workdir (e.g. rejection sampling: sample -> verify -> keep -> SFT);
+# `module.final_run(cfg, workdir) -> str` names the sub-run holding the final policy (train.init_from=WORKDIR of
+# a driver run starts from it).
+DRIVERS: dict = {"rejection_sampling": rejection_sampling, "calibration": calibration, "pipeline": pipeline}
 
 
 def get_stage(name: str) -> Stage:

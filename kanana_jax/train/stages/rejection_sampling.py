@@ -517,6 +517,9 @@ def final_run(cfg: ExperimentConfig, workdir: str) -> str:
         sft = os.path.join(workdir, f"round_{r}", "sft")
         if run_record.committed_steps(sft):
             return sft
+    start = _checkpoint_dir(cfg.train.init_from)   # no round trained: the policy it started from is the result
+    if start is not None and os.path.isdir(os.path.join(start, "checkpoints")):
+        return start
     return os.path.join(workdir, f"round_{cfg.rejection_sampling.rounds - 1}", "sft")
 
 
