@@ -272,8 +272,9 @@ def _logging_around_progress_bar():
     """Log lines printed above the progress bar (tqdm.write) instead of through it, where they go to the terminal."""
     import contextlib
 
-    from tqdm.contrib.logging import _is_console_logging_handler, logging_redirect_tqdm
-    if not any(_is_console_logging_handler(h) for h in logging.getLogger().handlers):
+    from tqdm.contrib.logging import logging_redirect_tqdm
+    if not any(isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.stderr)
+               for h in logging.getLogger().handlers):
         return contextlib.nullcontext()
     return logging_redirect_tqdm(loggers=[logging.getLogger()])
 

@@ -89,7 +89,7 @@ def compile_for_topology(cfg, slice_, compile: bool = True) -> dict:
 
     devices = topology_devices(slice_)
     trainer = build_trainer(cfg, devices=devices)
-    check_batch_divides(cfg.data.global_batch_size, trainer.mesh, trainer.rules, cfg.train.grad_accum_steps)
+    check_batch_divides(trainer.batch_rows, trainer.mesh, trainer.rules, cfg.train.grad_accum_steps)
     chips = len(devices)
     report = {"stage": cfg.train.stage, "topology": slice_.name, "num_slices": slice_.num_slices, "chips": chips,
               "device_kind": devices[0].device_kind, "mesh": {k: int(v) for k, v in trainer.mesh.shape.items()},
