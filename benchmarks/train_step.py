@@ -5,9 +5,11 @@
 
 The slice keeps the full width of the 30B-A3B reconstruction (hidden 2048, 16 MLA heads, 128 experts top-6,
 2 shared, vocab 128,256) with fewer layers. Each variant times the real jitted train step (forward, backward,
-optimizer, MuonClip when configured) on synthetic packed batches after warm-up. MFU = tokens/s x model FLOPs per
-token (`kanana_jax.model.flops.flops_per_token`: 6 x active matmul parameters + causal attention, no remat
-recompute) / the bf16 matmul ceiling measured in the same process (8192^3).
+optimizer, MuonClip when configured) on synthetic packed batches after warm-up. Model TFLOP/s = tokens/s x model
+FLOPs per token (`kanana_jax.model.flops.flops_per_token`: 6 x active matmul parameters + causal attention, no
+remat recompute). MFU = that / the chip's spec dense bf16 peak (`kanana_jax.train.metrics.PEAK_TFLOPS`: 989 on
+the H100/H200), as MaxText and most papers report it. Second column, "of achievable": that / the bf16 matmul
+ceiling measured in a child process of the same run, the median over CEILING_SHAPES of each shape's median rate.
 
 Variants: kernels = Pallas attention + Pallas MoE gmm; xla = reference attention (XLA) + jax.lax.ragged_dot;
 tokamax = tokamax attention and ragged_dot in the model's two seams (attention without max logits: MuonClip off).
@@ -83,11 +85,44 @@ def synthetic_batch(batch: int, seq: int, vocab: int, seed: int = 0):
             "positions_BxT": positions, "loss_mask_BxT": np.ones((batch, seq), np.float32)}
 
 
-def matmul_ceiling_tflops() -> float:
-    """bf16 8192^3 matmul rate on this device, median of 10."""
-    a = jax.random.normal(jax.random.PRNGKey(0), (8192, 8192), jnp.bfloat16)
-    f = jax.jit(lambda a: a @ a)
-    return 2 * 8192 ** 3 / bench(f, a, reps=10) / 1e12
+# (M, K, N) of the matmul ceiling: the square 8192^3 and 4096^3 and three of the slice's own GEMM shapes at 16K
+# tokens per microbatch (hidden 2048 -> 16 heads x 192 q, the LM head's vocab chunk, a dense MLP's down-projection).
+CEILING_SHAPES = ((8192, 8192, 8192), (4096, 4096, 4096), (16384, 2048, 3072), (16384, 2048, 16384),
+                  (16384, 8192, 2048))
+
+
+def matmul_ceiling_tflops(shapes=CEILING_SHAPES) -> float:
+    """Median over shapes of the bf16 matmul rates of matmul_ceiling_by_shape."""
+    return statistics.median(matmul_ceiling_by_shape(shapes).values())  # benchmarks/fp8.py uses this one
+
+
+def matmul_ceiling_by_shape(shapes=CEILING_SHAPES, reps: int = 7, inner: int = 10) -> dict[str, float]:
+    """{'MxKxN': TFLOP/s} of bf16 matmuls (random normal operands, fp32 accumulation, bf16 out), each the median
+    over `reps` timings of `inner` back-to-back calls (dispatch overlaps the previous call: no per-call host gap)."""
+    rates = {}
+    for i, (m, k, n) in enumerate(shapes):
+        ka, kb = jax.random.split(jax.random.PRNGKey(i))
+        a = jax.random.normal(ka, (m, k), jnp.bfloat16)
+        b = jax.random.normal(kb, (k, n), jnp.bfloat16)
+        f = jax.jit(lambda a, b: a @ b)
+        jax.block_until_ready([f(a, b) for _ in range(3)])
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            jax.block_until_ready([f(a, b) for _ in range(inner)])
+            times.append((time.perf_counter() - t) / inner)
+        rates[f"{m}x{k}x{n}"] = 2 * m * k * n / statistics.median(times) / 1e12
+    return rates
+
+
+def spec_peak(device_kind: str) -> float:
+    """The chip's spec dense bf16 TFLOP/s (metrics.PEAK_TFLOPS); ValueError naming the table if unlisted."""
+    from kanana_jax.train.metrics import spec_peak_tflops
+    peak = spec_peak_tflops(device_kind)
+    if peak is None:
+        raise ValueError(f"no spec peak for device kind {device_kind!r}: add it to PEAK_TFLOPS in "
+                         "kanana_jax/train/metrics.py (or pass --peak-tflops)")
+    return peak
 
 
 def install_tokamax_seams():
@@ -119,7 +154,9 @@ def profile_top_ops(trainer, state, batch, out_dir: str, top: int = 15):
     return latest["state"], rows
 
 
-def run_variant(name, args, ceiling):
+def run_variant(name, args, ceiling, peak=None):
+    """One variant's step in this process -> its record; peak: spec TFLOP/s (None: metrics.PEAK_TFLOPS)."""
+    peak = peak or spec_peak(jax.devices()[0].device_kind)
     attention_impl, moe_impl = {"kernels": ("kernel", "pallas"), "xla": ("reference", "ragged_dot"),
                                 "tokamax": ("reference", "ragged_dot")}[name]
     if name == "tokamax":
@@ -153,7 +190,8 @@ def run_variant(name, args, ceiling):
     fpt = flops_per_token(cfg.model, args.seq)
     stats = jax.devices()[0].memory_stats() or {}
     return {"variant": name, "step_s": step_s, "tokens_per_s": tokens / step_s,
-            "mfu": tokens / step_s * fpt / (ceiling * 1e12), "model_tflops_per_s": tokens / step_s * fpt / 1e12,
+            "mfu": tokens / step_s * fpt / (peak * 1e12), "of_achievable": tokens / step_s * fpt / (ceiling * 1e12),
+            "model_tflops_per_s": tokens / step_s * fpt / 1e12,
             "peak_gib": stats.get("peak_bytes_in_use", 0) / 2 ** 30, "compile_s": compile_s,
             "loss": float(metrics["loss"]), "top_ops": top_ops}
 
@@ -175,27 +213,41 @@ def main():
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp/train_step_bench"))
     p.add_argument("--only", default="", help=argparse.SUPPRESS)  # internal: run one variant, print JSON
     p.add_argument("--ceiling", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--peak-tflops", type=float, default=0.0,
+                   help="spec dense bf16 TFLOP/s per chip for MFU (0: metrics.PEAK_TFLOPS by device kind)")
+    p.add_argument("--ceiling-only", action="store_true", help="only measure the matmul ceiling (CEILING_SHAPES)")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     if args.only == "ceiling":
-        print(f"RESULT {matmul_ceiling_tflops()}", flush=True)
+        rates = matmul_ceiling_by_shape()
+        print("RESULT " + json.dumps([statistics.median(rates.values()), rates]), flush=True)
         return
+    peak = args.peak_tflops or spec_peak(jax.devices()[0].device_kind)
     if args.only:
-        print("RESULT " + json.dumps(run_variant(args.only, args, args.ceiling), default=str), flush=True)
+        print("RESULT " + json.dumps(run_variant(args.only, args, args.ceiling, peak), default=str), flush=True)
         return
     # The parent holds no device memory: the ceiling and every variant run in their own processes.
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--only", "ceiling"], capture_output=True,
                          text=True, env=CHILD_ENV).stdout
-    ceiling = float([l for l in out.splitlines() if l.startswith("RESULT ")][-1].split()[1])
+    ceiling, ceiling_by_shape = json.loads([l for l in out.splitlines() if l.startswith("RESULT ")][-1][7:])
+    print(f"matmul ceiling (median over {len(ceiling_by_shape)} shapes) {ceiling:.0f} TFLOP/s: "
+          + ", ".join(f"{k} {v:.0f}" for k, v in ceiling_by_shape.items()) + f"; spec peak {peak:.0f}", flush=True)
+    if args.ceiling_only:
+        with open(os.path.join(args.out, "matmul_ceiling.json"), "w") as f:
+            json.dump({"device": str(jax.devices()[0]), "jax": jax.__version__, "spec_peak_tflops": peak,
+                       "matmul_ceiling_tflops": ceiling, "matmul_ceiling_by_shape": ceiling_by_shape}, f, indent=1)
+        return
     cfg = slice_config(args.layers, args.batch, args.seq, "reference", "ragged_dot", args.optimizer, args.remat,
                        muon_clip=False, size=args.size, accum=args.accum)
     counts = count_params(cfg.model)
-    results = {"device": str(jax.devices()[0]), "jax": jax.__version__, "matmul_ceiling_tflops": ceiling,
+    results = {"device": str(jax.devices()[0]), "jax": jax.__version__, "spec_peak_tflops": peak,
+               "matmul_ceiling_tflops": ceiling, "matmul_ceiling_by_shape": ceiling_by_shape,
                "layers": args.layers, "batch": args.batch, "accum": args.accum, "seq": args.seq, "optimizer": args.optimizer,
                "params_total": counts["total"]["all"], "params_active": counts["active"]["all"],
                "flops_per_token": flops_per_token(cfg.model, args.seq), "variants": []}
     for name in args.variants.split(","):  # one process per variant: clean peak memory, no leaked seams
-        cmd = [sys.executable, os.path.abspath(__file__), "--only", name, "--ceiling", str(ceiling)] + [
+        cmd = [sys.executable, os.path.abspath(__file__), "--only", name, "--ceiling", str(ceiling),
+               "--peak-tflops", str(peak)] + [
             f"--{k}={getattr(args, k)}" for k in ("size", "layers", "batch", "accum", "seq", "optimizer", "remat", "reps", "profile",
                                                   "out")] + [f"--set={s}" for s in args.set]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=CHILD_ENV)
@@ -207,16 +259,18 @@ def main():
         print(json.dumps(results["variants"][-1], default=str)[:2000], flush=True)
     with open(os.path.join(args.out, "train_step.json"), "w") as f:
         json.dump(results, f, indent=1, default=str)
-    print(f"\nmatmul ceiling {ceiling:.0f} TFLOP/s; slice: {args.layers} layers, {counts['total']['all']/1e9:.2f}B "
+    print(f"\nspec peak {peak:.0f} TFLOP/s, matmul ceiling {ceiling:.0f} TFLOP/s (median of {len(ceiling_by_shape)} "
+          f"shapes); slice: {args.layers} layers, {counts['total']['all']/1e9:.2f}B "
           f"total, {counts['active']['all']/1e9:.2f}B active, batch {args.accum} x {args.batch}x{args.seq}")
-    print(f"{'variant':<10} {'step ms':>9} {'tok/s':>9} {'MFU':>6} {'peak GiB':>9} {'compile s':>9}")
+    print(f"{'variant':<10} {'step ms':>9} {'tok/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'of ach.':>7} {'peak GiB':>9} "
+          f"{'compile s':>9}")
     base = {r["variant"]: r for r in results["variants"] if "step_s" in r}
     for r in results["variants"]:
         if "error" in r:
             print(f"{r['variant']:<10} error: {r['error'][:150]}")
             continue
-        print(f"{r['variant']:<10} {r['step_s']*1e3:>9.1f} {r['tokens_per_s']:>9.0f} {r['mfu']:>6.1%} "
-              f"{r['peak_gib']:>9.1f} {r['compile_s']:>9.1f}")
+        print(f"{r['variant']:<10} {r['step_s']*1e3:>9.1f} {r['tokens_per_s']:>9.0f} {r['model_tflops_per_s']:>8.0f} "
+              f"{r['mfu']:>6.1%} {r['of_achievable']:>7.1%} {r['peak_gib']:>9.1f} {r['compile_s']:>9.1f}")
     if "kernels" in base:
         for other in ("xla", "tokamax"):
             if other in base:

@@ -13,19 +13,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Dense bf16 peak per chip (datasheets), used for the MFU estimate when train.peak_tflops_per_device is 0.
-PEAK_TFLOPS = {"TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v5": 459.0,
-               "TPU v6 lite": 918.0, "TPU v6e": 918.0, "NVIDIA H100": 989.0, "NVIDIA H200": 989.0}
+# Dense bf16 peak per chip from the vendors' datasheets (no sparsity): the one table of spec peaks. The loop's
+# `mfu` metric (train.peak_tflops_per_device = 0), benchmarks/train_step.py and BENCHMARKS.md divide by it, as
+# MaxText and most papers do. Keys are prefixes of jax's device_kind, longest first where one prefixes another.
+# Sources: NVIDIA H100/H200 SXM datasheets (989.4 TFLOP/s bf16 dense; 1,979 with sparsity); Google Cloud TPU
+# pages (v4 275, v5e 197, v5p 459, v6e 918, TPU7x/Ironwood 2,307 bf16 and 4,614 fp8).
+PEAK_TFLOPS = {"NVIDIA H100": 989.0, "NVIDIA H200": 989.0, "NVIDIA GH200": 989.0,
+               "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v5": 459.0,
+               "TPU v6 lite": 918.0, "TPU v6e": 918.0, "TPU7x": 2307.0, "TPU v7": 2307.0}
+
+
+def spec_peak_tflops(device_kind: str) -> float | None:
+    """Datasheet dense bf16 TFLOP/s of one chip of this jax device_kind (e.g. 'NVIDIA H200'), or None if unlisted."""
+    for name in sorted(PEAK_TFLOPS, key=len, reverse=True):
+        if device_kind.startswith(name):
+            return PEAK_TFLOPS[name]
+    return None
 
 
 def peak_flops_per_device(configured_tflops: float) -> float:
-    """FLOP/s of one device: configured, else the datasheet table by device kind, else a measured f32 matmul."""
+    """FLOP/s of one device: configured, else the datasheet table by device kind, else (a device the table does not
+    list, e.g. a CPU) a measured f32 matmul rate, said once on stderr since MFU against it is no spec-peak MFU."""
     if configured_tflops > 0:
         return configured_tflops * 1e12
     kind = jax.devices()[0].device_kind
-    for name, tflops in PEAK_TFLOPS.items():
-        if kind.startswith(name):
-            return tflops * 1e12
+    tflops = spec_peak_tflops(kind)
+    if tflops is not None:
+        return tflops * 1e12
     n = 512
     a = jnp.ones((n, n), jnp.float32)
     f = jax.jit(lambda a: a @ a)
@@ -33,7 +47,15 @@ def peak_flops_per_device(configured_tflops: float) -> float:
     start = time.perf_counter()
     for _ in range(5):
         f(a).block_until_ready()
-    return 5 * 2 * n ** 3 / (time.perf_counter() - start)
+    rate = 5 * 2 * n ** 3 / (time.perf_counter() - start)
+    if kind not in _SAID_NO_PEAK:
+        _SAID_NO_PEAK.add(kind)
+        print(f"metrics: no spec peak for device kind {kind!r} in PEAK_TFLOPS; mfu is against a measured f32 matmul "
+              f"({rate / 1e12:.3g} TFLOP/s); set train.peak_tflops_per_device to fix it", file=sys.stderr)
+    return rate
+
+
+_SAID_NO_PEAK: set[str] = set()
 
 
 def _read_records(path: str):
