@@ -10,6 +10,7 @@ import pytest
 
 from kanana_jax.config import ModelConfig
 from kanana_jax.generate import sampling as sampling_lib
+from kanana_jax.generate.decode_model import DecodeOptions
 from kanana_jax.generate.sampler import Sampler, SamplingParams
 from kanana_jax.model import Transformer
 
@@ -90,6 +91,21 @@ def test_cached_greedy_equals_argmax_of_full_forward(name):
     # the greedy path is not degenerate: rows differ and tokens vary along a row
     assert len({tuple(r) for r in out["tokens"]}) == len(PROMPTS)
     assert max(len(set(r)) for r in out["tokens"]) > 2
+
+
+@pytest.mark.parametrize("name,options", [
+    ("mla", DecodeOptions(moe="model", mla_matmul="float32")),          # the first decode path
+    ("gqa_yarn_cap", DecodeOptions(moe="gather")),
+    ("mla_qlora_yarn_cap_unscanned", DecodeOptions(moe="kernel")),      # Pallas expert kernel, interpret mode
+])
+def test_every_decode_path_keeps_greedy_equal_to_the_full_forward(name, options):
+    cfg, _, params = _model(name)
+    n_new = 5
+    out = Sampler(cfg, params, decode_options=options).generate_arrays(
+        PROMPTS, SamplingParams(max_new_tokens=n_new, temperature=0.0), jax.random.PRNGKey(0))
+    ref_tokens, ref_logprobs = _reference_greedy(name, PROMPTS, n_new)
+    np.testing.assert_array_equal(out["tokens"], ref_tokens)
+    np.testing.assert_allclose(out["logprobs"], ref_logprobs, atol=2e-4)
 
 
 def test_sampling_is_reproducible_from_the_key_and_respects_top_k():

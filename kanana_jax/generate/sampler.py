@@ -113,11 +113,11 @@ def make_controls(sampling: SamplingParams, stop_sequences: Sequence[Sequence[in
 
 def decode_loop(params, cache, first_logits_BxV, lengths_B, key, controls: dict, *, cfg: ModelConfig,
                 max_new_tokens: int, use_top_k: bool = False, use_top_p: bool = False,
-                valid_vocab: int | None = None):
+                valid_vocab: int | None = None, options: decode_model.DecodeOptions = decode_model.DecodeOptions()):
     """Samples up to N = max_new_tokens tokens after a prefill over S = P + N - 1 cache slots.
 
     `controls` comes from `make_controls` (temperature/top_k/top_p may also be per-row arrays [B]); ids >=
-    `valid_vocab` (beyond the tokenizer's vocabulary) are never drawn.
+    `valid_vocab` (beyond the tokenizer's vocabulary) are never drawn; `options` says how a step computes.
     Returns {'tokens' [B,N] (pad_id after the end), 'logprobs' [B,N], 'sample_logprobs' [B,N] (0 after the end),
     'lengths' [B] (tokens generated, stop token included), 'finish_reason' [B] (index into FINISH_REASONS),
     'cache' (the updated cache: returning it lets a donated input cache be updated in place)}.
@@ -166,7 +166,7 @@ def decode_loop(params, cache, first_logits_BxV, lengths_B, key, controls: dict,
         i, st = carry
         prev_B = lax.dynamic_index_in_dim(st["buf"], width + i - 1, axis=1, keepdims=False)
         logits_BxV, new_cache = decode_model.decode_step(params, st["cache"], prev_B, P + i - 1, start_B, cfg=cfg,
-                                                         stacked_layers=stacked)
+                                                         stacked_layers=stacked, options=options)
         st = record({**st, "cache": new_cache}, i, *draw(logits_BxV, i))
         return i + 1, st
 
@@ -194,27 +194,34 @@ def _gather_rows(cache, logits_BxV, index_B):
 
 
 @functools.lru_cache(maxsize=32)
-def _jitted(cfg: ModelConfig, mesh, batch_axes):
-    """(prefill, decode_loop) jitted once per model config and mesh layout (shared by Samplers)."""
+def _jitted_prefill(cfg: ModelConfig, mesh, batch_axes):
+    """The prefill jitted once per model config and mesh layout (shared by Samplers of any decode options)."""
     prefill_out = None
     if mesh is not None:
         prefill_out = (kv_cache.cache_shardings(cfg, mesh, batch_axes), NamedSharding(mesh, P(batch_axes, None)))
-    prefill = jax.jit(functools.partial(decode_model.prefill, cfg=cfg), static_argnames=("cache_len",),
-                      out_shardings=prefill_out)
-    decode = jax.jit(functools.partial(decode_loop, cfg=cfg), donate_argnums=(1,),
+    return jax.jit(functools.partial(decode_model.prefill, cfg=cfg), static_argnames=("cache_len",),
+                   out_shardings=prefill_out)
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted(cfg: ModelConfig, mesh, batch_axes, options: decode_model.DecodeOptions):
+    """(prefill, decode_loop) jitted once per model config, mesh layout and decode options (shared by Samplers)."""
+    decode = jax.jit(functools.partial(decode_loop, cfg=cfg, options=options), donate_argnums=(1,),
                      static_argnames=("max_new_tokens", "use_top_k", "use_top_p", "valid_vocab"))
-    return prefill, decode
+    return _jitted_prefill(cfg, mesh, batch_axes), decode
 
 
 class Sampler:
     """Generates from a `Transformer` parameter tree; optional tokenizer (for strings) and mesh (batch sharding).
 
     With `mesh`, rows are split over the mesh axes that `rules` map 'activation_batch' to and the parameters are
-    expected on the mesh already (see `shard_params`).
+    expected on the mesh already (see `shard_params`). `decode_options` (decode_model.DecodeOptions) picks how a
+    decode step computes (the default: the fastest paths measured in BENCHMARKS.md "Sampler decode speed").
     """
 
     def __init__(self, cfg: ModelConfig, params, *, tokenizer=None, mesh=None, rules=None, min_prompt_bucket=16,
-                 prefill_score_bytes: int = PREFILL_SCORE_BYTES):
+                 prefill_score_bytes: int = PREFILL_SCORE_BYTES,
+                 decode_options: decode_model.DecodeOptions = decode_model.DecodeOptions()):
         self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
         self.mesh, self.rules = mesh, rules
         self.min_prompt_bucket = min_prompt_bucket
@@ -232,7 +239,7 @@ class Sampler:
             self.row_multiple = math.prod(mesh.shape[a] for a in (self.batch_axes or ()))
             self._rows = NamedSharding(mesh, P(self.batch_axes))
             self._rows_2d = NamedSharding(mesh, P(self.batch_axes, None))
-        self._prefill, self._decode = _jitted(cfg, mesh, self.batch_axes)
+        self._prefill, self._decode = _jitted(cfg, mesh, self.batch_axes, decode_options)
 
     def _context(self):
         stack = contextlib.ExitStack()
