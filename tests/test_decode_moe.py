@@ -1,6 +1,6 @@
 """Decode-time MoE paths equal the model's MoE module; the weights-stationary expert kernel equals its reference
-(interpret mode on CPU) incl. skipped experts, several rounds and a hot expert; greedy decode through each path
-equals the full-forward argmax."""
+(interpret mode on CPU) incl. skipped experts, several rounds and a hot expert, and lowers for CUDA at the 30B
+shape; greedy decode through each path equals the full-forward argmax (tests/test_generate.py)."""
 import dataclasses
 
 import jax
@@ -93,3 +93,20 @@ def test_capacity_and_auto_choice():
     assert decode_moe.resolve_path("auto", 6, 128) == "gather"
     assert decode_moe.resolve_path("auto", 1536, 128) == "model"
     assert dataclasses.replace(DecodeOptions(), moe="model").moe == "model"
+
+
+@pytest.mark.parametrize("slots", [16, 32, 128])
+def test_expert_kernels_lower_for_cuda_at_the_30b_shape(slots):
+    """Pallas Triton lowering (power-of-two value shapes, dynamic indexing of the layer stack) on CPU at the
+    Kanana-2-30B-A3B decode shape: 47 MoE layers, 128 experts, D=2048, F=768."""
+    L, E, D, F = 47, 128, 2048, 768
+    sds = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
+
+    def both(layer, rows, x, wg, wu, wd):
+        return expert_kernel.down(layer, rows, expert_kernel.gate_up(layer, rows, x, wg, wu), wd)
+
+    h200 = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h200)):
+        text = jax.jit(both).trace(sds(dt=jnp.int32), sds(E, dt=jnp.int32), sds(E, slots, D), sds(L, E, D, F),
+                                   sds(L, E, D, F), sds(L, E, F, D)).lower(lowering_platforms=("cuda",)).as_text()
+    assert "gate_up_kernel" in text and "down_kernel" in text

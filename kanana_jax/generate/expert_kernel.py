@@ -9,6 +9,7 @@ The weights are passed as the whole layer stack w[L, E, ...] with the layer inde
 reads w[layer] in place inside the decode loop's layer scan (no dynamic slice of the stack is materialized).
 Measured on the H200 (BENCHMARKS.md "Sampler decode speed"): slower than the model's Mosaic GPU gmm at batch
 64/256 (untuned blocks, and the capacity rounds are a data-dependent while loop); it is an option, not the default.
+jax 0.11 deprecates the Pallas Triton backend (a warning at lowering); a Mosaic GPU port would replace it.
 
     gate_up(layer[1], rows[E], x[E,C,D], w_gate[L,E,D,F], w_up[L,E,D,F]) -> h[E,C,F] = silu(x w_gate) * (x w_up)
     down(layer[1], rows[E], h[E,C,F], w_down[L,E,F,D]) -> y[E,C,D]
