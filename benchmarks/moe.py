@@ -2,6 +2,7 @@
 
 Run on the H200 (each mode is its own process, so peak memory is per implementation):
     python3 benchmarks/moe.py kernels --sweep --out $OUT/kernels.json     # correctness, tile sweep, gmm table
+    python3 benchmarks/moe.py shapes --out $OUT/shapes.json               # any M, N=384: correct or named error
     python3 benchmarks/moe.py layer --impl ours --tilings $OUT/kernels.json --out $OUT/layer_ours.json
     python3 benchmarks/moe.py layer --impl ragged_dot --out $OUT/layer_ragged_dot.json
     python3 benchmarks/moe.py layer --impl tokamax --out $OUT/layer_tokamax.json
@@ -135,6 +136,47 @@ def kernels(args):
     out["permute_combine"] = time_permute_combine(shape, reps)
     print("permute/combine", out["permute_combine"], flush=True)
     write(args.out, out)
+
+
+# Shapes a user may pass (issue 24): row counts no multiple of 8 or of the tile, one row, N=384 (default tn=256 does
+# not divide it); default tilings throughout (the op picks), ragged sizes with empty groups and rows past the groups.
+ANY_SHAPES = [dict(m=3001, n=768), dict(m=100, n=768), dict(m=4097, n=768), dict(m=2049, n=768), dict(m=1, n=768),
+              dict(m=3001, n=384), dict(m=49152, n=384)]
+TINY_ANY_SHAPES = [dict(m=201, n=384), dict(m=1, n=128)]
+
+
+def shapes(args):
+    """Device check at ANY_SHAPES: gmm forward, custom_vjp dlhs/drhs vs autodiff of ragged_dot (fp32 accumulation),
+    each shape's max error / max value; a shape that raises is recorded with its message. Exit status 1 if any fails."""
+    E, K = (4, 128) if args.tiny else (128, 2048)
+    interp = bool(args.interpret)
+    out = {"device": str(jax.devices()[0]), "jax": jax.__version__, "E": E, "K": K, "cases": []}
+    for i, case in enumerate(TINY_ANY_SHAPES if args.tiny else ANY_SHAPES):
+        m, n = case["m"], case["n"]
+        ks = jax.random.split(jax.random.PRNGKey(i), 3)
+        lhs = jax.random.normal(ks[0], (m, K), jnp.bfloat16)
+        rhs = (jax.random.normal(ks[1], (E, K, n), jnp.float32) / np.sqrt(K)).astype(jnp.bfloat16)
+        dout = jax.random.normal(ks[2], (m, n), jnp.bfloat16)
+        gs = ragged_sizes(m, E, i, zeros=8, short=min(37, m // 4))
+        rec = dict(case, rows_in_groups=int(gs.sum()))
+        try:
+            def loss(fn):
+                return lambda l, r: jnp.sum(fn(l, r, gs).astype(jnp.float32) * dout.astype(jnp.float32))
+            ours = lambda l, r, g: gmm(l, r, g, backend="gpu", interpret=interp)
+            y = jax.jit(ours)(lhs, rhs, gs)
+            g_ours = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(lhs, rhs)
+            g_ref = jax.jit(jax.grad(loss(oracle_gmm), argnums=(0, 1)))(lhs, rhs)
+            rec.update(fwd=rel_err(y, oracle_gmm(lhs, rhs, gs)), dlhs=rel_err(g_ours[0], g_ref[0]),
+                       drhs=rel_err(g_ours[1], g_ref[1]),
+                       tail_zero=bool(np.all(np.asarray(y[int(gs.sum()):], np.float32) == 0)))
+            rec["ok"] = max(rec["fwd"], rec["dlhs"], rec["drhs"]) < 2e-2 and rec["tail_zero"]
+        except Exception as e:
+            rec.update(ok=False, error=f"{type(e).__name__}: {str(e)[:400]}")
+        print(rec, flush=True)
+        out["cases"].append(rec)
+    write(args.out, out)
+    if not all(r["ok"] for r in out["cases"]):
+        sys.exit(1)
 
 
 def time_gmm(fn, lhs, rhs, gs, reps):
@@ -276,7 +318,7 @@ def write(path, obj):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["kernels", "layer", "table"])
+    p.add_argument("mode", choices=["kernels", "shapes", "layer", "table"])
     p.add_argument("files", nargs="*")
     p.add_argument("--impl", default="ours", choices=["ours", "ragged_dot", "tokamax"])
     p.add_argument("--perm", default="gather", choices=["gather", "xla"])
@@ -286,7 +328,7 @@ def main():
     p.add_argument("--interpret", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    {"kernels": kernels, "layer": layer, "table": table}[args.mode](args)
+    {"kernels": kernels, "shapes": shapes, "layer": layer, "table": table}[args.mode](args)
 
 
 if __name__ == "__main__":

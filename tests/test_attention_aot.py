@@ -51,6 +51,39 @@ def test_gpu_kernels_lower_for_hopper(shape):
     assert ("cp.reduce" in text) == (Dqk == 64)      # the fused backward's dQ goes out by TMA reduce-add
 
 
+def _lower_fwd_bwd_for_hopper(Dqk, Dv, seg, T=256):
+    import jax
+    import jax.numpy as jnp
+    from pallas_kernels.attention import flash_attention
+    sds = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)
+    seg_ids = jax.ShapeDtypeStruct((1, T), jnp.int32) if seg else None
+
+    def loss(q, k, v, s):
+        out, max_logits = flash_attention(q, k, v, logit_soft_cap=50.0, segment_ids=s, return_max_logits=True,
+                                          backend="gpu")
+        return out.astype(jnp.float32).sum() + max_logits.sum()
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(
+        sds(1, T, 2, Dqk), sds(1, T, 1, Dqk), sds(1, T, 1, Dv), seg_ids).lower(lowering_platforms=("cuda",))
+
+
+@pytest.mark.parametrize("Dqk,Dv,seg", [(256, 128, True), (64, 256, True)])
+def test_wide_heads_that_pass_the_shared_memory_check_lower_for_hopper(Dqk, Dv, seg):
+    """Issue 24: head dims up to 256 where gpu.smem_bytes says the kernels fit: Mosaic GPU agrees."""
+    _lower_fwd_bwd_for_hopper(Dqk, Dv, seg)
+
+
+@pytest.mark.parametrize("Dqk,Dv", [(256, 192), (256, 256)])
+def test_shared_memory_estimate_matches_the_compiler(Dqk, Dv, monkeypatch):
+    """The shapes our check rejects do exceed 227 KB in Mosaic GPU, by the bytes gpu.smem_bytes counts."""
+    from pallas_kernels.attention import gpu
+    from pallas_kernels.attention.block_sizes import default_block_sizes
+    monkeypatch.setattr(gpu, "check_gpu_shapes", lambda *a, **k: None)
+    est = gpu.smem_bytes(Dqk, Dv, default_block_sizes("gpu", Dqk, Dv), False)
+    first_over = next(b for b in est.values() if b > gpu.MAX_SMEM_BYTES)  # the kernels lower in this order
+    with pytest.raises(Exception, match=f"smem_bytes={first_over} > max_smem_bytes={gpu.MAX_SMEM_BYTES}"):
+        _lower_fwd_bwd_for_hopper(Dqk, Dv, False)
+
+
 @pytest.mark.parametrize("topology", ["v5p:2x2x1", "v6e:2x2"])
 def test_packed_segment_skipping_compiles_for_tpu(topology):
     """Segment ids: scalar-prefetched block bounds in SMEM and bound-clamped index maps, with dK/dV and dQ tiles of

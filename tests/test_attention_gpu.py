@@ -52,6 +52,24 @@ def test_gpu_kernel_rejects_float32_and_odd_head_dims():
         flash_attention(q, q, q, backend="gpu", interpret=True)
 
 
+def test_gpu_kernel_runs_dqk_256_where_shared_memory_fits():
+    """Issue 24: Dqk=256 works with Dv <= 128 (default blocks: 64-row rings); the H200 checks it too
+    (`benchmarks/attention.py --wide-heads`)."""
+    compare_with_reference("gpu", seed=3, B=1, T=128, S=128, H=1, KVH=1, Dqk=256, Dv=128, dtype=jnp.bfloat16,
+                           causal=True, cap=50.0, seg=False)
+
+
+@pytest.mark.parametrize("dqk,dv,seg", [(256, 256, False), (256, 192, False), (192, 256, True)])
+def test_gpu_kernel_names_the_shared_memory_limit(dqk, dv, seg):
+    """These pass the head-dim rule but not 227 KB of shared memory (on the H200, 256/256 and 256/192 failed inside
+    Mosaic GPU before this check): the error says so, before Mosaic."""
+    q = jnp.ones((1, 128, 1, dqk), jnp.bfloat16)
+    v = jnp.ones((1, 128, 1, dv), jnp.bfloat16)
+    ids = jnp.ones((1, 128), jnp.int32) if seg else None
+    with pytest.raises(ValueError, match=r"shared memory > 232448.*Dqk \+ Dv <= 384"):
+        flash_attention(q, q, v, segment_ids=ids, backend="gpu", interpret=True)
+
+
 # Packed documents where whole blocks are skipped (segment-aware block ranges). A: GQA 2, causal, a document
 # shorter than a block, block-aligned documents (blocks with no mask), padded query tiles with an empty range, a
 # 3-deep ring so ring slots differ from block indices. B: non-causal with soft-cap, unsorted query ids, a query

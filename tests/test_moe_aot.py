@@ -31,3 +31,27 @@ def test_gmm_forward_and_backward_compile_for_tpu(topology):
     compiled = step.lower(spec((M, K)), spec((E, K, N)), spec((E,), jnp.int32), spec((E, K, N))).compile()
     text = compiled.as_text()
     assert text.count("moe_gmm") >= 3 and "moe_tgmm" in text, "expected the Mosaic kernels in the compiled step"
+
+
+@pytest.mark.parametrize("m", [3001, 100])
+def test_any_row_count_and_n_384_compile_for_tpu_with_default_tiling(m):
+    """Issue 24's shapes: M no multiple of 8 or of the tile, N=384 that tn=1024 does not divide."""
+    device = topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x1").devices[0]
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    spec = lambda shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+    loss = lambda lhs, rhs, gs: jnp.sum(gmm(lhs, rhs, gs, backend="tpu").astype(jnp.float32) ** 2)
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(
+        spec((m, 256)), spec((8, 256, 384)), spec((8,), jnp.int32)).compile()
+    assert compiled.as_text().count("moe_gmm") >= 2
+
+
+@pytest.mark.parametrize("m,n", [(3001, 384), (4097, 768)])
+def test_any_row_count_lowers_for_hopper_with_default_tiling(m, n):
+    """Mosaic GPU's TMA rules (rows a multiple of 8) are checked at lowering: M=3001 failed there before the op
+    padded M; N=384 needs tn=128, which the default tiling now picks."""
+    sds = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    loss = lambda lhs, rhs, gs: jnp.sum(gmm(lhs, rhs, gs, backend="gpu").astype(jnp.float32) ** 2)
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(
+        sds(m, 256), sds(8, 256, n), jax.ShapeDtypeStruct((8,), jnp.int32)).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text

@@ -23,9 +23,13 @@ def sizes_case(case, m, e, seed):
         sizes = np.zeros(e, np.int32)
         sizes[rng.integers(e)] = m
         return sizes
+    if case == "full":  # every row in a group (no tail), empty groups included
+        p = rng.dirichlet(np.ones(e))
+        p[rng.choice(e, min(2, e - 1), replace=False)] = 0
+        return rng.multinomial(m, p / p.sum()).astype(np.int32)
     p = rng.dirichlet(np.ones(e))
     p[rng.choice(e, 2, replace=False)] = 0
-    return rng.multinomial(m - int(rng.integers(1, 40)), p / p.sum()).astype(np.int32)
+    return rng.multinomial(max(m - int(rng.integers(1, 40)), 0), p / p.sum()).astype(np.int32)
 
 
 def operands(m, k, n, e, dtype, seed):
@@ -106,3 +110,26 @@ def test_bad_arguments_name_the_problem():
         gmm(lhs, rhs.astype(jnp.float32), jnp.array([30, 34]))
     with pytest.raises(ValueError, match="Tiling"):
         gmm(lhs, rhs, jnp.array([30, 34]), tiling=Tiling(64, 96, 128), backend="gpu", interpret=True)
+
+
+# Shapes a user may pass (issue 24): row counts that are no multiple of 8 or of the tile (ragged tails past the
+# groups, empty groups), a single row, and N=384 that the default tn=256 does not divide: default tilings
+# (tiling=None) must pick a legal block themselves. The H200 runs the real sizes (M=3001, 4097, 2049, 100):
+# `benchmarks/moe.py shapes`.
+@pytest.mark.parametrize("m,case", [(201, "full"), (1, "one")])
+def test_gpu_kernel_any_row_count_default_tiling(m, case):
+    check_gmm_and_grads("gpu", None, jnp.bfloat16, case, 11 + m, m=m, k=128, n=384, e=4)
+
+
+@pytest.mark.parametrize("m,case", [(201, "ragged"), (1, "one")])
+def test_tpu_kernel_any_row_count_default_tiling(m, case):
+    check_gmm_and_grads("tpu", None, jnp.bfloat16, case, 21 + m, m=m, k=128, n=384, e=4)
+
+
+def test_default_tiling_names_the_constraint_when_none_fits():
+    lhs, rhs, _ = operands(16, 64, 96, 2, jnp.bfloat16, 0)  # N=96: no multiple of 128 divides it
+    with pytest.raises(ValueError, match=r"N % 128 == 0"):
+        gmm(lhs, rhs, jnp.array([8, 8]), backend="gpu", interpret=True)
+    lhs, rhs, _ = operands(16, 128, 1100, 2, jnp.bfloat16, 0)  # N=1100 > tn=1024, no multiple of 128 divides it
+    with pytest.raises(ValueError, match=r"no such block exists"):
+        gmm(lhs, rhs, jnp.array([8, 8]), backend="tpu", interpret=True)

@@ -9,6 +9,7 @@ Backward kernels live in gpu_bwd.py (dK/dV + dQ kernels, or one fused kernel wit
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,41 @@ from pallas_kernels.attention.block_sizes import BlockSizes
 CTA_ROWS = gc.COMPUTE_WGS * gc.WG_ROWS
 
 
-def check_gpu_shapes(q, k, v, block_sizes: BlockSizes):
+MAX_SMEM_BYTES = 232448  # shared memory one CTA may use on the H100/H200 (227 KB, what Mosaic GPU reports)
+_SMEM_EXTRA = 2048  # what Mosaic GPU's forward took beyond its scratch list at Dqk/Dv = 256/192 (see smem_bytes)
+
+
+def smem_bytes(Dqk: int, Dv: int, block_sizes: BlockSizes, has_seg: bool) -> dict[str, int]:
+    """Shared memory of each kernel the call runs, {kernel name: bytes}, from the scratch lists in `forward`,
+    gpu_bwd._dkv_call and gpu_bwd._dq_call: each buffer rounded up to 1 KB, 8 bytes per barrier, plus
+    _SMEM_EXTRA for the forward and dQ kernels. Checked against Mosaic GPU's own count (the H200, and lowering for
+    CUDA on CPU: tests/test_attention_aot.py): exact for the dK/dV kernel at Dqk = Dv = 256 (264,304 bytes) and the
+    forward at 256/192 (233,560, which is 2,048 beyond its list); the dQ kernel's extra is assumed, not seen."""
+    from pallas_kernels.attention import gpu_bwd
+    wg, bq, st = gc.COMPUTE_WGS, gc.WG_ROWS, block_sizes.num_stages
+    buf = lambda *shape_and_bytes: -(-math.prod(shape_and_bytes) // 1024) * 1024
+    seg = int(has_seg)
+    bk = block_sizes.block_kv
+    fwd = (buf(wg, bq, Dqk, 2) + (0 if Dqk == Dv else buf(wg, bq, Dv, 2)) + buf(st, bk, Dqk, 2) + buf(st, bk, Dv, 2)
+           + seg * (buf(wg, bq, 4) + buf(st, bk, 4)) + 2 * buf(wg, bq, 4)
+           + 8 * (wg + seg * wg + 4 * st + seg * st + 1))
+    bqs = block_sizes.block_q_dkv
+    fused = gpu_bwd.fused_preferred(Dqk)
+    store_cols = gpu_bwd.DQ_CHUNK if Dqk + Dv <= 256 else gpu_bwd.DQ_CHUNK // 2
+    dkv = (buf(wg, bq, Dqk, 2) + buf(wg, bq, Dv, 2) + seg * buf(wg, bq, 4) + buf(st, bqs, Dqk, 2)
+           + buf(st, bqs, Dv, 2) + 2 * buf(st, bqs, 4) + seg * buf(st, bqs, 4)
+           + 8 * (2 * wg + seg * wg + 5 * st + seg * st)
+           + fused * (buf(2, wg, bq, bqs, 2) + buf(wg, bqs, store_cols, 4) + 8 * 2))
+    out = {"flash_fwd": fwd + _SMEM_EXTRA, "flash_bwd_fused" if fused else "flash_bwd_dkv": dkv}
+    if not fused:
+        bks = block_sizes.block_kv_dq
+        out["flash_bwd_dq"] = (buf(wg, bq, Dqk, 2) + buf(wg, bq, Dv, 2) + buf(2, wg, bq, 4) + seg * buf(wg, bq, 4)
+                               + buf(st, bks, Dqk, 2) + buf(st, bks, Dv, 2) + seg * buf(st, bks, 4)
+                               + 8 * (4 * wg + seg * wg + 3 * st + seg * st) + _SMEM_EXTRA)
+    return out
+
+
+def check_gpu_shapes(q, k, v, block_sizes: BlockSizes, has_seg: bool = False):
     """Raise ValueError naming the constraint the Mosaic GPU kernels need that these inputs break."""
     if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"gpu attention needs q, k, v all bfloat16 or all float16 (wgmma operands); got "
@@ -35,6 +70,15 @@ def check_gpu_shapes(q, k, v, block_sizes: BlockSizes):
         if b % 64 or b > 256:
             raise ValueError(f"gpu attention needs BlockSizes.{name} a multiple of 64 and <= 256 (wgmma K tiles of "
                              f"the 128-byte swizzle); got {b}")
+    Dqk, Dv = q.shape[-1], v.shape[-1]
+    for kernel, used in smem_bytes(Dqk, Dv, block_sizes, has_seg).items():
+        if used > MAX_SMEM_BYTES:
+            raise ValueError(
+                f"gpu attention at Dqk={Dqk}, Dv={Dv}{' with segment ids' if has_seg else ''}: kernel {kernel} needs "
+                f"~{used} bytes of shared memory > {MAX_SMEM_BYTES} (227 KB per CTA on Hopper) with {block_sizes}; "
+                "its stationary blocks are 128 rows and its ring at least 2 x 64 rows of both head dims, about "
+                "512 x (Dqk + Dv) bytes plus 2-4 KB, so Dqk + Dv <= 384 (e.g. Dqk=256 with Dv <= 128, Dqk=192 with "
+                "Dv <= 192); use backend='reference' or smaller heads")
 
 
 def _fwd_kernel(*refs, G, nq, nkv, bk, stages, has_seg, causal_offset, kv_len, kv_padded, scale, cap,

@@ -153,7 +153,7 @@ def flash_attention(q, k, v, *, causal=True, sm_scale=None, logit_soft_cap=None,
             raise ValueError(f"block_sizes must be a BlockSizes; got {type(block_sizes).__name__}")
         if backend == "gpu":
             from pallas_kernels.attention.gpu import check_gpu_shapes
-            check_gpu_shapes(q, k, v, block_sizes)
+            check_gpu_shapes(q, k, v, block_sizes, has_seg=q_seg is not None)
         else:
             from pallas_kernels.attention.tpu import check_tpu_shapes
             check_tpu_shapes(q, k, v, block_sizes)

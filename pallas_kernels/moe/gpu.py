@@ -4,9 +4,14 @@ Both are persistent kernels (one CTA per SM) with three warpgroups: one issues T
 halves of the output tile. gmm tiles start at each group's start rounded down to 8 rows (TMA into tiled shared
 memory), so no tile computes two groups; a tile's own rows are stored with a ladder of power-of-two TMA stores.
 Rows beyond sum(group_sizes) are written as zeros. tgmm masks the rows of neighbouring groups in its edge blocks.
+
+Any row count M works: M is zero-padded up to a multiple of 8 (and at least one tile) inside the op, the padded
+rows fall in the tail past the groups (written as zeros, then sliced off). With tiling=None, tk and tn shrink to
+divide K and N (e.g. N=384 -> tn=128); where no legal block divides them, the error names the constraint.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -38,6 +43,31 @@ def _store_rows(src_smem, dst_gmem_rows, start, count, max_rows):
         p //= 2
 
 
+def default_gmm_tiling(k: int, n: int, dtype) -> Tiling:
+    """DEFAULT_GMM (DEFAULT_GMM_FP8 for 8-bit operands) with tn shrunk to divide N; ValueError naming the
+    constraint when K or N admits no legal block."""
+    base = DEFAULT_GMM_FP8 if jnp.dtype(dtype).itemsize == 1 else DEFAULT_GMM
+    tk = tiling_lib.pick_block(k, (base.tk,))  # one 128-byte swizzle row: the smallest legal tk
+    tn = tiling_lib.pick_block(n, (base.tn, 128))  # two warpgroups of >= 64 columns
+    if tk is None or tn is None:
+        raise ValueError(
+            f"gmm on GPU: [M,K={k}] x rhs -> [M,N={n}] needs K % {base.tk} == 0 (one 128-byte swizzle row of "
+            f"{jnp.dtype(dtype).name}) and N % 128 == 0 (two wgmma halves of 64 columns); zero-pad the weights' "
+            "K/N up to those multiples (and slice the output), or use backend='reference'")
+    return dataclasses.replace(base, tk=tk, tn=tn)
+
+
+def default_tgmm_tiling(k: int, n: int) -> Tiling:
+    """DEFAULT_TGMM with tn shrunk to divide N; ValueError naming the constraint when none can."""
+    tk = tiling_lib.pick_block(k, (DEFAULT_TGMM.tk,))
+    tn = tiling_lib.pick_block(n, (DEFAULT_TGMM.tn, 128, 64))
+    if tk is None or tn is None:
+        raise ValueError(
+            f"tgmm on GPU: out [E,K={k},N={n}] needs K % 128 == 0 (two warpgroups of 64 rows) and N % 64 == 0 "
+            "(swizzled 128-byte tiles); zero-pad K/N up to those multiples, or use backend='reference'")
+    return dataclasses.replace(DEFAULT_TGMM, tk=tk, tn=tn)
+
+
 def gmm(lhs_MxK, rhs, group_sizes_E, *, transpose_rhs=False, out_dtype=None, tiling: Tiling | None = None,
         interpret=False, scales_E=None):
     """out[M,N] = lhs rows of group g @ rhs[g] ([E,K,N], or [E,N,K] when transpose_rhs); rows past the groups are 0.
@@ -49,19 +79,20 @@ def gmm(lhs_MxK, rhs, group_sizes_E, *, transpose_rhs=False, out_dtype=None, til
     if fp8 and not transpose_rhs:
         raise ValueError("gmm on GPU with fp8 operands needs rhs as [E,N,K] (transpose_rhs=True): wgmma reads "
                          "8-bit operands K-major only; transpose the quantized weights once")
-    t = tiling or (DEFAULT_GMM_FP8 if fp8 else DEFAULT_GMM)
     out_dtype = jnp.dtype(out_dtype or lhs_MxK.dtype)
     m, k, n, num_experts = tiling_lib.gmm_dims(lhs_MxK, rhs, transpose_rhs)
+    t = tiling or default_gmm_tiling(k, n, lhs_MxK.dtype)
     tm, tk, tn = t.tm, t.tk, t.tn
     tk_align = 128 // jnp.dtype(lhs_MxK.dtype).itemsize  # one 128-byte swizzle row
     if tm % 64 or tk % tk_align or tn % 128 or k % tk or n % tn:
         raise ValueError(
             f"gmm GPU tiling {t} needs tm % 64 == 0, tk % {tk_align} == 0 ({lhs_MxK.dtype}), tn % 128 == 0, "
-            f"K={k} % tk == 0 and N={n} % tn == 0; pass a Tiling that divides the shape")
+            f"K={k} % tk == 0 and N={n} % tn == 0; pass a Tiling that divides the shape, or tiling=None to pick one")
     if scales_E is not None and scales_E.shape != (num_experts,):
         raise ValueError(f"gmm: scales_E must be [E={num_experts}] float32, got {scales_E.shape}")
-    if m < tm:  # TMA boxes may not exceed the array: pad tiny inputs
-        out = gmm(jnp.pad(lhs_MxK, ((0, tm - m), (0, 0))), rhs, group_sizes_E, transpose_rhs=transpose_rhs,
+    m_pad = max(tm, tiling_lib.round_up(m, _ALIGN))
+    if m_pad != m:  # TMA: rows a multiple of 8, boxes no larger than the array. Padded rows = tail past the groups
+        out = gmm(jnp.pad(lhs_MxK, ((0, m_pad - m), (0, 0))), rhs, group_sizes_E, transpose_rhs=transpose_rhs,
                   out_dtype=out_dtype, tiling=t, interpret=interpret, scales_E=scales_E)
         return out[:m]
     # group E (rows past the groups) writes a zero accumulator; its scale is never used
@@ -153,20 +184,21 @@ def gmm(lhs_MxK, rhs, group_sizes_E, *, transpose_rhs=False, out_dtype=None, til
 def tgmm(lhs_MxK, rhs_MxN, group_sizes_E, *, out_dtype=None, tiling: Tiling | None = None, interpret=False):
     """out[E,K,N] = lhs[rows of g].T @ rhs[rows of g]; empty groups give zeros. Note lhs is row-major [M,K]."""
     hopper.check_wgmma_dtypes(lhs_MxK, rhs_MxN, "tgmm")
-    t = tiling or DEFAULT_TGMM
     out_dtype = jnp.dtype(out_dtype or lhs_MxK.dtype)
     m, k = lhs_MxK.shape
     m2, n = rhs_MxN.shape
     if m != m2:
         raise ValueError(f"tgmm: lhs has {m} rows, rhs has {m2}")
+    t = tiling or default_tgmm_tiling(k, n)
     num_experts = group_sizes_E.shape[0]
     tm, tk, tn = t.tm, t.tk, t.tn
     if tm % 64 or tk % 128 or tn % 64 or k % tk or n % tn:
         raise ValueError(
             f"tgmm GPU tiling {t} needs tm % 64 == 0, tk % 128 == 0, tn % 64 == 0, K={k} % tk == 0 and "
-            f"N={n} % tn == 0; pass a Tiling that divides the shape")
-    if m < tm:
-        pad = ((0, tm - m), (0, 0))
+            f"N={n} % tn == 0; pass a Tiling that divides the shape, or tiling=None to pick one")
+    m_pad = max(tm, tiling_lib.round_up(m, _ALIGN))
+    if m_pad != m:  # as in gmm; the zero rows past the groups belong to no group
+        pad = ((0, m_pad - m), (0, 0))
         return tgmm(jnp.pad(lhs_MxK, pad), jnp.pad(rhs_MxN, pad), group_sizes_E, out_dtype=out_dtype, tiling=t,
                     interpret=interpret)
     offsets = tiling_lib.group_offsets(group_sizes_E)

@@ -47,6 +47,16 @@ def as_gmm_tilings(tiling) -> GmmTilings:
     raise TypeError(f"tiling must be None, a Tiling or a (fwd, dlhs, drhs) tuple of Tilings, got {tiling!r}")
 
 
+def pick_block(dim: int, preferred: tuple[int, ...]) -> int | None:
+    """The first of `preferred` (block sizes, best first) that divides dim, else None."""
+    return next((b for b in preferred if dim % b == 0), None)
+
+
+def round_up(a: int, b: int) -> int:
+    """a rounded up to a multiple of b."""
+    return -(-a // b) * b
+
+
 def gmm_dims(lhs_MxK, rhs, transpose_rhs: bool) -> tuple[int, int, int, int]:
     """(M, K, N, E) of gmm(lhs[M,K], rhs[E,K,N] or [E,N,K] with transpose_rhs); ValueError if K disagrees."""
     m, k = lhs_MxK.shape

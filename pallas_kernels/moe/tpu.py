@@ -3,6 +3,7 @@
 Group metadata (group offsets, visit -> group id, visit -> m tile, number of visits) is computed in jnp and
 passed by scalar prefetch; the grid is bounded statically by tiles_m + groups - 1 visits. An m tile that holds
 rows of several groups is visited once per group, consecutively, and each visit writes only its group's rows.
+Any M works (zero-padded to a multiple of 128 inside the op); with tiling=None, tk and tn shrink to divide K and N.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pallas_kernels.moe.tiling import Tiling
 DEFAULT_GMM = Tiling(tm=512, tk=1024, tn=1024)
 DEFAULT_TGMM = Tiling(tm=512, tk=1024, tn=1024)
 _VMEM_LIMIT = 64 * 1024 * 1024
+_M_ALIGN = 128  # M is padded to this inside the ops (lane dim of tgmm's lhs blocks; blocks never exceed the array)
 
 
 def _interpret_params(interpret):
@@ -26,13 +28,17 @@ def _interpret_params(interpret):
     return interpret if isinstance(interpret, pltpu.InterpretParams) else pltpu.InterpretParams()
 
 
-def _fit(block: int, dim: int, align: int, name: str, what: str) -> int:
-    """Clip a block size to the dimension; it must divide it and be a multiple of `align` (or equal it)."""
+def _fit(block: int, dim: int, align: int, name: str, what: str, auto: bool = False) -> int:
+    """Clip a block size to the dimension; it must divide it and be a multiple of `align` (or equal it).
+    auto (the default tiling): else the largest multiple of `align` below `block` that divides dim."""
     block = min(block, dim)
+    if auto and (dim % block or block % align) and block != dim:
+        block = next((b for b in range(block // align * align, 0, -align) if dim % b == 0), block)
     if dim % block or (block != dim and block % align):
         raise ValueError(
             f"{what} TPU tiling: {name}={block} must divide {dim} and be a multiple of {align} (or equal {dim}); "
-            "pass a Tiling that fits the shape")
+            + (f"no such block exists: zero-pad that dimension to a multiple of {align}" if auto else
+               "pass a Tiling that fits the shape, or tiling=None to pick one"))
     return block
 
 
@@ -50,11 +56,16 @@ def gmm(lhs_MxK, rhs, group_sizes_E, *, transpose_rhs=False, out_dtype=None, til
     fp8 = jnp.dtype(lhs_MxK.dtype).itemsize == 1 or jnp.dtype(rhs.dtype).itemsize == 1
     out_dtype = jnp.dtype(out_dtype or lhs_MxK.dtype)
     m, k, n, num_experts = tiling_lib.gmm_dims(lhs_MxK, rhs, transpose_rhs)
+    if m % _M_ALIGN:  # any M: zero rows up to a multiple of 128 fall in the tail past the groups (zeros), sliced off
+        out = gmm(jnp.pad(lhs_MxK, ((0, tiling_lib.round_up(m, _M_ALIGN) - m), (0, 0))), rhs, group_sizes_E,
+                  transpose_rhs=transpose_rhs, out_dtype=out_dtype, tiling=tiling, interpret=interpret,
+                  scales_E=scales_E)
+        return out[:m]
     tm = min(t.tm, -(-m // _sublane(lhs_MxK.dtype)) * _sublane(lhs_MxK.dtype))
     if tm % _sublane(lhs_MxK.dtype):
         raise ValueError(f"gmm TPU tiling: tm={tm} must be a multiple of {_sublane(lhs_MxK.dtype)}")
-    tk = _fit(t.tk, k, 128, "tk", "gmm")
-    tn = _fit(t.tn, n, 128, "tn", "gmm")
+    tk = _fit(t.tk, k, 128, "tk", "gmm", auto=tiling is None)
+    tn = _fit(t.tn, n, 128, "tn", "gmm", auto=tiling is None)
     sizes = tiling_lib.with_tail_group(group_sizes_E, m)  # group E: rows past sum(group_sizes), written as 0
     meta = tiling_lib.aligned_visits(sizes, m, tm, visit_empty=False)
     num_visits_max = meta.group_ids.shape[0]
@@ -122,12 +133,16 @@ def tgmm(lhs_KxM, rhs_MxN, group_sizes_E, *, out_dtype=None, tiling: Tiling | No
     m2, n = rhs_MxN.shape
     if m != m2:
         raise ValueError(f"tgmm: lhs is [K={k}, M={m}] but rhs has {m2} rows")
+    if m % _M_ALIGN:  # any M: the zero rows past the groups belong to no group
+        pad = tiling_lib.round_up(m, _M_ALIGN) - m
+        return tgmm(jnp.pad(lhs_KxM, ((0, 0), (0, pad))), jnp.pad(rhs_MxN, ((0, pad), (0, 0))), group_sizes_E,
+                    out_dtype=out_dtype, tiling=tiling, interpret=interpret)
     num_experts = group_sizes_E.shape[0]
     tm = min(t.tm, -(-m // 128) * 128)
     if tm % 128:
         raise ValueError(f"tgmm TPU tiling: tm={tm} (lane dim of lhs blocks) must be a multiple of 128")
-    tk = _fit(t.tk, k, _sublane(lhs_KxM.dtype), "tk", "tgmm")
-    tn = _fit(t.tn, n, 128, "tn", "tgmm")
+    tk = _fit(t.tk, k, _sublane(lhs_KxM.dtype), "tk", "tgmm", auto=tiling is None)
+    tn = _fit(t.tn, n, 128, "tn", "tgmm", auto=tiling is None)
     meta = tiling_lib.aligned_visits(group_sizes_E.astype(jnp.int32), m, tm, visit_empty=True)
     num_visits_max = meta.group_ids.shape[0]
 
