@@ -27,7 +27,7 @@ import time
 import jax
 import numpy as np
 
-from kanana_jax.config import ExperimentConfig, parse_reward_spec
+from kanana_jax.config import ConfigError, ExperimentConfig, parse_reward_spec
 from kanana_jax.data.preference import response_tokens
 from kanana_jax.evals.calibration import expected_calibration_error, strip_confidence
 from kanana_jax.generate.sampler import SamplingParams
@@ -147,6 +147,23 @@ def _confidence_metrics(track: Track, passed, prefix: str = "") -> dict:
     return out
 
 
+def _check_prompts_fit(cfg: ExperimentConfig, track: Track, renderer) -> None:
+    """A sample longer than data.seq_len is dropped from the batch (counted in rollout/overlong): stop at start
+    when most of a track's prompts cannot fit their first answer, and warn when some cannot."""
+    budget = cfg.data.seq_len - cfg.rl.max_new_tokens - 1
+    lengths = np.array([len(renderer.render_for_generation(r["messages"], r.get("tools"))) for r in track.prompts])
+    over = int((lengths > budget).sum())
+    if not over:
+        return
+    what = (f"rl.tracks {track.name!r}: {over} of {len(lengths)} prompts (longest {int(lengths.max())} tokens) "
+            f"leave no room for rl.max_new_tokens={cfg.rl.max_new_tokens} (+1 end token) within "
+            f"data.seq_len={cfg.data.seq_len}; their samples would be dropped from every batch")
+    if over * 2 > len(lengths):
+        raise ConfigError(f"{what}: raise data.seq_len to at least {int(lengths.max()) + cfg.rl.max_new_tokens + 1} "
+                          "or lower rl.max_new_tokens")
+    log.warning("%s", what)
+
+
 class RolloutSource:
     """Rollout batches of stages/rl.py (module docstring); `bind` and `observe` come from the loop."""
 
@@ -160,6 +177,8 @@ class RolloutSource:
         self.weights = weights / weights.sum()
         self.generator = RolloutGenerator(cfg, _sampling(cfg), batch_size=cfg.rl.rollout_batch,
                                           max_turns=cfg.rl.max_turns)
+        for track in self.tracks:
+            _check_prompts_fit(cfg, track, self.generator.renderer)
         self.st = {"version": STATE_VERSION, "rollout": -1, "epoch": cfg.rl.epochs, "kl_coef": cfg.rl.kl_coef,
                    "track_pos": [0] * len(self.tracks), "track_epoch": [0] * len(self.tracks),
                    "track_drawn": [0] * len(self.tracks)}
