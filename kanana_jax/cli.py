@@ -162,6 +162,38 @@ def run_summary(cfg, args, row: dict, seconds: float) -> str:
     return "\n".join(lines)
 
 
+DRIVER_OUTPUTS = ("eval_table.md", "eval_table.png", "rounds.jsonl", "calibration_eval.json", "reliability.png")
+
+
+def driver_summary(cfg, args, row: dict, seconds: float) -> str:
+    """The closing lines of a driver run (a pipeline, rejection-sampling rounds, calibration): where it stopped or
+    that it finished, its final policy, its reports (the pipeline's eval table printed), what next."""
+    from kanana_jax.train.stages import DRIVERS
+    workdir, stage = args.workdir, cfg.train.stage
+    if row.get("pipeline_stopped_in") or "preempted_at_step" in row:
+        where = f" inside stage {row['pipeline_stopped_in']}" if row.get("pipeline_stopped_in") else ""
+        return "\n".join([f"{stage} stopped{where} after {_duration(seconds)}",
+                           f"  resume        {run_command_line(args)}"])
+    lines = [f"{stage} finished in {_duration(seconds)}"]
+    try:
+        final = DRIVERS[stage].final_run(cfg, workdir)
+    except (FileNotFoundError, ValueError):
+        final = None
+    if final:
+        lines.append(f"  final policy  {final}")
+    for name in DRIVER_OUTPUTS:
+        if os.path.isfile(os.path.join(workdir, name)):
+            lines.append(f"  {name:<13} {os.path.join(workdir, name)}")
+    if final:
+        lines.append(f"  evaluate      {program()} eval {shlex.quote(final)} --limit 8")
+        lines.append(f"  next stage    --set train.init_from={shlex.quote(workdir)}")
+    table = os.path.join(workdir, "eval_table.md")
+    if os.path.isfile(table):
+        with open(table, encoding="utf-8") as f:
+            lines.append(f.read().rstrip())
+    return "\n".join(lines)
+
+
 @command("run", "train an experiment config (resumes from the latest checkpoint in --workdir)")
 def run_command(args):
     from kanana_jax.train import loop
@@ -169,7 +201,9 @@ def run_command(args):
     start = time.perf_counter()
     with _logging_around_progress_bar():
         row = loop.run(cfg, args.workdir)
-    print(run_summary(cfg, args, row, time.perf_counter() - start))
+    from kanana_jax.train.stages import DRIVERS
+    summary = driver_summary if cfg.train.stage in DRIVERS else run_summary
+    print(summary(cfg, args, row, time.perf_counter() - start))
 
 
 run_command.add_arguments = lambda p: (add_config_arguments(p), p.add_argument(

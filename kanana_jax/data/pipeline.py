@@ -37,6 +37,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from kanana_jax.config_fields import ConfigError
 from kanana_jax.data import sources as sources_lib
 from kanana_jax.data import tokenizer as tokenizer_lib
 
@@ -234,7 +235,7 @@ class TokenBatchIterator:
         return (s, doc) + got
       bad_streak[s] += 1
       if bad_streak[s] > len(self._sources[s]):
-        raise ValueError(f"every record of data source {self.names[s]!r} ({self._sources[s].name}) is bad or, "
+        raise ConfigError(f"every record of data source {self.names[s]!r} ({self._sources[s].name}) is bad or, "
                          f"for conversations, longer than data.seq_len={self.seq_len} at its first assistant "
                          "turn; nothing to train on from it (raise data.seq_len or drop the source)")
 

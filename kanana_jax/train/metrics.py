@@ -4,6 +4,7 @@ and a few arrays (e.g. per-layer fp8 amaxes, 'fp8/<site>/x_amax_by_layer'), logg
 from __future__ import annotations
 
 import json
+import logging
 import os
 import struct
 import sys
@@ -33,7 +34,7 @@ def spec_peak_tflops(device_kind: str) -> float | None:
 
 def peak_flops_per_device(configured_tflops: float) -> float:
     """FLOP/s of one device: configured, else the datasheet table by device kind, else (a device the table does not
-    list, e.g. a CPU) a measured f32 matmul rate, said once on stderr since MFU against it is no spec-peak MFU."""
+    list, e.g. a CPU) a measured f32 matmul rate, said once (a warning, INFO on a CPU) since MFU against it is no spec-peak MFU."""
     if configured_tflops > 0:
         return configured_tflops * 1e12
     kind = jax.devices()[0].device_kind
@@ -50,8 +51,11 @@ def peak_flops_per_device(configured_tflops: float) -> float:
     rate = 5 * 2 * n ** 3 / (time.perf_counter() - start)
     if kind not in _SAID_NO_PEAK:
         _SAID_NO_PEAK.add(kind)
-        print(f"metrics: no spec peak for device kind {kind!r} in PEAK_TFLOPS; mfu is against a measured f32 matmul "
-              f"({rate / 1e12:.3g} TFLOP/s); set train.peak_tflops_per_device to fix it", file=sys.stderr)
+        # an accelerator missing from the table is worth a warning; a CPU (tests, laptops) only an INFO line
+        logging.getLogger("kanana_jax.train").log(
+            logging.INFO if kind == "cpu" else logging.WARNING,
+            "no spec peak for device kind %r in metrics.PEAK_TFLOPS; mfu is against a measured f32 matmul (%.3g "
+            "TFLOP/s); set train.peak_tflops_per_device to fix it", kind, rate / 1e12)
     return rate
 
 
@@ -109,7 +113,7 @@ class MetricsWriter:
 
     def __init__(self, workdir: str, *, resume_step: int, tensorboard: bool, progress_bar: bool, total_steps: int):
         self.path = os.path.join(workdir, "metrics.jsonl")
-        self._truncate_after(resume_step)
+        self.rows_kept = self._truncate_after(resume_step)   # rows of earlier launches (up to the resumed step)
         self.file = open(self.path, "a")
         self.tb = None
         if tensorboard and jax.process_index() == 0:
@@ -122,9 +126,9 @@ class MetricsWriter:
         self.bar, self._step, self._total = None, resume_step, total_steps
         self._want_bar = progress_bar and jax.process_index() == 0
 
-    def _truncate_after(self, step: int):
+    def _truncate_after(self, step: int) -> int:
         if not os.path.exists(self.path):
-            return
+            return 0
         kept = []
         with open(self.path) as f:
             for line in f:
@@ -137,6 +141,7 @@ class MetricsWriter:
         with open(self.path + ".tmp", "w") as f:   # rewritten aside and renamed: a kill here loses nothing
             f.writelines(kept)
         os.replace(self.path + ".tmp", self.path)
+        return len(kept)
 
     def write(self, step: int, metrics: dict):
         row = {"step": int(step)}
