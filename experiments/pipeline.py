@@ -23,13 +23,13 @@ STAGES = ("pretrain", "midtrain", "sft", "reward_model", "rejection_sampling", "
 TINY = {
     "pretrain": "experiments/pretrain.py:size=tiny,steps=60,batch=8,seq_len=128",
     "midtrain": "experiments/midtrain.py:size=tiny,steps=30,batch=8,seq_len=128,replay=0.2,warmup=5",
-    "sft": "experiments/sft.py:size=tiny,steps=30,batch=8,seq_len=768",
-    "reward_model": "experiments/reward_model.py:size=tiny,steps=15,batch=4,seq_len=768",
-    "rejection_sampling": "experiments/rejection_sampling.py:size=tiny,rounds=1,k=2,prompts_per_round=16,chunk=8,"
-                          "steps=10,batch=8,heldout=8",
-    "rl": "experiments/rl.py:size=tiny,steps=6,prompts=4,group=4,seq_len=768,chat_rm={reward_model},"
+    "sft": "experiments/sft.py:size=tiny,steps=20,batch=8,seq_len=768",
+    "reward_model": "experiments/reward_model.py:size=tiny,steps=10,batch=4,seq_len=768",
+    "rejection_sampling": "experiments/rejection_sampling.py:size=tiny,rounds=1,k=2,prompts_per_round=8,chunk=8,"
+                          "steps=10,batch=8,heldout=4",
+    "rl": "experiments/rl.py:size=tiny,steps=4,prompts=4,group=4,seq_len=768,chat_rm={reward_model},"
           "chat_weight=0.25",
-    "calibration": "experiments/calibration.py:size=tiny,method=rl,steps=4",
+    "calibration": "experiments/calibration.py:size=tiny,method=rl,steps=3",
 }
 FULL = {
     "pretrain": "experiments/pretrain.py:size={size},steps=100000",
@@ -67,7 +67,7 @@ def get_config(arg: str | None = None):
     c.pipeline.overrides = overrides + tuple(f"{name}:train.seed={args.seed}" for name in STAGES)
     c.pipeline.eval_suites = args.suites
     c.pipeline.eval_limit = args.limit or (4 if tiny else 200)
-    c.pipeline.eval_max_new_tokens = 64 if tiny else 1024
+    c.pipeline.eval_max_new_tokens = 32 if tiny else 1024
     return c
 
 

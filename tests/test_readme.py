@@ -18,7 +18,8 @@ TINY_AOT = ["--config", "experiments/pretrain.py:size=tiny", "--topology", "v5p-
 FAST = ["--set", "train.steps=2", "--set", "train.progress_bar=false"]
 
 # README command (as written, without its comment) -> how this test runs it: (extra arguments, or 'ci' for the
-# test command, which is checked against .ci/run instead of run inside the test suite), plus the checks.
+# test command, which is checked against .ci/run instead of run inside the test suite, or 'pipeline' for the
+# pipeline, whose stages are built here and which tests/test_pipeline.py runs end to end), plus the checks.
 HOW = {
     "launch/local.sh kanana-jax run experiments/pretrain.py:size=tiny --workdir runs/pretrain_tiny":
         (FAST, ["finished step 2 of 2"]),
@@ -35,6 +36,7 @@ HOW = {
     "python -m launch.compile_aot --config experiments/pod.py:model=30b_a3b": (["--dry-run"], ['"dry_run": true']),
     "python -m launch.tpu --config experiments/pod.py:model=30b_a3b --zone us-east5-a --project P --workdir "
     "gs://b/run --repo https://github.com/ORG/kanana_jax.git": ([], ["gcloud compute tpus tpu-vm create"]),
+    "kanana-jax run experiments/pipeline.py:size=tiny --workdir runs/pipeline_tiny": ("pipeline", []),
 }
 
 
@@ -78,7 +80,7 @@ def outputs(tmp_path_factory):
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     out = {}
     for command, (extra, _) in HOW.items():
-        if extra == "ci":
+        if extra in ("ci", "pipeline"):
             continue
         proc = subprocess.run(_argv(command, str(base / "runs")) + extra, cwd=ROOT, env=env, capture_output=True,
                               text=True, timeout=600)
@@ -88,7 +90,7 @@ def outputs(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("command", [c for c, (extra, _) in HOW.items() if extra != "ci"])
+@pytest.mark.parametrize("command", [c for c, (extra, _) in HOW.items() if extra not in ("ci", "pipeline")])
 def test_readme_command_runs(outputs, command):
     proc, (_, expected) = outputs[command], HOW[command]
     assert proc.returncode == 0, f"{command}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
@@ -102,3 +104,13 @@ def test_the_readme_compile_command_compiles_a_tiny_config_for_a_tpu(outputs):
     proc = outputs["tiny aot compile"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert '"fits": true' in proc.stdout and '"topology": "v5p-8"' in proc.stdout
+
+
+def test_the_readme_pipeline_builds_every_stage(tmp_path):
+    from kanana_jax.cli import build_config
+    from kanana_jax.train.stages.pipeline import stage_configs
+    command = next(c for c, (extra, _) in HOW.items() if extra == "pipeline")
+    _, cfg = build_config(shlex.split(command)[2], [])
+    stages = stage_configs(cfg, str(tmp_path))
+    assert [sub.train.stage for _, _, sub in stages] == ["pretrain", "midtrain", "sft", "reward_model",
+                                                         "rejection_sampling", "rl", "calibration"]
