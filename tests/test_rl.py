@@ -101,7 +101,8 @@ def test_a_run_stopped_inside_a_rollout_resumes_with_the_same_results(tmp_path):
     loop.run(cfg, whole)
     loop.run(cfg, parts, stop_after=3)      # rollout 1 used for one of its two epochs
     loop.run(cfg, parts)
-    timing = ("tokens_per_s", "mfu", "time/rollout_s", "time/learner_s")
+    timing = ("tokens_per_s", "mfu", "time/rollout_s", "time/learner_s", "rollout/samples_per_s",
+              "rollout/generated_tokens_per_s")
     strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]
     assert strip(_rows(whole, "metrics.jsonl")) == strip(_rows(parts, "metrics.jsonl"))
     assert _rows(whole, "rollouts.jsonl") == _rows(parts, "rollouts.jsonl")

@@ -226,7 +226,11 @@ class RolloutSource:
                 raise RuntimeError("RolloutSource needs bind(trainer, workdir) and observe(state) before a batch")
             start = time.perf_counter()
             self._batch = self._rollout(self.st["rollout"] + 1)
-            self._metrics["time/rollout_s"] = time.perf_counter() - start
+            seconds = time.perf_counter() - start
+            self._metrics["time/rollout_s"] = seconds
+            # the sampler's speed as the stage sees it (generation, scoring and the log-prob passes included)
+            self._metrics["rollout/samples_per_s"] = self._batch["sample_mask_PxG"].size / max(seconds, 1e-9)
+            self._metrics["rollout/generated_tokens_per_s"] = self.generator.generated_tokens / max(seconds, 1e-9)
             self.st["rollout"] += 1
             self.st["epoch"] = 0
         else:
