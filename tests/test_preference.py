@@ -138,3 +138,26 @@ def test_reward_head_is_adamw_and_the_backbone_has_no_lm_head():
     assert set(params) == {"backbone", "reward_head"} and "lm_head" not in params["backbone"]
     tags = labels(params)
     assert tags["reward_head"]["kernel"] == "adamw" and tags["backbone"]["moe_layers"]["attn"]["wkv_b"] == "muon"
+
+
+def test_the_reward_model_ranks_held_out_pairs_above_chance_after_training(tmp_path):
+    """A fresh tiny reward model (1 layer, Bradley-Terry, 20 steps) on format pairs: the chosen reply answers in the
+    requested '\\boxed{N}', the rejected one gives the same number bare. Held out: 16 pairs of other numbers.
+    Measured (seed 0): held-out pair accuracy 1.0 at the evals of steps 10 and 20 (chance: 0.5). The embedded
+    pairs (verified vs failing answers) are harder: RESULTS.md has the tiny model's numbers on them."""
+    from kanana_jax.train import loop
+    for split, numbers in (("train", range(0, 200)), ("eval", range(500, 516))):
+        with open(tmp_path / f"pairs_{split}.jsonl", "w") as f:
+            for n in numbers:
+                prompt = [{"role": "user", "content": f"What is {n}? Answer in \\boxed{{}}."}]
+                f.write(json.dumps({"id": f"fmt-{split}-{n}", "bucket": "ifeval", "prompt": prompt,
+                                    "chosen": [{"role": "assistant", "content": f"\\boxed{{{n}}}"}],
+                                    "rejected": [{"role": "assistant", "content": f"{n}"}]}) + "\n")
+    _, cfg = build_config(f"experiments/reward_model.py:size=tiny,pairs={tmp_path}/pairs_{{split}}.jsonl,steps=20,"
+                          "batch=8,seq_len=64,lr=2e-3",
+                          ["model.n_layers=1", "train.progress_bar=false", "train.tensorboard=false",
+                           "train.async_checkpoint=false"])
+    loop.run(cfg, str(tmp_path / "rm"))
+    with open(tmp_path / "rm" / "metrics.jsonl") as f:
+        accuracy = [row["eval_pair_accuracy"] for row in map(json.loads, f) if "eval_pair_accuracy" in row]
+    assert accuracy[-1] >= 0.9, accuracy
