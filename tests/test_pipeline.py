@@ -109,3 +109,6 @@ def test_the_eval_table_covers_every_language_model_stage(pipeline):
         assert 0.0 <= r["suites"]["math"]["accuracy"] <= 1.0 and r["suites"]["math"]["n"] == 1
     assert os.path.getsize(os.path.join(workdir, "eval_table.png")) > 0
     assert "| sft (sft) |" in _read(os.path.join(workdir, "eval_table.md"))
+    summary = pipeline[2]   # the relaunch's closing lines: the final policy, the reports, the table itself
+    assert "pipeline finished in" in summary and f"final policy  {os.path.join(workdir, '6_calibration')}" in summary
+    assert "| calibration (calibration) |" in summary

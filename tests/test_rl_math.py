@@ -92,12 +92,23 @@ def test_reward_kinds_and_the_random_rate():
 
 def test_tracks_share_prompts_by_weight():
     from kanana_jax.rollout.rl_source import RolloutSource
-    cfg = load({"train": {"stage": "rl"}, "data": {"global_batch_size": 10},
+    cfg = load({"train": {"stage": "rl"}, "data": {"global_batch_size": 10, "seq_len": 512},
                 "rl": {"tracks": [["a", "prompts:arith", "verifiable", 0.7], ["b", "prompts:math", "verifiable", 0.3]]}})
     src = RolloutSource(cfg, seed=0)
     drawn = [t for _ in range(50) for t, _ in src._draw_prompts()]
     assert abs(np.mean(np.array(drawn) == 0) - 0.7) < 0.01
     assert src.get_state()["track_drawn"] == [350, 150]
+
+
+def test_prompts_that_cannot_fit_their_answer_stop_at_start_naming_the_keys():
+    """Samples longer than data.seq_len are dropped from the batch: a track whose prompts mostly leave no room for
+    rl.max_new_tokens would train on nothing, so the source refuses it."""
+    from kanana_jax.config import ConfigError
+    from kanana_jax.rollout.rl_source import RolloutSource
+    cfg = load({"train": {"stage": "rl"}, "data": {"global_batch_size": 2, "seq_len": 128},
+                "rl": {"tracks": [["b", "prompts:math", "verifiable", 1.0]], "max_new_tokens": 32}})
+    with pytest.raises(ConfigError, match=r"rl.tracks 'b'.*rl.max_new_tokens=32.*data.seq_len=128.*at least \d+"):
+        RolloutSource(cfg, seed=0)
 
 
 def test_bad_track_specs_are_named():
