@@ -173,7 +173,8 @@ def _train(trainer: Trainer, workdir: str, stop_after: int | None) -> dict:
     writer = MetricsWriter(workdir, resume_step=start, tensorboard=cfg.train.tensorboard,
                            progress_bar=cfg.train.progress_bar, total_steps=cfg.train.steps)
     if provenance is None and start and not writer.rows_kept:   # resumed before its first row: log it then
-        provenance = (run_record.read_record(workdir) or {}).get("provenance")
+        saved = (run_record.read_record(workdir) or {}).get("provenance") or {}
+        provenance = saved if {"init_from", "step", "checksum"} <= set(saved) else None   # not e.g. a merge's
     peak = peak_flops_per_device(cfg.train.peak_tflops_per_device) * jax.device_count()
     tokens_per_step, flops_per_step = stage.tokens_per_step(cfg), stage.flops_per_step(cfg)
     last_row, window_start, window_steps = {}, time.perf_counter(), 0
