@@ -236,8 +236,8 @@ class TokenBatchIterator:
       bad_streak[s] += 1
       if bad_streak[s] > len(self._sources[s]):
         raise ConfigError(f"every record of data source {self.names[s]!r} ({self._sources[s].name}) is bad or, "
-                         f"for conversations, longer than data.seq_len={self.seq_len} at its first assistant "
-                         "turn; nothing to train on from it (raise data.seq_len or drop the source)")
+                          f"for conversations, longer than data.seq_len={self.seq_len} at its first assistant "
+                          "turn; nothing to train on from it (raise data.seq_len or drop the source)")
 
   def _next_chunk(self) -> tuple | None:
     if self._cur is None:

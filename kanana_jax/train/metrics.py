@@ -34,7 +34,8 @@ def spec_peak_tflops(device_kind: str) -> float | None:
 
 def peak_flops_per_device(configured_tflops: float) -> float:
     """FLOP/s of one device: configured, else the datasheet table by device kind, else (a device the table does not
-    list, e.g. a CPU) a measured f32 matmul rate, said once (a warning, INFO on a CPU) since MFU against it is no spec-peak MFU."""
+    list, e.g. a CPU) a measured f32 matmul rate, said once (a warning; INFO on a CPU), since MFU against it is no
+    spec-peak MFU."""
     if configured_tflops > 0:
         return configured_tflops * 1e12
     kind = jax.devices()[0].device_kind
