@@ -53,10 +53,14 @@ def peak_flops_per_device(configured_tflops: float) -> float:
     if kind not in _SAID_NO_PEAK:
         _SAID_NO_PEAK.add(kind)
         # an accelerator missing from the table is worth a warning; a CPU (tests, laptops) only an INFO line
-        logging.getLogger("kanana_jax.train").log(
-            logging.INFO if kind == "cpu" else logging.WARNING,
-            "no spec peak for device kind %r in metrics.PEAK_TFLOPS; mfu is against a measured f32 matmul (%.3g "
-            "TFLOP/s); set train.peak_tflops_per_device to fix it", kind, rate / 1e12)
+        if kind == "cpu":
+            logging.getLogger("kanana_jax.train").info(
+                "mfu on a CPU: no spec peak for device kind 'cpu', so mfu is against a measured f32 matmul (%.3g "
+                "TFLOP/s; train.peak_tflops_per_device sets another)", rate / 1e12)
+        else:
+            logging.getLogger("kanana_jax.train").warning(
+                "no spec peak for device kind %r in metrics.PEAK_TFLOPS; mfu is against a measured f32 matmul "
+                "(%.3g TFLOP/s); set train.peak_tflops_per_device to fix it", kind, rate / 1e12)
     return rate
 
 
