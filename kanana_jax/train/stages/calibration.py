@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import logging
 import os
 
@@ -51,6 +50,7 @@ from kanana_jax.evals.calibration import parse_stated_confidence, strip_confiden
 from kanana_jax.rewards.calibration import ask_confidence
 from kanana_jax.rollout import prompts as prompts_lib
 from kanana_jax.train import run_record
+from kanana_jax.train.run_files import read_json, write_json, write_jsonl
 
 log = logging.getLogger("kanana_jax.train")
 
@@ -61,33 +61,6 @@ CALIBRATION_KEYS = ("train.seed", "train.init_from", "model.", "data.tokenizer",
                     "calibration.prompts", "calibration.reward", "calibration.family", "calibration.samples_per_prompt",
                     "calibration.temperature", "calibration.sample_prompts", "calibration.max_new_tokens",
                     "calibration.eval_prompts", "calibration.n_bins")
-
-
-def _write_json(path: str, obj) -> None:
-    """Written aside and renamed: a kill never leaves half a file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, ensure_ascii=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _write_jsonl(path: str, rows) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _read_json(path: str):
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 def _suites(cfg: ExperimentConfig) -> list[str]:
@@ -116,9 +89,9 @@ def check_resume(workdir: str, cfg: ExperimentConfig) -> None:
     now = {k: v for k, v in flat.items()
            if any(k.startswith(s) if s.endswith(".") else k == s for s in CALIBRATION_KEYS)}
     path = os.path.join(workdir, "calibration_config.json")
-    saved = _read_json(path)
+    saved = read_json(path)
     if saved is None:
-        _write_json(path, now)
+        write_json(path, now)
         return
     changed = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)}
     if changed:
@@ -218,7 +191,7 @@ class Driver:
     def evaluate(self, spec: str, tag: str) -> dict:
         """eval_<tag>.json: the held-out calibration report of policy `spec` (computed once)."""
         path = os.path.join(self.workdir, f"eval_{tag}.json")
-        done = _read_json(path)
+        done = read_json(path)
         if done is not None:
             return done
         records = self.prompts("eval")
@@ -233,7 +206,7 @@ class Driver:
                "prompts": self.cal.prompts, "split": "eval", "decoding": "greedy",
                "max_new_tokens": self.cal.max_new_tokens, **reliability.report(items, self.cal.n_bins),
                "suites": self._suites(spec), "items": items}
-        _write_json(path, out)
+        write_json(path, out)
         o = out["overall"]
         log.info("calibration eval (%s, %s): accuracy %.3f, ECE %s, stated %.2f, mean confidence %s", tag, spec,
                  o["accuracy"], _fmt(o["ece"]), o["stated"], _fmt(o["mean_confidence"]))
@@ -259,7 +232,7 @@ class Driver:
     def sample_and_annotate(self) -> dict:
         """sft: samples.jsonl, sft_train.jsonl and (last, the done mark) family_accuracy.json."""
         path = os.path.join(self.workdir, "family_accuracy.json")
-        done = _read_json(path)
+        done = read_json(path)
         if done is not None:
             return done
         records = self.prompts("train")
@@ -276,16 +249,16 @@ class Driver:
         for it in items:
             by_family[it["family"]].append(it["correct"])
         accuracy = {f: sum(v) / len(v) for f, v in sorted(by_family.items())}
-        _write_jsonl(os.path.join(self.workdir, "samples.jsonl"),
+        write_jsonl(os.path.join(self.workdir, "samples.jsonl"),
                      [{**it, "sample": j % k, "params_step": provenance.get("step")} for j, it in enumerate(items)])
-        _write_jsonl(os.path.join(self.workdir, "sft_train.jsonl"),
+        write_jsonl(os.path.join(self.workdir, "sft_train.jsonl"),
                      [annotate(r, it["response"], accuracy[it["family"]], it["family"])
                       for r, it in zip(flat_records, items)])
         out = {"accuracy": accuracy, "samples": {f: len(v) for f, v in by_family.items()},
                "stated_before": sum(it["confidence"] is not None for it in items) / max(len(items), 1),
                "temperature": self.cal.temperature, "samples_per_prompt": k, "prompts": len(records),
                "policy": self.cfg.train.init_from, "params_checksum": provenance.get("checksum")}
-        _write_json(path, out)
+        write_json(path, out)
         log.info("calibration: measured family accuracy %s on %d samples; %d SFT records",
                  {f: round(a, 3) for f, a in accuracy.items()}, len(items), len(items))
         return out
@@ -330,7 +303,7 @@ class Driver:
                "prompts": self.cal.prompts, "family": self.cal.family, "eval": "held-out eval split, greedy, "
                "stated confidence (train/stages/calibration.py)", "final_policy": final,
                "before": {k: before[k] for k in keep}, "after": {k: after[k] for k in keep}, "delta": delta, **extra}
-        _write_json(os.path.join(self.workdir, "calibration_eval.json"), out)
+        write_json(os.path.join(self.workdir, "calibration_eval.json"), out)
         reliability.plot_reliability({"before": before, "after": after}, os.path.join(self.workdir, "reliability.png"),
                                      f"calibration.method={self.cal.method} on {self.cal.prompts} (held-out)")
         log.info("calibration done: accuracy %.3f -> %.3f, ECE %s -> %s (%s)", before["overall"]["accuracy"],

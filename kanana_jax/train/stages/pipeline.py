@@ -15,12 +15,12 @@ runs return at once; an eval.json means scored) and continues the first unfinish
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 
 from kanana_jax.config import ConfigError, ExperimentConfig
+from kanana_jax.train.run_files import read_json, write_json
 
 log = logging.getLogger("kanana_jax.train")
 POLICY_FREE = ("reward_model",)   # stages whose output is not a language model (not evaluated on the suites)
@@ -78,9 +78,9 @@ def final_run(cfg: ExperimentConfig, workdir: str) -> str:
 def evaluate_stage(cfg: ExperimentConfig, name: str, folder: str, sub: ExperimentConfig) -> dict:
     """The suites' accuracy and ECE for a stage's final policy (cached in <folder>/eval.json)."""
     path = os.path.join(folder, "eval.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            return json.load(f)
+    done = read_json(path)
+    if done is not None:
+        return done
     from kanana_jax.evals.runner import run_eval
     from kanana_jax.evals.suites import parse_suite_list
     from kanana_jax.generate.sampler import SamplingParams
@@ -93,9 +93,7 @@ def evaluate_stage(cfg: ExperimentConfig, name: str, folder: str, sub: Experimen
            "seconds": round(time.perf_counter() - start, 1),
            "suites": {s: {"accuracy": r["accuracy"], "ece": r["ece"], "n": r["n"]}
                       for s, r in report["suites"].items()}}
-    with open(path + ".tmp", "w") as f:
-        json.dump(row, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_json(path, row)
     return row
 
 
@@ -112,8 +110,7 @@ def write_table(workdir: str, rows: list[dict]) -> str:
             cells += [f"{got['accuracy']:.3f}" if got else "-", f"{ece:.3f}" if ece is not None else "-"]
         lines.append(f"| {r['stage']} ({r['train_stage']}) | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
-    with open(os.path.join(workdir, "eval_table.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+    write_json(os.path.join(workdir, "eval_table.json"), rows)
     with open(os.path.join(workdir, "eval_table.md"), "w") as f:
         f.write(table + "\n")
     import matplotlib

@@ -47,6 +47,7 @@ from kanana_jax.config import ConfigError, ExperimentConfig
 from kanana_jax.rollout import prompts as prompts_lib
 from kanana_jax.rollout import rejection
 from kanana_jax.train import run_record
+from kanana_jax.train.run_files import read_json, read_jsonl, write_json, write_jsonl
 
 log = logging.getLogger("kanana_jax.train")
 
@@ -62,38 +63,6 @@ SAMPLING_KEYS = ("train.seed", "train.init_from", "model.", "data.tokenizer", "r
                  "rejection_sampling.sandbox_memory_mb", "sft.buckets")
 TIMING_KEYS = ("sampling_s", "verify_s", "wall_s", "samples_per_s", "verifications_per_s", "tokens_per_s",
                "overlap_saved_s")
-
-
-def _write_json(path: str, obj) -> None:
-    """Written aside and renamed: a kill never leaves half a file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _write_jsonl(path: str, rows) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _read_json(path: str):
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def _read_jsonl(path: str) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def _key(seed: int, *parts: int):
@@ -135,9 +104,9 @@ def check_resume(workdir: str, cfg: ExperimentConfig) -> None:
     """WORKDIR/sampling_config.json holds the SAMPLING_KEYS of the first launch; a relaunch that changes one would
     mix two different experiments in one workdir: ResumeConfigError naming the keys."""
     path = os.path.join(workdir, "sampling_config.json")
-    saved, now = _read_json(path), _sampling_config(cfg)
+    saved, now = read_json(path), _sampling_config(cfg)
     if saved is None:
-        _write_json(path, now)
+        write_json(path, now)
         return
     changed = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)}
     if changed:
@@ -202,11 +171,11 @@ class Driver:
         return os.path.join(self.round_dir(r), "progress.json")
 
     def _progress(self, r: int) -> dict:
-        return _read_json(self._progress_path(r)) or {"phase": "sampling", "chunks_done": 0, "samples_bytes": 0,
+        return read_json(self._progress_path(r)) or {"phase": "sampling", "chunks_done": 0, "samples_bytes": 0,
                                                       "timing": {}}
 
     def _save_progress(self, r: int, progress: dict):
-        _write_json(self._progress_path(r), progress)
+        write_json(self._progress_path(r), progress)
 
     def round_prompts(self, r: int) -> list[dict]:
         """Round r's prompts: positions [r*N, (r+1)*N) of a permutation of the train split seeded by train.seed,
@@ -232,7 +201,7 @@ class Driver:
             return ()
         path = os.path.join(self.workdir, "heldout_eval.jsonl")
         if not os.path.isfile(path):
-            _write_jsonl(path, gold)
+            write_jsonl(path, gold)
         return (("heldout", f"chat:{self.workdir}/heldout_{{split}}.jsonl"),)
 
     def sft_config(self, r: int, init_spec: str, with_kept: bool = True) -> ExperimentConfig:
@@ -347,11 +316,11 @@ class Driver:
         return not stopped
 
     def _keep(self, r: int, progress: dict):
-        rows = _read_jsonl(os.path.join(self.round_dir(r), "samples.jsonl"))
+        rows = read_jsonl(os.path.join(self.round_dir(r), "samples.jsonl"))
         kept = rejection.select(rows, self.rs.selection, best_k=self.rs.best_k,
                                 max_per_prompt=self.rs.max_per_prompt, dedup=self.rs.dedup)
         by_id = {p["id"]: p for p in self.round_prompts(r)}
-        _write_jsonl(os.path.join(self.round_dir(r), "kept_train.jsonl"),
+        write_jsonl(os.path.join(self.round_dir(r), "kept_train.jsonl"),
                      [rejection.kept_record(by_id[row["prompt_id"]], row) for row in kept])
         t = progress["timing"]
         speed = {"samples_per_s": t["samples"] / max(t["sampling_s"], 1e-9),
@@ -405,19 +374,19 @@ class Driver:
         rd = self.round_dir(r)
         if self.heldout:
             if r == 0:
-                start = _read_json(os.path.join(rd, "heldout_start.json"))
+                start = read_json(os.path.join(rd, "heldout_start.json"))
                 if start is None:
                     start = self.heldout_pass_rates(self.policy(progress["policy_in"]["spec"]), "heldout_start_")
-                    _write_json(os.path.join(rd, "heldout_start.json"), start)
+                    write_json(os.path.join(rd, "heldout_start.json"), start)
                 out.update(start)
-            end = _read_json(os.path.join(rd, "heldout.json"))
+            end = read_json(os.path.join(rd, "heldout.json"))
             if end is None:
                 end = self.heldout_pass_rates(self.policy(progress["policy_out"]))
-                _write_json(os.path.join(rd, "heldout.json"), end)
+                write_json(os.path.join(rd, "heldout.json"), end)
             out.update(end)
         suites = _suites(self.cfg)
         if suites:
-            report = _read_json(os.path.join(rd, "eval.json"))
+            report = read_json(os.path.join(rd, "eval.json"))
             checkpoint = _checkpoint_dir(progress["policy_out"])
             if report is None and checkpoint is not None:
                 from kanana_jax.evals.runner import run_eval
@@ -427,7 +396,7 @@ class Driver:
                                 max_turns=self.rs.max_turns, log=log.info)
                 report = {name: {k: v for k, v in s.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
                           for name, s in full["suites"].items()}
-                _write_json(os.path.join(rd, "eval.json"), report)
+                write_json(os.path.join(rd, "eval.json"), report)
             for name, summary in (report or {}).items():
                 out.update({f"eval/{name}/{k}": v for k, v in summary.items()})
         return out
@@ -439,7 +408,7 @@ class Driver:
             os.makedirs(self.round_dir(r), exist_ok=True)
             progress = self._progress(r)
             if progress["phase"] == "done":
-                spec, row = progress["policy_out"], _read_json(os.path.join(self.round_dir(r), "metrics.json"))
+                spec, row = progress["policy_out"], read_json(os.path.join(self.round_dir(r), "metrics.json"))
                 continue
             if "policy_in" not in progress:
                 pol = self.policy(spec)
@@ -463,7 +432,7 @@ class Driver:
                    "params_step_in": progress["policy_in"]["step"], "params_checksum_in":
                    progress["policy_in"]["checksum"], "policy_out": progress["policy_out"] or "fresh",
                    **progress["sampling"], **progress["sft"], **self._eval(r, progress)}
-            _write_json(os.path.join(self.round_dir(r), "metrics.json"), row)
+            write_json(os.path.join(self.round_dir(r), "metrics.json"), row)
             progress["phase"] = "done"
             self._save_progress(r, progress)
             self._write_rounds(r)
@@ -474,8 +443,8 @@ class Driver:
         return dict(row, final_policy=spec)
 
     def _write_rounds(self, last: int):
-        rows = [_read_json(os.path.join(self.round_dir(r), "metrics.json")) for r in range(last + 1)]
-        _write_jsonl(os.path.join(self.workdir, "rounds.jsonl"), [r for r in rows if r])
+        rows = [read_json(os.path.join(self.round_dir(r), "metrics.json")) for r in range(last + 1)]
+        write_jsonl(os.path.join(self.workdir, "rounds.jsonl"), [r for r in rows if r])
 
 
 def sft_config(cfg: ExperimentConfig, round_dir: str, r: int = 0, init_spec: str = "", eval_sources: tuple = (),
