@@ -142,23 +142,6 @@ def test_histories_update_outside_the_optimizer_by_max_over_microbatches_and_sur
 
 # ---- through the loop: trains, checkpoints and resumes bit-exact with its scaling state -----------------------
 
-@pytest.fixture
-def compile_cache(tmp_path):
-    """A persistent compilation cache for this test: three launches of one config compile the step once."""
-    from jax._src import compilation_cache
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-            "jax_persistent_cache_min_entry_size_bytes")
-    before = {k: getattr(jax.config, k) for k in keys}
-    compilation_cache.reset_cache()
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    yield
-    for k, v in before.items():
-        jax.config.update(k, v)
-    compilation_cache.reset_cache()
-
-
 def _rows(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]

@@ -3,29 +3,9 @@ a short warm-start SFT on gold replies, then 3 rounds of sample 8 -> math checke
 (experiments/rejection_sampling_arith.py, seeded; RESULTS.md has the numbers of this configuration)."""
 import json
 
-import jax
-import pytest
-
 from experiments import rejection_sampling_arith as demo
 
 ARGS = ["--heldout", "0"]   # the defaults (RESULTS.md) without the held-out scoring: the same training path
-
-
-@pytest.fixture
-def compile_cache(tmp_path):
-    """A persistent compilation cache: the four SFT runs compile their two train steps once each."""
-    from jax._src import compilation_cache
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-            "jax_persistent_cache_min_entry_size_bytes")
-    before = {k: getattr(jax.config, k) for k in keys}
-    compilation_cache.reset_cache()
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    yield
-    for k, v in before.items():
-        jax.config.update(k, v)
-    compilation_cache.reset_cache()
 
 
 def test_pass_rate_rises_over_three_rounds(tmp_path, compile_cache):

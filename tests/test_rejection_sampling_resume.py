@@ -5,7 +5,6 @@ uninterrupted run's. The second round samples from the first round's SFT checkpo
 and params checksum)."""
 import json
 
-import jax
 import pytest
 
 from kanana_jax.cli import build_config
@@ -18,23 +17,6 @@ STEPS = 24
 
 class Kill(Exception):
     pass
-
-
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    """A persistent compilation cache for this module: the many launches compile each program once."""
-    from jax._src import compilation_cache
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-            "jax_persistent_cache_min_entry_size_bytes")
-    before = {k: getattr(jax.config, k) for k in keys}
-    compilation_cache.reset_cache()
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    yield
-    for k, v in before.items():
-        jax.config.update(k, v)
-    compilation_cache.reset_cache()
 
 
 def _config(tmp_path):
@@ -70,7 +52,7 @@ def _files(workdir):
     return _without_timing(rounds), files, losses
 
 
-def test_resume_anywhere_equals_the_uninterrupted_run(tmp_path, compile_cache):
+def test_resume_anywhere_equals_the_uninterrupted_run(tmp_path, module_compile_cache):
     cfg = _config(tmp_path)
     ref = tmp_path / "uninterrupted"
     final = driver.run(cfg, str(ref))
