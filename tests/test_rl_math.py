@@ -127,3 +127,33 @@ def test_merge_by_averaging_equals_the_hand_computed_average():
     assert out["b"].dtype == jnp.bfloat16 and float(out["b"][0]) == 4.5
     with pytest.raises(ValueError):
         average([a], [0.5, 0.5])
+
+
+@pytest.mark.parametrize("size", ["tiny", "small", "kanana2_30b_a3b", "kanana2_155b_a17b"])
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
+def test_rl_config_builds_for_every_size(size, algorithm):
+    from kanana_jax.cli import build_config
+    _, cfg = build_config(f"experiments/rl.py:size={size},algorithm={algorithm},chat_rm=runs/rm", [])
+    assert cfg.train.stage == "rl" and cfg.rl.algorithm == algorithm
+    assert [t[0] for t in cfg.rl.tracks] == ["logic", "chat"]
+    if size.startswith("kanana2"):
+        assert cfg.mesh.fsdp != 1 or cfg.mesh.expert != 1   # the pod layout
+
+
+def test_rl_sweep_expands_over_the_reward_kinds():
+    import experiments.rl as exp
+    from experiments.sweep_dsl import validate
+    sweep = exp.sweep("size=tiny")
+    assert len(sweep) == 12 and {p["rl.reward_kind"] for p in sweep} == {"verifiable", "random", "format", "incorrect"}
+    assert len(validate(sweep, exp.get_config, "size=tiny")) == 12
+
+
+@pytest.mark.parametrize("size", ["tiny", "kanana2_30b_a3b"])
+def test_pipeline_builds_every_stage_for_its_size(size, tmp_path):
+    from kanana_jax.cli import build_config
+    from kanana_jax.train.stages.pipeline import stage_configs
+    _, cfg = build_config(f"experiments/pipeline.py:size={size}", [])
+    stages = stage_configs(cfg, str(tmp_path))
+    assert [s.train.stage for _, _, s in stages] == ["pretrain", "midtrain", "sft", "reward_model",
+                                                    "rejection_sampling", "rl", "calibration"]
+    assert all(s.model.n_layers == stages[0][2].model.n_layers for _, _, s in stages)
