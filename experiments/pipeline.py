@@ -29,8 +29,11 @@ TINY = {
                           "steps=10,batch=8,heldout=4",
     "rl": "experiments/rl.py:size=tiny,steps=4,prompts=4,group=4,seq_len=768,chat_rm={reward_model},"
           "chat_weight=0.25",
-    "calibration": "experiments/calibration.py:size=tiny,method=rl,steps=3",
+    "calibration": "experiments/calibration.py:size=tiny,method=rl,steps=3,batch=4,group=4,eval_prompts=32",
 }
+# tiny: each stage's own eval once, after its last step (the pipeline's suites score every stage anyway)
+TINY_SETS = ("pretrain:train.eval_every=60", "midtrain:train.eval_every=30", "sft:train.eval_every=20",
+             "reward_model:train.eval_every=10", "rl:train.eval_every=4", "rl:rl.eval_prompts=8")
 FULL = {
     "pretrain": "experiments/pretrain.py:size={size},steps=100000",
     "midtrain": "experiments/midtrain.py:size={size},steps=20000",
@@ -64,7 +67,8 @@ def get_config(arg: str | None = None):
     c.train.seed = args.seed
     specs = TINY if tiny else {k: v.replace("{size}", args.size) for k, v in FULL.items()}
     c.pipeline.stages = tuple((name, specs[name], FROM.get(name, "")) for name in STAGES)
-    c.pipeline.overrides = overrides + tuple(f"{name}:train.seed={args.seed}" for name in STAGES)
+    c.pipeline.overrides = ((TINY_SETS if tiny else ()) + overrides
+                            + tuple(f"{name}:train.seed={args.seed}" for name in STAGES))
     c.pipeline.eval_suites = args.suites
     c.pipeline.eval_limit = args.limit or (4 if tiny else 200)
     c.pipeline.eval_max_new_tokens = 32 if tiny else 1024

@@ -7,6 +7,8 @@ import logging
 import os
 import shutil
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -14,7 +16,9 @@ import pytest
 from kanana_jax.cli import build_config
 from kanana_jax.train import loop
 from kanana_jax.train.builder import build_trainer
-from kanana_jax.train.checkpoint import CheckpointError, CheckpointMismatchError, Checkpointer, leaves_by_path
+from kanana_jax.train.checkpoint import (CheckpointError, CheckpointMismatchError, Checkpointer, device_state_checksums,
+                                        leaves_by_path, state_checksums)
+from kanana_jax.train.metrics import without_timing
 
 ARGS = "experiments/pretrain.py:size=tiny,steps=6,batch=4,seq_len=32"
 SETS = ["model.n_layers=2", "train.checkpoint_every=2", "train.keep_checkpoints=3", "train.async_checkpoint=false",
@@ -146,7 +150,16 @@ def test_run_falls_back_and_recomputes_the_same_curve(trained, tmp_path, caplog)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         after = [json.loads(line) for line in f]
     assert [r["step"] for r in after] == [1, 2, 3, 4, 5, 6]
-    timing = {"tokens_per_s", "mfu"}
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]
-    assert strip(after[:4]) == strip(before)        # steps 3 and 4 recomputed bit-exactly
+    assert without_timing(after[:4]) == without_timing(before)        # steps 3 and 4 recomputed bit-exactly
     assert Checkpointer(directory, keep=3, async_save=False).all_steps() == [2, 4, 6]
+
+
+def test_host_checksums_equal_the_device_reduction():
+    rng = np.random.default_rng(0)
+    tree = {"w": rng.normal(size=(7, 33)).astype(np.float32), "b": jnp.asarray(rng.normal(size=(5,)), jnp.bfloat16),
+            "step": jnp.int32(-12345), "ids": rng.integers(0, 2 ** 31, (64,)).astype(np.int32),
+            "mask": rng.integers(0, 255, (9, 3)).astype(np.uint8), "empty": np.zeros((0, 4), np.float32),
+            "big": jnp.asarray(rng.normal(size=(4096, 64)) * 1e30, jnp.float32)}   # bit sums wrap mod 2**32
+    host = state_checksums(tree)
+    assert host.dtype == np.uint32 and host.shape == (len(jax.tree.leaves(tree)),)
+    np.testing.assert_array_equal(host, np.asarray(device_state_checksums(tree)))

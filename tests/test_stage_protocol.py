@@ -117,6 +117,17 @@ def test_frozen_extra_gets_no_gradient_or_optimizer_state_and_never_changes():
     assert metrics[0]["pairs"] == B and 0 <= metrics[0]["first_better"] <= 1
 
 
+def test_fresh_params_alone_equal_the_fresh_states_params_bit_for_bit():
+    # a resumed run rebuilds its frozen reference from trainer.init_params; a fresh run built it from init(rng)
+    trainer = build_trainer(_cfg(), stage=STAGE)
+    with trainer.context():
+        state = jax.device_get(trainer.init(jax.random.PRNGKey(3)))
+        params = jax.device_get(trainer.init_params(jax.random.PRNGKey(3)))
+    assert jax.tree.structure(params) == jax.tree.structure(state.params)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_two_microbatches_of_pairs_equal_one_pass():
     _, one, _, m1 = _run(_cfg(1), steps=1)
     _, two, _, m2 = _run(_cfg(2), steps=1)

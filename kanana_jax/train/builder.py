@@ -31,6 +31,7 @@ class Trainer:
     batch_spec: dict            # field -> BatchField (global shape, dtype), from the stage
     batch_sharding: dict        # field -> NamedSharding (rows over the batch mesh axes)
     init: Callable              # rng -> TrainState (sharded), fresh params
+    init_params: Callable       # rng -> fresh params alone (sharded; the same values as init(rng).params)
     state_from_params: Callable  # (params, rng) -> TrainState at step 0 around given params (train.init_from)
     make_extra: Callable        # (initial params, rng) -> the stage's extra state (Stage.rebuild_extra)
     train_step: Callable        # (TrainState, batch) -> (TrainState, metrics); donates the state
@@ -90,6 +91,7 @@ def build_trainer(cfg: ExperimentConfig, devices=None, stage: Stage | None = Non
     batch_sharding = sharding.batch_shardings(batch_spec, mesh, rules)
     init = jax.jit(functools.partial(step_lib.init_state, model, optimizer, stage, cfg=cfg),
                    out_shardings=state_sharding)
+    init_params = jax.jit(functools.partial(step_lib.init_params, model, cfg=cfg), out_shardings=state_sharding.params)
     state_from_params = jax.jit(functools.partial(step_lib.state_from_params, optimizer, stage, cfg=cfg,
                                                   model=model),
                                 in_shardings=(state_sharding.params, None), out_shardings=state_sharding)
@@ -101,4 +103,4 @@ def build_trainer(cfg: ExperimentConfig, devices=None, stage: Stage | None = Non
     eval_step = jax.jit(functools.partial(step_lib.eval_step, model=model, stage=stage, cfg=cfg),
                         in_shardings=(state_sharding.params, state_sharding.extra, batch_sharding))
     return Trainer(cfg, model, stage, optimizer, schedule, mesh, rules, state_sharding, batch_spec, batch_sharding,
-                   init, state_from_params, make_extra, train_step, eval_step)
+                   init, init_params, state_from_params, make_extra, train_step, eval_step)

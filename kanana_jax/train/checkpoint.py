@@ -53,9 +53,30 @@ def _leaf_bits(x):
 
 
 @jax.jit
-def state_checksums(state):
-    """uint32[L]: per leaf of `state`, the sum mod 2**32 of its raw bits (independent of sharding and order)."""
+def device_state_checksums(state):
+    """state_checksums computed where the leaves live (one jitted reduction per leaf, no transfer)."""
     return jnp.stack([jnp.sum(_leaf_bits(x), dtype=jnp.uint32) for x in jax.tree.leaves(state)])
+
+
+def _on_host(x) -> bool:
+    return isinstance(x, np.ndarray) or (isinstance(x, jax.Array) and x.is_fully_addressable
+                                         and all(d.platform == "cpu" for d in x.devices()))
+
+
+def _host_leaf_checksum(x) -> np.uint32:
+    a = np.asarray(x)
+    unsigned = {4: np.uint32, 2: np.uint16, 1: np.uint8}[a.dtype.itemsize]
+    return a.reshape(-1).view(unsigned).astype(np.uint32).sum(dtype=np.uint32)   # numpy wraps mod 2**32
+
+
+def state_checksums(state) -> np.ndarray:
+    """uint32[L]: per leaf of `state`, the sum mod 2**32 of its raw bits (independent of sharding and order).
+    Leaves in host memory (CPU runs) are summed by numpy, which needs no compilation (a jitted sum over every
+    leaf of a train state takes seconds to compile on a CPU); accelerator leaves are summed on the device."""
+    leaves = jax.tree.leaves(state)
+    if all(_on_host(x) for x in leaves):
+        return np.array([_host_leaf_checksum(x) for x in leaves], np.uint32)
+    return np.asarray(device_state_checksums(state))
 
 
 def _path_str(path) -> str:

@@ -106,12 +106,12 @@ def initial_params(trainer: Trainer, rng):
     cfg, stage = trainer.cfg, trainer.stage
     path = stage.policy_of(cfg)
     if not cfg.train.init_from:
-        return trainer.init(rng).params, None
+        return trainer.init_params(rng), None
     abstract = trainer.abstract_state().params
     loaded = init_from.load(cfg.train.init_from, cfg, subtree(abstract, path))
     if not path and stage.init_params_from is None:
         return loaded.params, loaded.provenance
-    return stage.start_params(cfg, trainer.init(rng).params, loaded.params), loaded.provenance
+    return stage.start_params(cfg, trainer.init_params(rng), loaded.params), loaded.provenance
 
 
 def _start(trainer: Trainer, checkpointer: Checkpointer, data, workdir: str):
@@ -217,7 +217,9 @@ def _train(trainer: Trainer, workdir: str, stop_after: int | None) -> dict:
                                    mfu=window_steps * flops_per_step / elapsed / peak,
                                    skipped_updates=nonfinite.skipped, **_data_metrics(data))
                     if cfg.train.eval_every and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
+                        eval_start = time.perf_counter()
                         metrics.update(evaluate(trainer, state))
+                        metrics["time/eval_s"] = time.perf_counter() - eval_start
                     if provenance is not None:
                         metrics.update(_provenance_metrics(provenance))
                         provenance = None

@@ -60,7 +60,7 @@ def merge_workdirs(workdirs: Sequence[str], weights: Sequence[float], out: str, 
     with trainer.context():
         rng = jax.random.PRNGKey(cfg.train.seed)
         path = trainer.stage.policy_of(cfg)
-        params = replace_subtree(trainer.init(rng).params, path, merged) if path else merged
+        params = replace_subtree(trainer.init_params(rng), path, merged) if path else merged
         params = jax.device_put(params, trainer.state_sharding.params)
         state = trainer.state_from_params(params, rng)
         provenance = {"kind": "merge", "init_from": "merge:" + ",".join(workdirs), "path": ",".join(workdirs),

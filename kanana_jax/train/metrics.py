@@ -14,6 +14,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# Row keys that measure wall time or speed: a resumed run's rows equal an uninterrupted run's except these.
+TIMING_KEYS = frozenset({"tokens_per_s", "mfu", "time/eval_s", "time/rollout_s", "time/learner_s",
+                         "rollout/samples_per_s", "rollout/generated_tokens_per_s"})
+
+
+def without_timing(rows: list[dict]) -> list[dict]:
+    """The rows with their TIMING_KEYS removed (what must repeat exactly when a run is replayed)."""
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
 # Dense bf16 peak per chip from the vendors' datasheets (no sparsity): the one table of spec peaks. The loop's
 # `mfu` metric (train.peak_tflops_per_device = 0), benchmarks/train_step.py and BENCHMARKS.md divide by it, as
 # MaxText and most papers do. Keys are prefixes of jax's device_kind, longest first where one prefixes another.

@@ -223,7 +223,7 @@ class Driver:
             sft_cfg = self.sft_config(0, "")
             trainer = build_trainer(sft_cfg)
             with trainer.context():
-                params = trainer.init(jax.random.PRNGKey(sft_cfg.train.seed)).params
+                params = trainer.init_params(jax.random.PRNGKey(sft_cfg.train.seed))
             self._policy = _Policy("", params, None, init_from.params_checksum(params))
         return self._policy
 
