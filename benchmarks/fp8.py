@@ -7,9 +7,11 @@ layer, and the train step of the 30B-A3B slice. Each mode runs in its own proces
     python3 benchmarks/fp8.py step --layers 8 --batch 4 --accum 4 --out $OUT/step.json   # train step bf16 vs fp8
     python3 benchmarks/fp8.py table $OUT/*.json
 
-The step mode builds both variants through the config like any run: bf16 is the slice config (plus `--set`
+The step mode builds its variants through the config like any run: bf16 is the slice config (plus `--set`
 overrides), fp8 adds `precision.matmul=fp8`, `precision.fp8_grad_dtype=<--grad-dtype>`,
-`precision.fp8_lm_head=<--lm-head>` and any `--fp8-set` overrides (e.g. --fp8-set precision.fp8_scaling=delayed).
+`precision.fp8_lm_head=<--lm-head>` and any `--fp8-set` overrides (e.g. --fp8-set precision.fp8_scaling=delayed);
+fp8_percall is fp8 with `precision.fp8_prequantize=false` (every matmul call quantizes its weight, as before the
+step made the copies once: `--variants bf16,fp8_percall,fp8` measures both in one run).
 
 Shapes: the 30B-A3B reconstruction (hidden 2048, MLA 16 heads, 128 experts of 768, top-6) at 4 x 4096 tokens
 per microbatch. XLA's fp8 GEMMs are autotuned per shape at compile time (25-42 s each with the default flags,
@@ -169,6 +171,12 @@ def layer(args):
     _write(args.out, out)
 
 
+# step variants besides 'bf16': the fp8 config, plus these overrides
+FP8_VARIANTS = {"fp8": [],                                                   # weights quantized once per step
+                "fp8_percall": ["precision.fp8_prequantize=false"],        # ... in every matmul call (before)
+                "fp8_delayed": ["precision.fp8_scaling=delayed"]}          # dense sites: delayed scaling
+
+
 def fp8_overrides(grad_dtype: str = "e5m2", lm_head: bool = False, extra=()) -> list[str]:
     """The config overrides of an fp8 run (the `precision` section), as `kanana-jax run --set` takes them."""
     return ["precision.matmul=fp8", f"precision.fp8_grad_dtype={grad_dtype}",
@@ -178,9 +186,9 @@ def fp8_overrides(grad_dtype: str = "e5m2", lm_head: bool = False, extra=()) -> 
 def step_child(args):
     from benchmarks import train_step as ts
     overrides = list(args.set)
-    if args.only == "fp8":
+    if args.only in FP8_VARIANTS:
         _require_fp8_gpu()
-        overrides += fp8_overrides(args.grad_dtype, args.lm_head, args.fp8_set)
+        overrides += fp8_overrides(args.grad_dtype, args.lm_head, args.fp8_set) + FP8_VARIANTS[args.only]
     ns = argparse.Namespace(layers=args.layers, batch=args.batch, accum=args.accum, seq=args.seq,
                             optimizer="muon", remat="none", reps=args.reps, profile="kernels" if args.profile
                             == args.only else "", out=args.trace_dir, size="kanana2_30b_a3b", set=overrides)
@@ -229,8 +237,9 @@ def table(args):
             base = {v["variant"]: v for v in r["variants"] if "step_s" in v}
             for v in r["variants"]:
                 print(v["variant"], {k: v.get(k) for k in ("step_s", "mfu", "peak_gib", "compile_s", "loss", "error")})
-            if "bf16" in base and "fp8" in base:
-                print(f"fp8 speed-up {base['bf16']['step_s'] / base['fp8']['step_s']:.3f}x")
+            for name in FP8_VARIANTS:
+                if "bf16" in base and name in base:
+                    print(f"{name} speed-up {base['bf16']['step_s'] / base[name]['step_s']:.3f}x")
 
 
 def _write(path, obj):

@@ -173,6 +173,7 @@ def run_variant(name, args, ceiling, peak=None):
         state, metrics = trainer.train_step(state, batch)
         jax.block_until_ready(metrics)
         compile_s = time.perf_counter() - t0
+        loss_first = float(metrics["loss"])  # of the initial params: compares variants' forward numerics
         for _ in range(2):
             state, metrics = trainer.train_step(state, batch)
         jax.block_until_ready(metrics)
@@ -193,7 +194,7 @@ def run_variant(name, args, ceiling, peak=None):
             "mfu": tokens / step_s * fpt / (peak * 1e12), "of_achievable": tokens / step_s * fpt / (ceiling * 1e12),
             "model_tflops_per_s": tokens / step_s * fpt / 1e12,
             "peak_gib": stats.get("peak_bytes_in_use", 0) / 2 ** 30, "compile_s": compile_s,
-            "loss": float(metrics["loss"]), "top_ops": top_ops}
+            "loss_first": loss_first, "loss": float(metrics["loss"]), "top_ops": top_ops}
 
 
 def main():

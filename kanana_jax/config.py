@@ -240,16 +240,20 @@ class PrecisionConfig:
     routed experts' grouped matmuls (and, with fp8_lm_head, the LM head) take e4m3 operands forward and
     fp8_grad_dtype output gradients, float32 accumulation; master weights and optimizer state are unchanged.
     Delayed scaling keeps per-site amax histories in the train state (TrainState.model_state; the routed experts
-    always scale from the current amax). The fp8_* keys act only with matmul='fp8': set otherwise, they fail."""
+    always scale from the current amax). fp8_prequantize: the train step makes the weights' fp8 copies once per
+    optimizer step (model/fp8_weights.py) instead of every matmul call quantizing its weight (same values).
+    The fp8_* keys act only with matmul='fp8': set otherwise, they fail."""
     matmul: Literal["bf16", "fp8"] = "bf16"
     fp8_grad_dtype: Literal["e4m3", "e5m2"] = "e5m2"
     fp8_lm_head: bool = False
     fp8_scaling: Literal["current", "delayed"] = "current"
     fp8_amax_history: int = _field(16, lo=1, doc="delayed scaling: steps of amax history per tensor")
+    fp8_prequantize: bool = _field(True, doc="the train step quantizes the weights once per optimizer step "
+                                   "(model/fp8_weights.py), not in every microbatch's matmul calls; same values")
 
     def __post_init__(self):
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        for name in ("fp8_grad_dtype", "fp8_lm_head", "fp8_scaling", "fp8_amax_history"):
+        for name in ("fp8_grad_dtype", "fp8_lm_head", "fp8_scaling", "fp8_amax_history", "fp8_prequantize"):
             value = getattr(self, name)
             if self.matmul != "fp8":
                 _check(value == defaults[name], f"precision.{name}",

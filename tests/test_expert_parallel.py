@@ -1,6 +1,7 @@
 """Expert-parallel MoE dispatch (shard_map + all-to-all) equals the reference dispatch: outputs and gradients,
-dropless and capacity modes, with and without the expert hidden width split over the tensor axis; the dense
-emulation of ragged_all_to_all follows its semantics. Runs this file as a script on 8 fake CPU devices."""
+dropless and capacity modes, with and without the expert hidden width split over the tensor axis, and fp8 dropless
+with the experts' fp8 copies made outside the shard_map; the dense emulation of ragged_all_to_all follows its
+semantics. Runs this file as a script on 8 fake CPU devices."""
 import sys
 
 import numpy as np
@@ -140,9 +141,42 @@ def expert_parallel_equals_reference():
     return out
 
 
+def fp8_copies_made_ahead_pass_through_the_shard_map():
+    """fp8 dispatch given the experts' fp8 copies made outside the shard_map (QuantizedExperts, as the train step
+    makes them) vs quantizing inside it and vs the one-device dispatch given the same copies."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh
+    from kanana_jax import sharding
+    from kanana_jax.model import fp8, moe
+    from pallas_kernels.moe.fp8 import QuantizedExperts
+    x, ids, weights, (wg, wu, wd) = _moe_inputs()
+    gmm = moe.grouped_matmul("blocked", 8, fp8.Fp8Recipe())
+    ahead = lambda ws: [QuantizedExperts.of(w) for w in ws]
+    out = {}
+    for name, preset, mode, factor in CASES[:2]:
+        shape = (1, 2, 4, 1) if name.endswith("ep4") else (1, 2, 2, 2)
+        mesh = Mesh(np.array(jax.devices()).reshape(shape), sharding.MESH_AXES)
+        plan = ep.make_plan(ModelConfig(expert_parallel=mode), mesh, sharding.RULES[preset])
+        fns = {"par_ahead": lambda x, *ws: ep.dispatch(plan, x, ids, weights, *ahead(ws), gmm),
+               "par_in_call": lambda x, *ws: ep.dispatch(plan, x, ids, weights, *ws, gmm),
+               "ref_ahead": lambda x, *ws: moe.dispatch_experts(x, ids, weights, *ahead(ws), gmm)}
+        res = {}
+        for label, f in fns.items():
+            loss = lambda *args, f=f: jnp.sum(jnp.sin(f(*args)) * jnp.arange(x.shape[1]))
+            with jax.set_mesh(mesh):
+                res[label] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(x, wg, wu, wd)
+        diff = lambda a, b: max(float(jnp.max(jnp.abs(u - v))) for u, v in
+                                zip(jax.tree.leaves(res[a]), jax.tree.leaves(res[b])))
+        out[name] = {"ahead_vs_in_call": diff("par_ahead", "par_in_call"), "ahead_vs_ref": diff("par_ahead", "ref_ahead"),
+                     "scale": max(float(jnp.max(jnp.abs(v))) for v in jax.tree.leaves(res["ref_ahead"]))}
+    return out
+
+
 @pytest.fixture(scope="module")
 def results():
-    return run_checks(__file__, ["dense_exchange_matches_ragged_semantics", "expert_parallel_equals_reference"])
+    return run_checks(__file__, ["dense_exchange_matches_ragged_semantics", "expert_parallel_equals_reference",
+                                 "fp8_copies_made_ahead_pass_through_the_shard_map"])
 
 
 def test_dense_exchange_follows_ragged_all_to_all_semantics(results):
@@ -162,7 +196,19 @@ def test_expert_parallel_outputs_and_grads_equal_reference(results, case):
         assert scale > 1e-3 and diff < 1e-5 * max(scale, 1.0) * 10, r
 
 
+def test_fp8_expert_copies_made_ahead_pass_through_the_shard_map(results):
+    r = results["fp8_copies_made_ahead_pass_through_the_shard_map"]
+    # experts split over devices, whole experts per device: the copies are the ones each device would make
+    assert r["dropless_ep4"]["ahead_vs_in_call"] == 0.0, r
+    # hidden width split over the tensor axis too: the copies made ahead have one scale per whole expert, as on
+    # one device (inside the shard_map each device scales its slice; powers of two, here the same scales);
+    # against one device: the order of the sums over token (and width) shards only
+    for case in r.values():
+        assert case["scale"] > 0.5 and case["ahead_vs_ref"] < 1e-6 * case["scale"] * 10, r
+        assert case["ahead_vs_in_call"] < 1e-6 * case["scale"] * 10, r
+
 if __name__ == "__main__":
     sys.path.insert(0, REPO_ROOT)
     main_for_checks({"dense_exchange_matches_ragged_semantics": dense_exchange_matches_ragged_semantics,
-                     "expert_parallel_equals_reference": expert_parallel_equals_reference})
+                     "expert_parallel_equals_reference": expert_parallel_equals_reference,
+                     "fp8_copies_made_ahead_pass_through_the_shard_map": fp8_copies_made_ahead_pass_through_the_shard_map})

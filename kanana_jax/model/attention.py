@@ -18,12 +18,13 @@ _ACT = ("activation_batch", "activation_length", "activation_heads", "activation
 
 def _projection(module, spec: str, x, name: str, n_contract: int = 1):
     """The einsum `spec` of x and the weight `name` in the compute dtype, or the fp8 matmul (with that weight's
-    amax history under delayed scaling) when the module has an fp8 recipe."""
+    amax history under delayed scaling, and its fp8 copies when the step made them ahead) when the module has an
+    fp8 recipe."""
     dt, w = DTYPES[module.cfg.dtype], getattr(module, name)
     if module.fp8 is None:
         return jnp.einsum(spec, x, w.astype(dt))
     return fp8_lib.project(x, w, dt, module.fp8, spec, n_contract=n_contract,
-                           history_var=module.fp8_histories.get(name))
+                           history_var=module.fp8_histories.get(name), pre=fp8_lib.prequantized(module, name))
 
 
 def softmax_scale(cfg: ModelConfig) -> float:

@@ -8,7 +8,10 @@ MLPs) through one 2-D custom_vjp op:
 Every GEMM gets both operands contraction-minor ("NT"), the layout cuBLASLt's fp8 kernels take, so XLA's fp8
 dot_general lowering (`__cublas$lt$matmul$f8` on Hopper) needs no transpose of its own; the transposes above are
 fused into the quantizing passes. Master weights, their gradients (in w's dtype) and the optimizer are
-untouched: only the three GEMMs see fp8.
+untouched: only the three GEMMs see fp8. The weight's quantization (q(w) in both layouts, s_w, its amax) happens
+outside the custom_vjp (`quantize_weight`): in the call, or once per optimizer step by the train step
+(model/fp8_weights.py, precision.fp8_prequantize), whose copies the sites read from the 'fp8_weights' collection
+(`prequantized`); w stays the op's differentiable input and gets dw either way.
 
 Scaling (pallas_kernels/fp8.py: power-of-two per-tensor scales, saturating casts):
 - 'current': s = scale_for(amax of the tensor now) (one reduction pass before each quantization).
@@ -43,6 +46,7 @@ from jax import lax
 from pallas_kernels import fp8 as fp8_lib
 
 COLLECTION = "fp8_meta"  # flax collection holding the delayed-scaling amax histories [3, L] per matmul site
+WEIGHTS = "fp8_weights"  # flax collection of weights' fp8 copies made once per step (model/fp8_weights.py)
 ROWS = ("x", "w", "g")
 _NT = (((1,), (1,)), ((), ()))  # contract dim 1 of both operands
 
@@ -94,19 +98,35 @@ def _dot(a, sa, b, sb, form):
     return lax.dot_general(a, b, _NT, preferred_element_type=jnp.float32) * (sa * sb)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _matmul_2d(x_MxK, w_KxN, history_3xL, grad_dtype, delayed, out_dtype, form):
-    return _matmul_2d_fwd(x_MxK, w_KxN, history_3xL, grad_dtype, delayed, out_dtype, form)[0]
+def quantize_weight(w_xKxN, history_xL=None, delayed: bool = False):
+    """The e4m3 copies of a weight as the dense op reads them, per matrix of the leading dims (a scanned stack):
+    {'q': [...,K,N], 'q_t': [...,N,K] (the forward's contraction-minor layout), 's': [...] power-of-two scale,
+    'amax': [...] float32} from the current amax, or (delayed) from the w row of `history_xL` [..., L] (the
+    current amax while it is empty)."""
+    amax_x = fp8_lib.amax(w_xKxN, axis=(-2, -1))
+    if delayed and history_xL is not None:
+        past_x = jnp.max(history_xL, axis=-1)  # a select, not a lax.cond: the current amax enters the history
+        s_x = fp8_lib.scale_for(jnp.where(past_x > 0, past_x, amax_x), fp8_lib.E4M3)
+    else:
+        s_x = fp8_lib.scale_for(amax_x, fp8_lib.E4M3)
+    q = fp8_lib.quantize(w_xKxN, fp8_lib.E4M3, s_x[..., None, None])
+    return {"q": q, "q_t": jnp.swapaxes(q, -1, -2), "s": s_x, "amax": amax_x}
 
 
-def _matmul_2d_fwd(x_MxK, w_KxN, history_3xL, grad_dtype, delayed, out_dtype, form):
-    ax, aw = fp8_lib.amax(x_MxK), fp8_lib.amax(w_KxN)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _matmul_2d(x_MxK, w_KxN, qw_KxN, qw_NxK, sw, aw, history_3xL, grad_dtype, delayed, out_dtype, form):
+    return _matmul_2d_fwd(x_MxK, w_KxN, qw_KxN, qw_NxK, sw, aw, history_3xL, grad_dtype, delayed, out_dtype,
+                          form)[0]
+
+
+def _matmul_2d_fwd(x_MxK, w_KxN, qw_KxN, qw_NxK, sw, aw, history_3xL, grad_dtype, delayed, out_dtype, form):
+    """w only stands for the differentiable weight (dW's dtype); the GEMMs read its fp8 copies qw, qw^T."""
+    ax = fp8_lib.amax(x_MxK)
     sx = _scale(ax, history_3xL[0], delayed, fp8_lib.E4M3)
-    sw = _scale(aw, history_3xL[1], delayed, fp8_lib.E4M3)
     qx = fp8_lib.quantize(x_MxK, fp8_lib.E4M3, sx)
-    qw = fp8_lib.quantize(w_KxN, fp8_lib.E4M3, sw)
-    y = _dot(qx, sx, qw.T, sw, form).astype(out_dtype)
-    return y, (qx, sx, qw, sw, history_3xL, ax, aw, jnp.zeros((0,), x_MxK.dtype), jnp.zeros((0,), w_KxN.dtype))
+    y = _dot(qx, sx, qw_NxK, sw, form).astype(out_dtype)
+    return y, (qx, sx, qw_KxN, sw, history_3xL, ax, aw, jnp.zeros((0,), x_MxK.dtype),
+               jnp.zeros((0,), w_KxN.dtype))
 
 
 def _matmul_2d_bwd(grad_dtype, delayed, out_dtype, form, res, g_MxN):
@@ -118,17 +138,20 @@ def _matmul_2d_bwd(grad_dtype, delayed, out_dtype, form, res, g_MxN):
     dx = _dot(qg, sg, qw, sw, form).astype(x_proto.dtype)
     dw = _dot(qx.T, sx, qg.T, sg, form).astype(w_proto.dtype)
     new_history = jnp.roll(history_3xL, 1, axis=1).at[:, 0].set(jnp.stack([ax, aw, ag]))
-    return dx, dw, new_history
+    return dx, dw, None, None, None, None, new_history  # no cotangent for the weight's fp8 copies and scale
 
 
 _matmul_2d.defvjp(_matmul_2d_fwd, _matmul_2d_bwd)
 
 
-def matmul(x, w, recipe: Fp8Recipe, *, n_contract: int = 1, history=None, out_dtype=None):
+def matmul(x, w, recipe: Fp8Recipe, *, n_contract: int = 1, history=None, out_dtype=None, pre=None):
     """x[..., K1..Kn] @ w[K1..Kn, N...] -> [..., N...] through fp8 GEMMs (see the module docstring).
 
     Equals jnp.einsum over the shared K dims up to fp8 rounding. `history` [3, L] float32 holds the amaxes of
-    (x, w, g) for delayed scaling (ignored under current scaling). Output in `out_dtype` (default x.dtype)."""
+    (x, w, g) for delayed scaling (ignored under current scaling). Output in `out_dtype` (default x.dtype).
+    `pre`: w's fp8 copies made ahead (`quantize_weight` of w as [K, N], from the same history: the step makes
+    them once per optimizer step, model/fp8_weights.py); read as given, w still receives dW. Without it they
+    are made here."""
     k_dims = x.shape[x.ndim - n_contract:]
     if tuple(w.shape[:n_contract]) != tuple(k_dims):
         raise ValueError(f"fp8 matmul: x {x.shape} and w {w.shape} disagree on the {n_contract} contracted dims")
@@ -137,8 +160,14 @@ def matmul(x, w, recipe: Fp8Recipe, *, n_contract: int = 1, history=None, out_dt
     if history is None:
         history = jnp.zeros((3, 1), jnp.float32)
     out_dtype = jnp.dtype(out_dtype or x.dtype)
-    y = _matmul_2d(x.reshape(-1, k), w.reshape(k, n), history, recipe.grad_dtype, recipe.delayed, out_dtype,
-                   recipe.dot_form)
+    w_KxN = w.reshape(k, n)
+    if pre is None:
+        pre = quantize_weight(lax.stop_gradient(w_KxN), history[1], recipe.delayed)
+    elif pre["q_t"].shape != (n, k):
+        raise ValueError(f"fp8 matmul: pre-quantized q_t {pre['q_t'].shape} does not fit w {w.shape} with "
+                         f"{n_contract} contracted dims (want {(n, k)}); see model/fp8_weights.py")
+    y = _matmul_2d(x.reshape(-1, k), w_KxN, pre["q"], pre["q_t"], pre["s"], pre["amax"], history,
+                   recipe.grad_dtype, recipe.delayed, out_dtype, recipe.dot_form)
     return y.reshape(lead + n_dims)
 
 
@@ -165,12 +194,20 @@ def history_variable(module, name: str, recipe: Fp8Recipe | None):
     return module.variable(COLLECTION, name, jnp.zeros, (3, recipe.amax_history), jnp.float32)
 
 
-def project(x, w, dtype, recipe: Fp8Recipe | None, spec: str, *, n_contract: int = 1, history_var=None):
-    """One projection site: the model's bf16 einsum `spec` when recipe is None, else the fp8 matmul."""
+def prequantized(module, name: str):
+    """The fp8 copies of `module`'s weight `name` that the step made ahead (the 'fp8_weights' collection), or None
+    (then the matmul quantizes the weight itself)."""
+    return module.get_variable(WEIGHTS, name) if module.has_variable(WEIGHTS, name) else None
+
+
+def project(x, w, dtype, recipe: Fp8Recipe | None, spec: str, *, n_contract: int = 1, history_var=None,
+            pre=None):
+    """One projection site: the model's bf16 einsum `spec` when recipe is None, else the fp8 matmul (`pre`: the
+    weight's fp8 copies made ahead, see `matmul`)."""
     if recipe is None:
         return jnp.einsum(spec, x, w.astype(dtype))
     return matmul(x.astype(dtype), w.astype(dtype), recipe, n_contract=n_contract,
-                  history=None if history_var is None else history_var.value)
+                  history=None if history_var is None else history_var.value, pre=pre)
 
 
 def summarize(fp8_meta, old_meta=None, recipe: Fp8Recipe | None = None) -> dict:

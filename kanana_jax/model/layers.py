@@ -147,7 +147,7 @@ class MLP(nn.Module):
         if self.fp8 is not None:
             from kanana_jax.model import fp8
             mm = lambda a, w, name: fp8.project(a, w, self.dtype, self.fp8, "", history_var=fp8.history_variable(
-                self, name, self.fp8))
+                self, name, self.fp8), pre=fp8.prequantized(self, name))
             gate_BxTxF, up_BxTxF = mm(x, w_gate, "w_gate"), mm(x, w_up, "w_up")
             h_BxTxF = constrain(jax.nn.silu(gate_BxTxF) * up_BxTxF,
                                 ("activation_batch", "activation_length", "activation_mlp"))

@@ -120,7 +120,8 @@ def dispatch_experts_pallas(x_NxD, expert_ids_Nxk, weights_Nxk, w_gate_ExDxF, w_
 
 class Experts(nn.Module):
     """Routed expert weights: w_gate/w_up [E,D,F], w_down [E,F,D]; `fp8` (an fp8.Fp8Recipe) runs the grouped
-    matmuls in fp8 (current scaling, per-expert weight scales)."""
+    matmuls in fp8 (current scaling, per-expert weight scales; the weights' fp8 copies from the 'fp8_weights'
+    collection when the step made them ahead)."""
     cfg: ModelConfig
     fp8: object = None
 
@@ -133,8 +134,14 @@ class Experts(nn.Module):
         w_up = param_with_axes(self, "w_up", (E, D, F), ("experts", "embed", "expert_mlp"), init, pdt)
         w_down = param_with_axes(self, "w_down", (E, F, D), ("experts", "expert_mlp", "embed"), init, pdt)
         gmm = grouped_matmul(cfg.moe_impl, cfg.moe_block_rows, self.fp8)
-        args = (x_NxD.astype(dt), expert_ids_Nxk, weights_Nxk, w_gate.astype(dt), w_up.astype(dt),
-                w_down.astype(dt), gmm)
+        weights = [w.astype(dt) for w in (w_gate, w_up, w_down)]
+        if self.fp8 is not None:  # the weights' fp8 copies, when the step made them ahead (model/fp8_weights.py)
+            from kanana_jax.model import fp8 as fp8_lib
+            from pallas_kernels.moe.fp8 import QuantizedExperts
+            pres = [fp8_lib.prequantized(self, name) for name in ("w_gate", "w_up", "w_down")]
+            weights = [w if p is None else QuantizedExperts(w, p["q"], p["q_t"], p["s"])
+                       for w, p in zip(weights, pres)]
+        args = (x_NxD.astype(dt), expert_ids_Nxk, weights_Nxk, *weights, gmm)
         plan = None if self.is_initializing() else expert_parallel.current_plan(cfg)
         if plan is not None:  # experts split over a mesh axis: all-to-all dispatch in shard_map
             if self.fp8 is not None and cfg.expert_parallel == "capacity":

@@ -15,7 +15,7 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
-SCANNED_COLLECTIONS = ("params", "intermediates", "aux_loss", "fp8_meta")
+SCANNED_COLLECTIONS = ("params", "intermediates", "aux_loss", "fp8_meta", "fp8_weights")
 
 
 class Block(nn.Module):
@@ -112,5 +112,5 @@ class LMHead(nn.Module):
             from kanana_jax.model import fp8
             return fp8.matmul(h_BxTxD, kernel.astype(h_BxTxD.dtype), self.fp8, out_dtype=jnp.float32,
                               history=None if (v := fp8.history_variable(self, "kernel", self.fp8)) is None
-                              else v.value)
+                              else v.value, pre=fp8.prequantized(self, "kernel"))
         return logits_matmul(h_BxTxD, kernel)

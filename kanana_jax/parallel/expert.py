@@ -119,10 +119,22 @@ def dispatch(plan: ExpertPlan, x_NxD, expert_ids_Nxk, weights_Nxk, w_gate_ExDxF,
     token_spec = P(plan.batch_axes, None)
     in_w = P(plan.expert_axis, None, plan.mlp_axis)
     out_w = P(plan.expert_axis, plan.mlp_axis, None)
+    w_specs = tuple(_weight_spec(w, spec) for w, spec in
+                    zip((w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD), (in_w, in_w, out_w)))
     body = _dropless_body if plan.mode == "dropless" else _capacity_body
     fn = jax.shard_map(functools.partial(body, plan=plan, gmm=gmm), mesh=plan.mesh,
-                       in_specs=(token_spec, token_spec, token_spec, in_w, in_w, out_w), out_specs=token_spec)
+                       in_specs=(token_spec, token_spec, token_spec, *w_specs), out_specs=token_spec)
     return fn(x_NxD, expert_ids_Nxk, weights_Nxk, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
+
+
+def _weight_spec(w, spec_ExAxB):
+    """The shard_map spec of an expert weight [E,A,B]: `spec_ExAxB`, or for a QuantizedExperts (fp8 copies made
+    ahead, pallas_kernels/moe/fp8.py) the same split of w and q, of q_t [E,B,A] transposed, of the scales [E]."""
+    from pallas_kernels.moe.fp8 import QuantizedExperts
+    if not isinstance(w, QuantizedExperts):
+        return spec_ExAxB
+    e, a, b = spec_ExAxB
+    return QuantizedExperts(spec_ExAxB, spec_ExAxB, P(e, b, a), P(e))
 
 
 def _sort_copies(expert_ids_nxk):

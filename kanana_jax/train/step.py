@@ -36,15 +36,20 @@ MODEL_STATE_COLLECTIONS = (fp8.COLLECTION,)
 
 
 class ModelWithState:
-    """The model as a stage's loss_fn / eval_fn sees it when the train state carries `model_state`: `.apply`
-    adds those collections to the variables it is given (read-only; the histories' new values come back as their
-    cotangent, model/fp8.py); every other attribute is the model's."""
+    """The model as a stage's loss_fn / eval_fn sees it when the train state carries `model_state` or the step
+    made the weights' fp8 copies ahead: `.apply` adds the `model_state` collections to the variables it is given
+    (read-only; the histories' new values come back as their cotangent, model/fp8.py), and `constants` (the
+    'fp8_weights' collection, model/fp8_weights.py) only when it is applied to `constants_of`, the very params
+    tree they were made from: a forward of other params (DPO's frozen reference) quantizes its own weights.
+    Every other attribute is the model's."""
 
-    def __init__(self, model, model_state: dict):
+    def __init__(self, model, model_state: dict, constants: dict | None = None, constants_of=None):
         self.model, self.model_state = model, model_state
+        self.constants, self.constants_of = constants or {}, constants_of
 
     def apply(self, variables, *args, **kwargs):
-        return self.model.apply({**self.model_state, **variables}, *args, **kwargs)
+        extra = self.constants if self.constants and variables.get("params") is self.constants_of else {}
+        return self.model.apply({**self.model_state, **extra, **variables}, *args, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self.model, name)
@@ -150,22 +155,39 @@ def compute_dtype_copy(params, cfg: ExperimentConfig):
         lambda path, p: p.astype(dt) if _READ_IN_COMPUTE_DTYPE.search(path_str(path)) else p, params)
 
 
-def loss_and_grad_fn(stage, model, extra, cfg: ExperimentConfig, model_state=None):
+def loss_and_grad_fn(stage, model, extra, cfg: ExperimentConfig, model_state=None, fp8_weights=None):
     """(params, batch, rng) -> ((loss, aux), grads) of the stage's loss; grads w.r.t. params only.
 
     With a non-empty `model_state` (fp8 delayed scaling) the stage gets a `ModelWithState` and the loss is also
     differentiated w.r.t. model_state: its "gradient" is the updated state (the fp8 ops' cotangent convention,
     model/fp8.py), returned as aux['model_state'], never part of grads. So a stage differentiates at most one
-    fp8 forward of the model per microbatch (a stop-gradient'ed one, like DPO's reference, runs no backward)."""
-    if not model_state:
+    fp8 forward of the model per microbatch (a stop-gradient'ed one, like DPO's reference, runs no backward).
+    `fp8_weights`: the weights' fp8 copies made from the params this fn is called with (`fp8_weights_of`);
+    the model reads them instead of quantizing in every call, never differentiated."""
+    constants = {fp8.WEIGHTS: fp8_weights} if fp8_weights else {}
+    if not model_state and not constants:
         return jax.value_and_grad(lambda p, b, r: stage.loss_fn(model, p, extra, b, cfg, r), has_aux=True)
-    loss = lambda p, ms, b, r: stage.loss_fn(ModelWithState(model, ms), p, extra, b, cfg, r)
+    if not model_state:
+        return jax.value_and_grad(lambda p, b, r: stage.loss_fn(ModelWithState(model, {}, constants, p), p, extra,
+                                                                b, cfg, r), has_aux=True)
+    loss = lambda p, ms, b, r: stage.loss_fn(ModelWithState(model, ms, constants, p), p, extra, b, cfg, r)
     value_and_grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
 
     def grad_fn(params, batch, rng):
         (value, aux), (grads, new_model_state) = value_and_grads(params, model_state, batch, rng)
         return (value, {**aux, "model_state": new_model_state}), grads
     return grad_fn
+
+
+def fp8_weights_of(params, model_state, cfg: ExperimentConfig) -> dict:
+    """The fp8 copies of the weights the fp8 matmuls read (model/fp8_weights.py), made once for the step from
+    `params` (cast to model.dtype as the sites cast them); {} without fp8 or with precision.fp8_prequantize off."""
+    recipe = fp8.recipe_from(cfg.precision)
+    if recipe is None or not cfg.precision.fp8_prequantize:
+        return {}
+    from kanana_jax.model import fp8_weights
+    return fp8_weights.prequantize(jax.lax.stop_gradient(params), recipe, cfg.model,
+                                   (model_state or {}).get(fp8.COLLECTION))
 
 
 def microbatch_weight(aux):
@@ -181,10 +203,11 @@ def finish_metrics(aux) -> dict:
     return {**aux["metrics"], **aux.get("sums", {}), **ratios}
 
 
-def accumulate_gradients(grad_fn, params, batch, cfg: ExperimentConfig, rng):
+def accumulate_gradients(grad_fn, params, batch, cfg: ExperimentConfig, rng, params_c=None):
     """(loss, aux, grads) of the whole batch from train.grad_accum_steps microbatches run in a lax.scan.
 
-    `grad_fn(params, microbatch, rng)` as from `loss_and_grad_fn`; microbatch i gets fold_in(rng, i). Each
+    `grad_fn(params, microbatch, rng)` as from `loss_and_grad_fn`, called with `params_c` (default
+    `compute_dtype_copy(params, cfg)`, made once); microbatch i gets fold_in(rng, i). Each
     microbatch is weighted by `microbatch_weight` (its counted tokens for next-token stages), so the masked-mean
     LM loss and its gradient equal the full-batch ones; gradients accumulate in float32; the metric 'tokens' and
     aux 'sums' and 'ratios' parts are summed, the other metrics are weighted means; sown intermediates are combined
@@ -194,7 +217,7 @@ def accumulate_gradients(grad_fn, params, batch, cfg: ExperimentConfig, rng):
     """
     n = cfg.train.grad_accum_steps
     mb = microbatches(batch, n)
-    params_c = compute_dtype_copy(params, cfg)
+    params_c = compute_dtype_copy(params, cfg) if params_c is None else params_c
 
     def one(mb_i, i):
         (loss, aux), grads = grad_fn(params_c, mb_i, jax.random.fold_in(rng, i))
@@ -248,12 +271,15 @@ def train_step(state: TrainState, batch, *, model, optimizer, stage, cfg: Experi
     """One update: loss and grads, optimizer, post-update rules (router bias, MuonClip) on the policy subtree,
     the model state (fp8 amax histories) from aux['model_state'], metrics; a step with a non-finite loss or
     gradient skips the update (nonfinite.apply_if_finite), keeping the old model state too."""
-    grad_fn = loss_and_grad_fn(stage, model, state.extra, cfg, state.model_state)
     rng = step_rng(cfg, state.step)
+    params_in = state.params if cfg.train.grad_accum_steps == 1 else compute_dtype_copy(state.params, cfg)
+    # fp8: the weights' fp8 copies once per step, before the microbatch loop (the grads go to params_in)
+    grad_fn = loss_and_grad_fn(stage, model, state.extra, cfg, state.model_state,
+                               fp8_weights_of(params_in, state.model_state, cfg))
     if cfg.train.grad_accum_steps == 1:
-        (loss, aux), grads = grad_fn(state.params, batch, rng)
+        (loss, aux), grads = grad_fn(params_in, batch, rng)
     else:
-        loss, aux, grads = accumulate_gradients(grad_fn, state.params, batch, cfg, rng)
+        loss, aux, grads = accumulate_gradients(grad_fn, state.params, batch, cfg, rng, params_c=params_in)
 
     def update(state):
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

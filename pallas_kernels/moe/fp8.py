@@ -8,8 +8,11 @@
 Scales are powers of two (pallas_kernels/fp8.py), current scaling: one per tensor for x and g, one per expert
 for w (experts' weight ranges differ; a per-group scale costs nothing in the kernels, which multiply group g's
 accumulator by its scale before the cast). Both forward products read their rhs as [E, N_out, K_contract]:
-the layout wgmma needs for 8-bit operands, made by the quantizing pass (the weights are quantized once per call,
-in both layouts). The weight gradient stays a bf16 tgmm: in fp8 it would need both activations transposed
+the layout wgmma needs for 8-bit operands, made by the quantizing pass (`quantize_weights`: both layouts and the
+scales). `rhs` is either the weight, quantized in every call, or a `QuantizedExperts` made once per optimizer step
+(kanana_jax/model/fp8_weights.py): its `w` stays the differentiable input that receives dW, the fp8 copies are
+read as they are (same values as a per-call quantization of the same `w`, so the same results bit for bit).
+The weight gradient stays a bf16 tgmm: in fp8 it would need both activations transposed
 to [K, M] with the ragged group boundaries along the minor dimension, which our tgmm kernel does not handle.
 
 Backends: 'reference' (dequantize to f32, blocked jnp; the CPU path and the oracle), 'gpu' (Mosaic GPU wgmma on
@@ -17,6 +20,7 @@ fp8 operands, Hopper), 'tpu' (Mosaic TPU: fp8 storage, dequantized to bf16 in th
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -27,11 +31,38 @@ from pallas_kernels.moe import ops, reference
 from pallas_kernels.moe.tiling import GmmTilings, as_gmm_tilings
 
 
-def quantize_weights(w_ExKxN):
-    """(q [E,K,N], q^T [E,N,K], scales [E]) of expert weights in e4m3, one power-of-two scale per expert."""
-    s_E = fp8_lib.scale_for(fp8_lib.amax(w_ExKxN, axis=(1, 2)), fp8_lib.E4M3)
-    q = fp8_lib.quantize(w_ExKxN, fp8_lib.E4M3, s_E[:, None, None])
-    return q, jnp.swapaxes(q, 1, 2), s_E
+def quantize_weights(w_xExKxN):
+    """(q [...,E,K,N], q^T [...,E,N,K], scales [...,E]) of expert weights in e4m3, one power-of-two scale per
+    expert (leading dims, e.g. a scanned layer stack, are batch dims)."""
+    s_xE = fp8_lib.scale_for(fp8_lib.amax(w_xExKxN, axis=(-2, -1)), fp8_lib.E4M3)
+    q = fp8_lib.quantize(w_xExKxN, fp8_lib.E4M3, s_xE[..., None, None])
+    return q, jnp.swapaxes(q, -1, -2), s_xE
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["w", "q", "q_t", "s"],
+                   meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class QuantizedExperts:
+    """Expert weights with their e4m3 copies made ahead (once per optimizer step): `w` [E,K,N] in the compute
+    dtype (differentiable: receives dW), `q` [E,K,N] / `q_t` [E,N,K] = quantize_weights(w), `s` [E] scales.
+    Passes where the weight array does (`.shape`, `.dtype` are w's)."""
+    w: jax.Array
+    q: jax.Array
+    q_t: jax.Array
+    s: jax.Array
+
+    @property
+    def shape(self):
+        return self.w.shape
+
+    @property
+    def dtype(self):
+        return self.w.dtype
+
+    @classmethod
+    def of(cls, w_ExKxN):
+        """The weight with its fp8 copies quantized now (what a call of gmm_fp8 on the bare weight does)."""
+        return cls(w_ExKxN, *quantize_weights(jax.lax.stop_gradient(w_ExKxN)))
 
 
 def quantize_tensor(x, dtype=fp8_lib.E4M3):
@@ -57,14 +88,14 @@ def scaled_gmm(q_lhs_MxK, q_rhs_ExNxK, group_sizes_E, scales_E, *, out_dtype, ti
     return out.astype(out_dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _gmm_fp8(x_MxK, w_ExKxN, group_sizes_E, grad_dtype, tilings, backend, interpret):
-    return _gmm_fp8_fwd(x_MxK, w_ExKxN, group_sizes_E, grad_dtype, tilings, backend, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _gmm_fp8(x_MxK, w_ExKxN, qw, qw_t, sw_E, group_sizes_E, grad_dtype, tilings, backend, interpret):
+    return _gmm_fp8_fwd(x_MxK, w_ExKxN, qw, qw_t, sw_E, group_sizes_E, grad_dtype, tilings, backend, interpret)[0]
 
 
-def _gmm_fp8_fwd(x_MxK, w_ExKxN, group_sizes_E, grad_dtype, tilings, backend, interpret):
+def _gmm_fp8_fwd(x_MxK, w_ExKxN, qw, qw_t, sw_E, group_sizes_E, grad_dtype, tilings, backend, interpret):
+    """w only stands for the differentiable weight (dW's dtype); the products read its fp8 copies qw, qw_t."""
     qx, sx = quantize_tensor(x_MxK)
-    qw, qw_t, sw_E = quantize_weights(w_ExKxN)
     out = scaled_gmm(qx, qw_t, group_sizes_E, sx * sw_E, out_dtype=x_MxK.dtype, tiling=tilings.fwd,
                      backend=backend, interpret=interpret)
     return out, (x_MxK, qw, sw_E, group_sizes_E, jnp.zeros((0,), w_ExKxN.dtype))
@@ -79,7 +110,7 @@ def _gmm_fp8_bwd(grad_dtype, tilings, backend, interpret, res, g_MxN):
     g = g_MxN.astype(x_MxK.dtype)
     dw = ops.tgmm(x_MxK.T, g, group_sizes_E, preferred_element_type=w_proto.dtype, tiling=tilings.drhs,
                   backend=backend, interpret=interpret)
-    return dx, dw, None
+    return dx, dw, None, None, None, None  # no cotangent for the fp8 copies, scales, group sizes
 
 
 _gmm_fp8.defvjp(_gmm_fp8_fwd, _gmm_fp8_bwd)
@@ -90,14 +121,25 @@ def gmm_fp8(lhs_MxK, rhs_ExKxN, group_sizes_E, *, grad_dtype="e5m2", tiling: Gmm
     """Grouped matmul [M,K] x [E,K,N] -> [M,N] (lhs dtype) through fp8 products; differentiable in lhs and rhs.
 
     Same row convention as `ops.gmm` (rows sorted by group; rows past sum(group_sizes) give 0). Gradients come
-    back in the operands' dtypes. grad_dtype: format of the quantized output gradient, 'e4m3' or 'e5m2'."""
+    back in the operands' dtypes. grad_dtype: format of the quantized output gradient, 'e4m3' or 'e5m2'.
+    `rhs` is the weight (quantized here) or a QuantizedExperts (its fp8 copies read as given, dW to its .w)."""
+    pre = rhs_ExKxN if isinstance(rhs_ExKxN, QuantizedExperts) else QuantizedExperts.of(rhs_ExKxN)
+    rhs_ExKxN = pre.w
     if lhs_MxK.ndim != 2 or rhs_ExKxN.ndim != 3 or lhs_MxK.shape[1] != rhs_ExKxN.shape[1]:
         raise ValueError(f"gmm_fp8: want lhs[M,K], rhs[E,K,N]; got {lhs_MxK.shape}, {rhs_ExKxN.shape}")
     if rhs_ExKxN.shape[0] != group_sizes_E.shape[0]:
         raise ValueError(f"gmm_fp8: rhs has {rhs_ExKxN.shape[0]} groups, group_sizes {group_sizes_E.shape[0]}")
     fp8_lib.format_dtype(grad_dtype)
-    return _gmm_fp8(lhs_MxK, rhs_ExKxN, group_sizes_E.astype(jnp.int32), grad_dtype, as_gmm_tilings(tiling),
-                    ops.resolve_backend(backend), interpret)
+    if pre.q_t.shape != rhs_ExKxN.shape[:1] + rhs_ExKxN.shape[:0:-1] or pre.s.shape != rhs_ExKxN.shape[:1]:
+        raise ValueError(f"gmm_fp8: quantized copies q_t {pre.q_t.shape}, scales {pre.s.shape} do not fit the "
+                         f"weight {rhs_ExKxN.shape} (want [E,N,K] and [E])")
+    # inside shard_map: each operand enters as varying over the other's mesh axes too (pcast, whose transpose sums
+    # its cotangent over them), as autodiff does for a plain matmul; the custom bwd's dx, dW vary over both sets
+    vma = lambda a: set(jax.typeof(a).mat.varying)  # mesh axes a varies over (none outside shard_map)
+    lhs_MxK, rhs_ExKxN = (a if not (m := tuple(sorted(vma(b) - vma(a)))) else jax.lax.pcast(a, m, to="varying")
+                          for a, b in ((lhs_MxK, rhs_ExKxN), (rhs_ExKxN, lhs_MxK)))
+    return _gmm_fp8(lhs_MxK, rhs_ExKxN, pre.q, pre.q_t, pre.s, group_sizes_E.astype(jnp.int32), grad_dtype,
+                    as_gmm_tilings(tiling), ops.resolve_backend(backend), interpret)
 
 
 def gmm_fp8_reference(lhs_MxK, rhs_ExKxN, group_sizes_E):
