@@ -4,6 +4,8 @@
     python3 benchmarks/sampler.py --layers 48 --batches 1,64,256,1024 --variants first,new --out $OUT
     python3 benchmarks/sampler.py --peer hf --layers 8 --batches 1,64 --out $OUT        # transformers on torch
     python3 benchmarks/sampler.py --size tiny --layers 3 --batches 1,4 --prompt-len 8 --new 4   # CPU check
+    python3 benchmarks/sampler.py --sampling-only --sampling-batch 256 --sampling-methods sort,search --out $OUT
+    python3 benchmarks/sampler.py --layers 48 --batches 512,1024,2048 --variants new --stop-after-error --out $OUT
 
 Model: the 30B-A3B reconstruction (experiments/sizes.py) at full width with --layers layers, random bf16 weights
 made on the device. Each row: B random prompts of --prompt-len tokens, --new tokens sampled at temperature 1;
@@ -20,7 +22,11 @@ Roofline per step: bytes a step must read over the copy bandwidth measured in th
 `copy_bandwidth`). 'all' counts every weight but the embedding table plus the mean KV cache (the issue's
 definition); 'touched' counts the routed experts a batch of B rows is expected to touch under uniform routing,
 E (1 - (1 - k/E)^B) per layer (at batch 1: 6 of 128), the bound that matters at small batch.
-Also: the sampling step alone (temperature / top-k / top-p over the vocabulary) at the largest batch.
+  new_sort `new` with top-k / top-p masks through a full sort (DecodeOptions(sampling_filter='sort'), the first
+           version); give --top-p / --top-k to decode with those filters
+Also: the sampling step alone (temperature / top-k / top-p over the vocabulary) at the largest batch (or
+--sampling-batch), per --sampling-methods ('sort' = the first version, 'search' = the default threshold search;
+`--sampling-only` skips the model). `--stop-after-error` with growing --batches finds the largest batch that fits.
 One JSON object is printed and written to --out/sampler[_hf].json after every row.
 """
 from __future__ import annotations
@@ -44,6 +50,7 @@ VARIANTS = {   # name: (model overrides, DecodeOptions kwargs)
     "capacity": ({"attention_impl": "kernel", "moe_impl": "pallas"}, {"moe": "capacity"}),
     "kernel": ({"attention_impl": "kernel", "moe_impl": "pallas"}, {"moe": "kernel"}),
     "new": ({"attention_impl": "kernel", "moe_impl": "pallas"}, {}),
+    "new_sort": ({"attention_impl": "kernel", "moe_impl": "pallas"}, {"sampling_filter": "sort"}),
     "unrolled": ({"attention_impl": "kernel", "moe_impl": "pallas"}, {"layer_unroll": 1024}),
 }
 
@@ -95,14 +102,15 @@ def roofline_bytes(cfg, batch: int, cache_len: int) -> dict:
             "kv": kv, "touched_experts_per_layer": E * touched_fraction}
 
 
-def timed_generation(sampler, cfg, batch: int, prompt_len: int, new: int, reps: int, rng):
-    """(prefill s, decode s) medians of the Sampler's prefill and decode loop on `batch` random prompts."""
+def timed_generation(sampler, cfg, batch: int, prompt_len: int, new: int, reps: int, rng, top_k=0, top_p=1.0):
+    """(prefill s, decode s, compile s): medians of the Sampler's prefill and decode loop on `batch` random
+    prompts, sampling at temperature 1 with the given top-k / top-p."""
     import jax
     from kanana_jax.generate.sampler import SamplingParams, _bucket, make_controls
     ids = [list(rng.integers(3, cfg.vocab_size, prompt_len)) for _ in range(batch)]
     Pb = _bucket(prompt_len, sampler.min_prompt_bucket)
     tokens, lengths = sampler._left_padded(ids, batch, Pb)
-    sampling = SamplingParams(max_new_tokens=new, temperature=1.0)
+    sampling = SamplingParams(max_new_tokens=new, temperature=1.0, top_k=top_k, top_p=top_p)
     controls, static = make_controls(sampling, (), 0)
     cache_len = Pb + new - 1
     pre, dec = [], []
@@ -123,24 +131,47 @@ def timed_generation(sampler, cfg, batch: int, prompt_len: int, new: int, reps: 
     return float(np.median(pre)), float(np.median(dec)), compile_s
 
 
-def sampling_times(batch: int, vocab: int, reps: int = 20) -> dict:
-    """ms of one `sampling.sample` call on [batch, vocab] float32 logits, per filter setting."""
+SAMPLING_SETTINGS = {   # name: sample() kwargs; names ending in _bf16ties use the logits rounded to bfloat16
+    "temperature_1": {}, "greedy": {"temperature": 0.0}, "top_k_50": {"top_k": 50}, "top_p_0.95": {"top_p": 0.95},
+    "top_k_50_top_p_0.95": {"top_k": 50, "top_p": 0.95},
+    "top_k_50_bf16ties": {"top_k": 50}, "top_p_0.95_bf16ties": {"top_p": 0.95}}
+SAMPLING_METHODS = {   # name: sample() kwargs ('search': sampling.SEARCH_BITS key bits per pass)
+    "sort": {"method": "sort"}, "search": {"method": "search"},
+    "search_bits4": {"method": "search", "search_bits": 4}}
+
+
+def sampling_times(batch: int, vocab: int, methods, reps: int = 20) -> dict:
+    """{method: {setting: ms}} of one `sampling.sample` call on [batch, vocab] float32 logits (N(0, 3^2); rounded
+    to bfloat16 values for the *_bf16ties settings, so the top-k / top-p boundaries are tied and cut by id), and
+    {method: {setting: mask entries differing from 'sort'}} on the same logits."""
     import jax
     import jax.numpy as jnp
-    from kanana_jax.generate.sampling import sample
-    logits = jax.random.normal(jax.random.PRNGKey(0), (batch, vocab), jnp.float32) * 3
-    out = {}
-    for name, kw in {"temperature_1": {}, "greedy": {"temperature": 0.0}, "top_k_50": {"top_k": 50},
-                     "top_p_0.95": {"top_p": 0.95}}.items():
-        f = jax.jit(lambda x, key, kw=kw: sample(x, key, **kw)[0])
-        jax.block_until_ready(f(logits, jax.random.PRNGKey(1)))
-        ts = []
-        for i in range(reps):
-            t = time.perf_counter()
-            jax.block_until_ready(f(logits, jax.random.PRNGKey(i)))
-            ts.append(time.perf_counter() - t)
-        out[name] = 1e3 * float(np.median(ts))
-    return out
+    from kanana_jax.generate import sampling
+    f32 = jax.random.normal(jax.random.PRNGKey(0), (batch, vocab), jnp.float32) * 3
+    bf16ties = f32.astype(jnp.bfloat16).astype(jnp.float32)
+    mask = jax.jit(lambda x, opts: jnp.isfinite(sampling.filter_logits(x, **dict(opts))), static_argnames="opts")
+    out, mismatch, ref = {}, {}, {}
+    for method in methods:
+        out[method], mismatch[method] = {}, {}
+        method_kw = SAMPLING_METHODS[method]
+        for name, kw in SAMPLING_SETTINGS.items():
+            logits = bf16ties if name.endswith("_bf16ties") else f32
+            opts = {**kw, **method_kw}
+            f = jax.jit(lambda x, key, opts=opts: sampling.sample(x, key, **opts)[0])
+            jax.block_until_ready(f(logits, jax.random.PRNGKey(1)))
+            ts = []
+            for i in range(reps):
+                t = time.perf_counter()
+                jax.block_until_ready(f(logits, jax.random.PRNGKey(i)))
+                ts.append(time.perf_counter() - t)
+            out[method][name] = 1e3 * float(np.median(ts))
+            if "top" in name:
+                if name not in ref:
+                    ref[name] = mask(logits, tuple({**kw, "method": "sort"}.items()))
+                mismatch[method][name] = int(jnp.sum(ref[name] != mask(logits, tuple(opts.items()))))
+        print(json.dumps({"sampling_ms": {method: out[method]}, "masks_differing_from_sort": {
+            method: mismatch[method]}}), flush=True)
+    return {"ms": out, "masks_differing_from_sort": mismatch}
 
 
 def write(report, args, suffix=""):
@@ -156,6 +187,12 @@ def run_jax(args):
     from kanana_jax.generate.sampler import Sampler
     report = {"device": jax.devices()[0].device_kind, "args": vars(args), "rows": []}
     base = model_config(args)
+    if args.sampling_only:
+        batch = args.sampling_batch or max(args.batches)
+        report["sampling"] = {"batch": batch, "vocab": base.vocab_size,
+                              **sampling_times(batch, base.vocab_size, args.sampling_methods)}
+        write(report, args)
+        return
     t = time.perf_counter()
     params = random_params(base)
     jax.block_until_ready(params)
@@ -163,7 +200,10 @@ def run_jax(args):
     bw = copy_bandwidth()
     report["copy_bandwidth_GBps"] = bw / 1e9
     rng = np.random.default_rng(0)
+    failed = False
     for batch in args.batches:
+        if failed and args.stop_after_error:
+            break
         roof = roofline_bytes(base, batch, args.prompt_len + args.new // 2)   # the mean cache length read
         for name in args.variants:
             overrides, options = VARIANTS[name]
@@ -171,12 +211,14 @@ def run_jax(args):
             row = {"variant": name, "batch": batch}
             try:
                 sampler = Sampler(cfg, params, decode_options=DecodeOptions(**options))
-                pre, dec, comp = timed_generation(sampler, cfg, batch, args.prompt_len, args.new, args.reps, rng)
+                pre, dec, comp = timed_generation(sampler, cfg, batch, args.prompt_len, args.new, args.reps, rng,
+                                                  args.top_k, args.top_p)
             except Exception as err:  # a variant that cannot run here is reported, the others still run
                 row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
                 print(json.dumps(row), flush=True)
                 report["rows"].append(row)
                 write(report, args)
+                failed = True
                 continue
             steps = args.new - 1
             ms = 1e3 * dec / steps
@@ -192,8 +234,9 @@ def run_jax(args):
             write(report, args)
             del sampler
     if args.sampling:
-        report["sampling_ms"] = {"batch": max(args.batches), "vocab": base.vocab_size,
-                                 **sampling_times(max(args.batches), base.vocab_size)}
+        batch = args.sampling_batch or max(args.batches)
+        report["sampling"] = {"batch": batch, "vocab": base.vocab_size,
+                              **sampling_times(batch, base.vocab_size, args.sampling_methods)}
     write(report, args)
     print(json.dumps({k: v for k, v in report.items() if k != "rows"}))
     table(report)
@@ -266,12 +309,23 @@ def main():
     p.add_argument("--variants", type=lambda s: s.split(","), default=["first", "new"])
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--sampling", type=int, default=1, help="also time the sampling step alone")
+    p.add_argument("--sampling-only", action="store_true", help="time only the sampling step (no model)")
+    p.add_argument("--sampling-batch", type=int, default=0, help="its batch (default: the largest of --batches)")
+    p.add_argument("--sampling-methods", type=lambda s: s.split(","), default=["sort", "search"],
+                   help=f"mask implementations to time: {', '.join(SAMPLING_METHODS)}")
+    p.add_argument("--top-k", type=int, default=0, help="the decode rows' top-k (0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="the decode rows' top-p (1: off)")
+    p.add_argument("--stop-after-error", action="store_true",
+                   help="no larger batch after one that failed (growing --batches: the largest that fits)")
     p.add_argument("--peer", default="", help="'hf': transformers' generate instead of our Sampler")
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp/sampler_bench"))
     args = p.parse_args()
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         p.error(f"unknown --variants {unknown}; allowed: {', '.join(VARIANTS)}")
+    unknown = [m for m in args.sampling_methods if m not in SAMPLING_METHODS]
+    if unknown:
+        p.error(f"unknown --sampling-methods {unknown}; allowed: {', '.join(SAMPLING_METHODS)}")
     if args.new < 2:
         p.error("--new must be >= 2 (the first token comes from the prefill; decode steps are new - 1)")
     run_hf(args) if args.peer == "hf" else run_jax(args)

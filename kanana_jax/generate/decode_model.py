@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from kanana_jax.config import ModelConfig
-from kanana_jax.generate import decode_moe, expert_kernel, kv_cache
+from kanana_jax.generate import decode_moe, expert_kernel, kv_cache, sampling
 from kanana_jax.model.attention import GQAttention, MLAttention, softmax_scale
 from kanana_jax.model.layers import DTYPES, MLP, Embed, RMSNorm
 from kanana_jax.model.moe import MoE
@@ -37,17 +37,23 @@ class DecodeOptions:
       'float32' = the cache cast to float32 first (the first version; reads and writes an f32 copy per layer).
     expert_blocks: the 'kernel' path's block sizes.
     layer_unroll: layers per iteration of the layer scan (lax.scan's unroll; >= the layer count: straight code).
+    sampling_filter: how top-k / top-p masks are computed (`sampling.METHODS`: 'search' = threshold searches
+      without a sort, the default; 'sort' = a full sort of the vocabulary, the first version).
     """
     moe: str = "auto"
     mla_matmul: str = "cache"
     expert_blocks: expert_kernel.BlockSizes = expert_kernel.BlockSizes()
     layer_unroll: int = 1
+    sampling_filter: str = "search"
 
     def __post_init__(self):
         if self.moe not in decode_moe.MOE_PATHS:
             raise ValueError(f"DecodeOptions.moe={self.moe!r}; allowed values: {', '.join(decode_moe.MOE_PATHS)}")
         if self.mla_matmul not in ("cache", "float32"):
             raise ValueError(f"DecodeOptions.mla_matmul={self.mla_matmul!r}; allowed values: 'cache', 'float32'")
+        if self.sampling_filter not in sampling.METHODS:
+            raise ValueError(f"DecodeOptions.sampling_filter={self.sampling_filter!r}; allowed values: "
+                             f"{', '.join(sampling.METHODS)}")
 
 
 def inference_config(cfg: ModelConfig) -> ModelConfig:

@@ -134,7 +134,7 @@ def decode_loop(params, cache, first_logits_BxV, lengths_B, key, controls: dict,
     def draw(logits_BxV, i):
         return sample(logits_BxV, jax.random.fold_in(key, i), temperature=controls["temperature"],
                       top_k=controls["top_k"] if use_top_k else 0, top_p=controls["top_p"] if use_top_p else 1.0,
-                      valid_vocab=valid_vocab)
+                      valid_vocab=valid_vocab, method=options.sampling_filter)
 
     def record(state, i, tok_B, lp_B, slp_B):
         """Writes step i's draws for unfinished rows and updates done/lengths/finish reasons."""
