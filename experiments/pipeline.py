@@ -27,13 +27,13 @@ TINY = {
     "reward_model": "experiments/reward_model.py:size=tiny,steps=10,batch=4,seq_len=768",
     "rejection_sampling": "experiments/rejection_sampling.py:size=tiny,rounds=1,k=2,prompts_per_round=8,chunk=8,"
                           "steps=10,batch=8,heldout=4",
-    "rl": "experiments/rl.py:size=tiny,steps=4,prompts=4,group=4,seq_len=768,chat_rm={reward_model},"
+    "rl": "experiments/rl.py:size=tiny,steps=4,prompts=4,group=4,chat_rm={reward_model},"
           "chat_weight=0.25",
     "calibration": "experiments/calibration.py:size=tiny,method=rl,steps=3,batch=4,group=4,eval_prompts=32",
 }
-# tiny: each stage's own eval once, after its last step (the pipeline's suites score every stage anyway)
+# tiny: each stage's own eval once, after its last step, and none in RL (the pipeline's suites score every stage)
 TINY_SETS = ("pretrain:train.eval_every=60", "midtrain:train.eval_every=30", "sft:train.eval_every=20",
-             "reward_model:train.eval_every=10", "rl:train.eval_every=4", "rl:rl.eval_prompts=8")
+             "reward_model:train.eval_every=10", "rl:train.eval_every=0")
 FULL = {
     "pretrain": "experiments/pretrain.py:size={size},steps=100000",
     "midtrain": "experiments/midtrain.py:size={size},steps=20000",

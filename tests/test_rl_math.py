@@ -1,5 +1,6 @@
 """RL pieces against hand-computed examples: GRPO advantages, per-track normalization, GAE, the KL estimators, the
 clipped policy loss and its aggregations, the reward kinds, track weights, and merge-by-averaging."""
+import logging
 import math
 
 import jax
@@ -109,6 +110,21 @@ def test_prompts_that_cannot_fit_their_answer_stop_at_start_naming_the_keys():
                 "rl": {"tracks": [["b", "prompts:math", "verifiable", 1.0]], "max_new_tokens": 32}})
     with pytest.raises(ConfigError, match=r"rl.tracks 'b'.*rl.max_new_tokens=32.*data.seq_len=128.*at least \d+"):
         RolloutSource(cfg, seed=0)
+
+
+def test_prompts_too_long_for_a_row_are_left_out_before_sampling(caplog):
+    from kanana_jax.rollout.rl_source import RolloutSource
+    rows = lambda seq_len: load({"train": {"stage": "rl"}, "data": {"global_batch_size": 2, "seq_len": seq_len},
+                                 "rl": {"tracks": [["chat", "sft:chat", "verifiable", 1.0]], "max_new_tokens": 24}})
+    everything = RolloutSource(rows(4096), seed=0).tracks[0].prompts
+    with caplog.at_level(logging.WARNING, logger="kanana_jax.rl"):
+        src = RolloutSource(rows(512), seed=0)
+    kept = src.tracks[0].prompts
+    render = src.generator.renderer.render_for_generation
+    assert 0 < len(everything) - len(kept) < len(everything) // 2
+    assert all(len(render(r["messages"], r.get("tools"))) <= 512 - 24 - 1 for r in kept)
+    assert kept == [r for r in everything if len(render(r["messages"], r.get("tools"))) <= 487]   # order kept
+    assert f"{len(everything) - len(kept)} of {len(everything)} prompts" in caplog.text and "left out" in caplog.text
 
 
 def test_bad_track_specs_are_named():

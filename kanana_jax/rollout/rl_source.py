@@ -147,9 +147,10 @@ def _confidence_metrics(track: Track, passed, prefix: str = "") -> dict:
     return out
 
 
-def _check_prompts_fit(cfg: ExperimentConfig, track: Track, renderer) -> None:
-    """A sample longer than data.seq_len is dropped from the batch (counted in rollout/overlong): stop at start
-    when most of a track's prompts cannot fit their first answer, and warn when some cannot."""
+def _keep_prompts_that_fit(cfg: ExperimentConfig, track: Track, renderer) -> None:
+    """A sample longer than data.seq_len would be dropped from the batch (counted in rollout/overlong), so a
+    prompt that leaves no room for its first answer is left out of the track's train prompts before any sampling
+    (with a warning naming how many); a track that would lose most of its prompts stops the run at start."""
     budget = cfg.data.seq_len - cfg.rl.max_new_tokens - 1
     lengths = np.array([len(renderer.render_for_generation(r["messages"], r.get("tools"))) for r in track.prompts])
     over = int((lengths > budget).sum())
@@ -157,11 +158,12 @@ def _check_prompts_fit(cfg: ExperimentConfig, track: Track, renderer) -> None:
         return
     what = (f"rl.tracks {track.name!r}: {over} of {len(lengths)} prompts (longest {int(lengths.max())} tokens) "
             f"leave no room for rl.max_new_tokens={cfg.rl.max_new_tokens} (+1 end token) within "
-            f"data.seq_len={cfg.data.seq_len}; their samples would be dropped from every batch")
+            f"data.seq_len={cfg.data.seq_len}")
     if over * 2 > len(lengths):
         raise ConfigError(f"{what}: raise data.seq_len to at least {int(lengths.max()) + cfg.rl.max_new_tokens + 1} "
                           "or lower rl.max_new_tokens")
-    log.warning("%s", what)
+    track.prompts = [r for r, n in zip(track.prompts, lengths) if n <= budget]
+    log.warning("%s: left out of the track; it samples from the %d that fit", what, len(track.prompts))
 
 
 class RolloutSource:
@@ -178,7 +180,7 @@ class RolloutSource:
         self.generator = RolloutGenerator(cfg, _sampling(cfg), batch_size=cfg.rl.rollout_batch,
                                           max_turns=cfg.rl.max_turns)
         for track in self.tracks:
-            _check_prompts_fit(cfg, track, self.generator.renderer)
+            _keep_prompts_that_fit(cfg, track, self.generator.renderer)
         self.st = {"version": STATE_VERSION, "rollout": -1, "epoch": cfg.rl.epochs, "kl_coef": cfg.rl.kl_coef,
                    "track_pos": [0] * len(self.tracks), "track_epoch": [0] * len(self.tracks),
                    "track_drawn": [0] * len(self.tracks)}
