@@ -190,6 +190,10 @@ class TrainConfig:
     steps: int = _field(200, lo=1)
     grad_accum_steps: int = _field(1, lo=1, doc="microbatches per optimizer step; data.global_batch_size must "
                                                 "be a multiple (gradients are summed token-weighted in fp32)")
+    grad_accum_first_outside: bool = _field(False, doc="run microbatch 0 before the lax.scan over the other "
+                                                       "microbatches, so its gradients initialize the fp32 "
+                                                       "accumulator (no zero fill, no add into zeros); the same "
+                                                       "sums, but the microbatch body compiles twice")
     seed: int = _field(0, lo=0)
     log_every: int = _field(10, lo=1)
     eval_every: int = _field(100, lo=0, doc="0 disables evaluation")

@@ -1,5 +1,7 @@
 """Gradient accumulation: train.grad_accum_steps microbatches give the full batch's loss, gradients and sown
 values, and the whole train step (Muon + MuonClip) matches the one-shot step."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -102,3 +104,24 @@ def test_bf16_copy_of_compute_weights_gives_the_same_gradients(attention):
         np.testing.assert_array_equal(np.asarray(b.astype(jnp.float32)), np.asarray(a),
                                       err_msg=jax.tree_util.keystr(path))
     assert cast >= 8    # attention projections, dense MLP, shared and routed experts
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_first_microbatch_outside_the_loop_gives_the_same_sums(dtype):
+    """train.grad_accum_first_outside (microbatch 0's gradients initialize the accumulator instead of zeros + add)
+    gives the loop's loss, metrics, gradients and sown values exactly: adding into zeros changes no value."""
+    _, cfg = build_config("experiments/pretrain.py:size=tiny,steps=10,batch=8,seq_len=32",
+                          [f"model.dtype={dtype}", "train.grad_accum_steps=4"])
+    cfg_out = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum_first_outside=True))
+    trainer = build_trainer(cfg)
+    batch = _batch(cfg, seed=2)
+    with trainer.context():
+        params = trainer.init(jax.random.PRNGKey(0)).params
+        grad_fn = step_lib.loss_and_grad_fn(trainer.stage, trainer.model, {}, cfg)
+        rng = jax.random.PRNGKey(3)
+        runs = [jax.jit(lambda p, b, c=c: step_lib.accumulate_gradients(grad_fn, p, b, c, rng))(params, batch)
+                for c in (cfg, cfg_out)]
+    (loss_a, aux_a, grads_a), (loss_b, aux_b, grads_b) = runs
+    assert float(loss_b) == float(loss_a)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path((aux_a, grads_a)), jax.tree.leaves((aux_b, grads_b))):
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(a), err_msg=jax.tree_util.keystr(path))

@@ -223,7 +223,8 @@ def accumulate_gradients(grad_fn, params, batch, cfg: ExperimentConfig, rng, par
         (loss, aux), grads = grad_fn(params_c, mb_i, jax.random.fold_in(rng, i))
         return microbatch_weight(aux), loss, aux, grads
 
-    # Zero-initialized carry (max logits start at -inf): the microbatch body is traced and compiled once.
+    # Zero-initialized carry (max logits start at -inf): the microbatch body is traced and compiled once
+    # (with train.grad_accum_first_outside, twice: microbatch 0 runs before the loop, from the same zeros).
     shapes = jax.eval_shape(one, jax.tree.map(lambda x: x[0], mb), jnp.zeros((), jnp.int32))
     zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), tree)
     inter0 = jax.tree_util.tree_map_with_path(
@@ -250,7 +251,11 @@ def accumulate_gradients(grad_fn, params, batch, cfg: ExperimentConfig, rng, par
         return (w_sum + w, loss_sum + w * loss, add(metrics_sum, weigh(w, aux["metrics"])),
                 _combine_intermediates(inter, aux["intermediates"]), add(grads_sum, weigh(w, grads)), totals), None
 
-    carry, _ = jax.lax.scan(body, carry0, (mb, jnp.arange(n, dtype=jnp.int32)))
+    xs = (mb, jnp.arange(n, dtype=jnp.int32))
+    if cfg.train.grad_accum_first_outside:  # 0 + x folds to x: microbatch 0's values become the initial carry
+        carry0, _ = body(carry0, jax.tree.map(lambda x: x[0], xs))
+        xs = jax.tree.map(lambda x: x[1:], xs)
+    carry, _ = jax.lax.scan(body, carry0, xs)
     w_sum, loss_sum, metrics_sum, inter, grads_sum, totals = carry
     inv = 1.0 / jnp.maximum(w_sum, 1e-9)
     metrics = {k: (totals["tokens"] if k == "tokens" else v * inv) for k, v in metrics_sum.items()}
