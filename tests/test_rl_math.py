@@ -124,6 +124,8 @@ def test_prompts_too_long_for_a_row_are_left_out_before_sampling(caplog):
     assert 0 < len(everything) - len(kept) < len(everything) // 2
     assert all(len(render(r["messages"], r.get("tools"))) <= 512 - 24 - 1 for r in kept)
     assert kept == [r for r in everything if len(render(r["messages"], r.get("tools"))) <= 487]   # order kept
+    # every rollout pads prompts to one width (the longest kept), so the sampler compiles once per run
+    assert src.generator.min_prompt_bucket == max(len(render(r["messages"], r.get("tools"))) for r in kept)
     assert f"{len(everything) - len(kept)} of {len(everything)} prompts" in caplog.text and "left out" in caplog.text
 
 

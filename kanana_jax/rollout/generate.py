@@ -29,8 +29,9 @@ class RolloutGenerator:
     """Batched sampling of prompt records (module docstring)."""
 
     def __init__(self, cfg: ExperimentConfig, sampling: SamplingParams, *, batch_size: int = 32, max_turns: int = 4,
-                 mesh=None, rules=None):
+                 mesh=None, rules=None, min_prompt_bucket: int = 16):
         self.cfg, self.batch_size, self.max_turns = cfg, batch_size, max_turns
+        self.min_prompt_bucket = min_prompt_bucket   # the Sampler pads prompts to a power of two >= this
         self.mesh, self.rules = mesh, rules
         self.tokenizer = make_tokenizer(cfg.data.tokenizer)
         self.renderer = ChatRenderer.for_tokenizer(self.tokenizer)
@@ -54,7 +55,8 @@ class RolloutGenerator:
         return out
 
     def generate(self, params, records: Sequence[dict], k: int, key) -> list[list[Sample]]:
-        sampler = Sampler(self.cfg.model, params, tokenizer=self.tokenizer, mesh=self.mesh, rules=self.rules)
+        sampler = Sampler(self.cfg.model, params, tokenizer=self.tokenizer, mesh=self.mesh, rules=self.rules,
+                          min_prompt_bucket=self.min_prompt_bucket)
         samples: list[list[Sample | None]] = [[None] * k for _ in records]
         single = [(i, j) for i, r in enumerate(records) if r["bucket"] != "tool" for j in range(k)]
         done = self._complete(sampler, [records[i]["messages"] for i, _ in single], jax.random.fold_in(key, 0))

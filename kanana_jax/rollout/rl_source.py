@@ -11,7 +11,9 @@ Per rollout r (one batch, reused for rl.epochs learner steps with its old log-pr
    reference log-probs from the training forward (chunked, no [B,T,V] logits); PPO: the critic's values;
 5. advantages: GRPO group-relative (rl.std_normalize), PPO GAE; then per-track normalization (rl.track_normalize);
    the KL as a reward (rl.kl_mode='reward') or in the loss, with the (adaptive) coefficient in the source state.
-Every sample is appended to WORKDIR/rollouts.jsonl (rollout, params step, prompt id, track, completion, reward,
+Prompts too long for a row are left out of their track at start; every rollout pads its prompts to one width (the
+power of two at or above the longest train prompt left), so with a fixed batch the sampler compiles once per run
+(tool episodes' later turns may widen it). Every sample is appended to WORKDIR/rollouts.jsonl (rollout, params step, prompt id, track, completion, reward,
 verdict) and each batch saved to WORKDIR/rollouts/<r>.npz, so a resume in the middle of a rollout's epochs
 reuses it exactly; a kill during generation regenerates rollout r from the restored params with the same key.
 Rows of rollouts.jsonl past the restored position are dropped on resume.
@@ -147,15 +149,16 @@ def _confidence_metrics(track: Track, passed, prefix: str = "") -> dict:
     return out
 
 
-def _keep_prompts_that_fit(cfg: ExperimentConfig, track: Track, renderer) -> None:
+def _keep_prompts_that_fit(cfg: ExperimentConfig, track: Track, renderer) -> int:
     """A sample longer than data.seq_len would be dropped from the batch (counted in rollout/overlong), so a
     prompt that leaves no room for its first answer is left out of the track's train prompts before any sampling
-    (with a warning naming how many); a track that would lose most of its prompts stops the run at start."""
+    (with a warning naming how many); a track that would lose most of its prompts stops the run at start.
+    Returns the longest kept prompt's length in tokens."""
     budget = cfg.data.seq_len - cfg.rl.max_new_tokens - 1
     lengths = np.array([len(renderer.render_for_generation(r["messages"], r.get("tools"))) for r in track.prompts])
     over = int((lengths > budget).sum())
     if not over:
-        return
+        return int(lengths.max())
     what = (f"rl.tracks {track.name!r}: {over} of {len(lengths)} prompts (longest {int(lengths.max())} tokens) "
             f"leave no room for rl.max_new_tokens={cfg.rl.max_new_tokens} (+1 end token) within "
             f"data.seq_len={cfg.data.seq_len}")
@@ -164,6 +167,7 @@ def _keep_prompts_that_fit(cfg: ExperimentConfig, track: Track, renderer) -> Non
                           "or lower rl.max_new_tokens")
     track.prompts = [r for r, n in zip(track.prompts, lengths) if n <= budget]
     log.warning("%s: left out of the track; it samples from the %d that fit", what, len(track.prompts))
+    return int(lengths[lengths <= budget].max())
 
 
 class RolloutSource:
@@ -179,8 +183,8 @@ class RolloutSource:
         self.weights = weights / weights.sum()
         self.generator = RolloutGenerator(cfg, _sampling(cfg), batch_size=cfg.rl.rollout_batch,
                                           max_turns=cfg.rl.max_turns)
-        for track in self.tracks:
-            _keep_prompts_that_fit(cfg, track, self.generator.renderer)
+        longest = max(_keep_prompts_that_fit(cfg, track, self.generator.renderer) for track in self.tracks)
+        self.generator.min_prompt_bucket = longest   # one prompt width for every rollout: one sampler compile
         self.st = {"version": STATE_VERSION, "rollout": -1, "epoch": cfg.rl.epochs, "kl_coef": cfg.rl.kl_coef,
                    "track_pos": [0] * len(self.tracks), "track_epoch": [0] * len(self.tracks),
                    "track_drawn": [0] * len(self.tracks)}

@@ -111,7 +111,7 @@ def initial_params(trainer: Trainer, rng):
     loaded = init_from.load(cfg.train.init_from, cfg, subtree(abstract, path))
     if not path and stage.init_params_from is None:
         return loaded.params, loaded.provenance
-    return stage.start_params(cfg, trainer.init_params(rng), loaded.params), loaded.provenance
+    return stage.start_params(cfg, lambda: trainer.init_params(rng), loaded.params), loaded.provenance
 
 
 def _start(trainer: Trainer, checkpointer: Checkpointer, data, workdir: str):

@@ -39,7 +39,8 @@ defaults marked below, so a stage writes only what differs from next-token train
       params sit inside `params` (a reward model's backbone, say); `train.init_from` loads into that subtree and
       the post-update hooks address it (`Stage.policy_of(cfg)` resolves it).
   init_params_from(cfg, fresh_params, loaded_policy) -> params         default: loaded_policy at policy_path in
-      fresh_params (PPO also starts its critic's backbone from it).
+      fresh_params (PPO also starts its critic's backbone from it); `fresh_params()` makes the fresh init, so a
+      stage that keeps none of it (GRPO) compiles no init.
   evaluate(trainer, state) -> {name: value}                           default None: the loop averages eval_fn
       over make_eval_sources; a stage whose evaluation is not a batch function (RL: greedy rollouts on held-out
       prompts, verified) gives its own; eval_fn / eval_metrics are then optional.
@@ -141,11 +142,12 @@ class Stage:
         """The policy subtree's path for this config."""
         return tuple(self.policy_path(cfg) if callable(self.policy_path) else self.policy_path)
 
-    def start_params(self, cfg: ExperimentConfig, fresh_params, loaded_policy):
-        """The step-0 params of a run started from `train.init_from` (see init_params_from)."""
+    def start_params(self, cfg: ExperimentConfig, fresh_params: Callable, loaded_policy):
+        """The step-0 params of a run started from `train.init_from` (see init_params_from); `fresh_params()`
+        returns a fresh init (called only when some of it is kept)."""
         if self.init_params_from is not None:
             return self.init_params_from(cfg, fresh_params, loaded_policy)
-        return replace_subtree(fresh_params, self.policy_of(cfg), loaded_policy)
+        return replace_subtree(fresh_params(), self.policy_of(cfg), loaded_policy)
 
     @classmethod
     def from_module(cls, name: str, module) -> "Stage":

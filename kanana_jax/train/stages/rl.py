@@ -47,10 +47,12 @@ def init_extra(cfg: ExperimentConfig, params, rng) -> dict:
     return {"reference": jax.tree.map(jnp.copy, compute_dtype_copy(subtree(params, policy_path(cfg)), cfg))}
 
 
-def init_params_from(cfg: ExperimentConfig, fresh, loaded):
-    """GRPO: the loaded policy. PPO: the policy, and the critic's backbone from the same weights (no LM head)."""
+def init_params_from(cfg: ExperimentConfig, fresh_params, loaded):
+    """GRPO: the loaded policy (no fresh init made). PPO: the policy, and the critic's backbone from the same
+    weights (no LM head) beside the fresh value head."""
     if cfg.rl.algorithm != "ppo":
         return loaded
+    fresh = fresh_params()
     backbone = {k: loaded[k] for k in fresh["critic"]["backbone"]}
     return {**fresh, "policy": loaded, "critic": {**fresh["critic"], "backbone": backbone}}
 
