@@ -4,7 +4,8 @@ stage cut to a few steps: pretrain -> midtrain -> SFT -> reward model -> rejecti
 The run is SIGKILLed once SFT (a middle stage) has committed a checkpoint, then relaunched with the same command.
 Checked: the relaunch resumes SFT from that checkpoint and does not touch the finished stages; every stage
 started from the stage before it (config.json provenance and the first metrics row name the folder and step);
-the eval table covers every language-model stage. The pipeline's one slow test (4m53s on the loaded 2-core box)."""
+the eval table covers every language-model stage. The pipeline's one slow test (250 s of module setup in a full
+CI run on a 2-core box)."""
 import hashlib
 import json
 import os
