@@ -73,8 +73,6 @@ def get_config(arg: str | None = None):
     c.pipeline.eval_suites = args.suites
     c.pipeline.eval_limit = args.limit or (4 if tiny else 200)
     c.pipeline.eval_max_new_tokens = 32 if tiny else 1024
-    # tiny: every suite's prompts padded to 2,048 tokens (the tools suite's width), one sampler compile, not three
-    c.pipeline.eval_prompt_bucket = 2048 if tiny else 0
     return c
 
 

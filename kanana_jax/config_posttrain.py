@@ -203,8 +203,6 @@ class PipelineConfig:
     eval_suites: str = _field("math,code,ifeval,tools", doc="suites scored after each language-model stage")
     eval_limit: int = _field(8, lo=1, doc="items per suite")
     eval_max_new_tokens: int = _field(128, lo=1)
-    eval_prompt_bucket: int = _field(0, lo=0, doc="pad every eval prompt to at least this many tokens, so the suites "
-                                                  "share one compiled sampler (0 = each batch's power of two)")
 
     def __post_init__(self):
         names = []

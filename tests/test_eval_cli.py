@@ -62,20 +62,6 @@ def test_eval_cli_end_to_end_writes_accuracy_and_ece(tmp_path, capsys):
     assert "accuracy" in printed and "ECE" in printed
 
 
-def test_one_prompt_width_for_every_suite_gives_the_same_answers(tmp_path):
-    # pipeline.eval_prompt_bucket: every prompt left-padded to one width, so the suites share one compiled sampler
-    workdir = str(tmp_path / "run")
-    _write_run(workdir)
-    sampling = runner.SamplingParams(max_new_tokens=6, temperature=0.0)
-    quiet = lambda message: None
-    own = runner.run_eval(workdir, ["math", "ifeval"], limit=2, sampling=sampling, log=quiet)
-    shared = runner.run_eval(workdir, ["math", "ifeval"], limit=2, sampling=sampling, prompt_bucket=1024, log=quiet)
-    for name in ("math", "ifeval"):
-        answers = lambda report: [(i["n_tokens"], i["finish_reason"], i["response"])
-                                  for i in report["suites"][name]["items"]]
-        assert answers(shared) == answers(own)
-
-
 def test_checkpoint_paths_resolve_and_params_restore(tmp_path):
     workdir = str(tmp_path / "run")
     params = _write_run(workdir, step=3)

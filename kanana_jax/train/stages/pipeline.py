@@ -88,7 +88,7 @@ def evaluate_stage(cfg: ExperimentConfig, name: str, folder: str, sub: Experimen
     report = run_eval(final_policy_dir(sub, folder), parse_suite_list(cfg.pipeline.eval_suites),
                       limit=cfg.pipeline.eval_limit, seed=cfg.train.seed,
                       sampling=SamplingParams(max_new_tokens=cfg.pipeline.eval_max_new_tokens, temperature=0.0),
-                      prompt_bucket=cfg.pipeline.eval_prompt_bucket, log=lambda m: log.info("[%s] %s", name, m))
+                      log=lambda m: log.info("[%s] %s", name, m))
     row = {"stage": name, "train_stage": sub.train.stage, "checkpoint": report["checkpoint"],
            "seconds": round(time.perf_counter() - start, 1),
            "suites": {s: {"accuracy": r["accuracy"], "ece": r["ece"], "n": r["n"]}
