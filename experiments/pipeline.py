@@ -19,8 +19,8 @@ from experiments import common
 
 STAGES = ("pretrain", "midtrain", "sft", "reward_model", "rejection_sampling", "rl", "calibration")
 
-# Step budgets: tiny runs the whole chain in ~5 minutes on a 2-core CPU (5m11s measured, most of it compiling each
-# stage's functions); the others are placeholders to set per experiment.
+# Step budgets: tiny runs the whole chain in 5-6 minutes on a 2-core CPU (5m11s and 5m39s measured, most of it
+# compiling each stage's functions); the others are placeholders to set per experiment.
 TINY = {
     "pretrain": "experiments/pretrain.py:size=tiny,steps=40,batch=8,seq_len=128",
     "midtrain": "experiments/midtrain.py:size=tiny,steps=30,batch=8,seq_len=128,replay=0.2,warmup=5",
