@@ -13,10 +13,10 @@ Per rollout r (one batch, reused for rl.epochs learner steps with its old log-pr
    the KL as a reward (rl.kl_mode='reward') or in the loss, with the (adaptive) coefficient in the source state.
 Prompts too long for a row are left out of their track at start; every rollout pads its prompts to one width (the
 power of two at or above the longest train prompt left), so with a fixed batch the sampler compiles once per run
-(tool episodes' later turns may widen it). Every sample is appended to WORKDIR/rollouts.jsonl (rollout, params step, prompt id, track, completion, reward,
-verdict) and each batch saved to WORKDIR/rollouts/<r>.npz, so a resume in the middle of a rollout's epochs
-reuses it exactly; a kill during generation regenerates rollout r from the restored params with the same key.
-Rows of rollouts.jsonl past the restored position are dropped on resume.
+(tool episodes' later turns may widen it). Every sample is appended to WORKDIR/rollouts.jsonl (rollout, params
+step, prompt id, track, completion, reward, verdict) and each batch saved to WORKDIR/rollouts/<r>.npz, so a
+resume in the middle of a rollout's epochs reuses it exactly; a kill during generation regenerates rollout r from
+the restored params with the same key. Rows of rollouts.jsonl past the restored position are dropped on resume.
 """
 from __future__ import annotations
 
