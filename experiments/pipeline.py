@@ -32,9 +32,18 @@ TINY = {
           "chat_weight=0.25",
     "calibration": "experiments/calibration.py:size=tiny,method=rl,steps=3,batch=4,group=4,eval_prompts=16",
 }
-# tiny: each stage's own eval once, after its last step, and none in RL (the pipeline's suites score every stage)
-TINY_SETS = ("pretrain:train.eval_every=40", "midtrain:train.eval_every=30", "sft:train.eval_every=16",
-             "reward_model:train.eval_every=8", "rl:train.eval_every=0")
+
+
+def _steps_of(spec: str) -> int:
+    """The steps= argument of a stage's config spec."""
+    return int(dict(kv.split("=", 1) for kv in spec.partition(":")[2].split(","))["steps"])
+
+
+# tiny: each stage's own eval once, at its last step (eval_every = its steps), and none in RL (the pipeline's
+# suites score every stage)
+EVAL_AT_END = ("pretrain", "midtrain", "sft", "reward_model")
+TINY_SETS = tuple(f"{s}:train.eval_every={_steps_of(TINY[s])}" for s in EVAL_AT_END) + ("rl:train.eval_every=0",)
+
 FULL = {
     "pretrain": "experiments/pretrain.py:size={size},steps=100000",
     "midtrain": "experiments/midtrain.py:size={size},steps=20000",
