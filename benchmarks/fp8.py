@@ -4,6 +4,7 @@ layer, and the train step of the 30B-A3B slice. Each mode runs in its own proces
     python3 benchmarks/fp8.py dense --out $OUT/dense.json       # fp8.matmul fwd+bwd (both dot forms) vs bf16 einsum
     python3 benchmarks/fp8.py gmm --out $OUT/gmm.json           # device check, then fp8 gmm vs bf16 gmm vs tokamax
     python3 benchmarks/fp8.py layer --out $OUT/layer.json       # MoE layer fwd+bwd, fp8 vs bf16, same process
+    python3 benchmarks/fp8.py wgrad --out $OUT/wgrad.json       # device check, then fp8 vs bf16 weight-gradient tgmm
     python3 benchmarks/fp8.py step --layers 8 --batch 4 --accum 4 --out $OUT/step.json   # train step bf16 vs fp8
     python3 benchmarks/fp8.py table $OUT/*.json
 
@@ -171,10 +172,144 @@ def layer(args):
     _write(args.out, out)
 
 
+def layout_variants():
+    """Ways to make the group-padded K-major copy [K, P] of an fp8 [M, K] (the fp8 weight gradient's operands),
+    timed by `wgrad --layout-only`; fp8.kmajor_by_group is the one kept."""
+    from pallas_kernels.moe.tiling import padded_group_rows
+    bar = jax.lax.optimization_barrier
+
+    def fused(q, gs):  # one XLA expression: XLA fuses the index math into the gather-transpose
+        src, valid = padded_group_rows(gs, q.shape[0], 128)
+        return jnp.where(valid[:, None], q[src], jnp.zeros((), q.dtype)).T
+
+    def split(q, gs):  # indices, row gather [P, K] and transpose each its own pass
+        src, valid = bar(padded_group_rows(gs, q.shape[0], 128))
+        return bar(jnp.where(valid[:, None], q[src], jnp.zeros((), q.dtype))).T
+
+    def split_u32(q, gs):  # as split, the row gather on 4-byte words
+        src, valid = bar(padded_group_rows(gs, q.shape[0], 128))
+        m, k = q.shape
+        u = jax.lax.bitcast_convert_type(q.reshape(m, k // 4, 4), jnp.uint32)
+        rows = bar(jnp.where(valid[:, None], u[src], jnp.zeros((), jnp.uint32)))
+        return jax.lax.bitcast_convert_type(rows, q.dtype).reshape(-1, k).T
+
+    def transpose_first(q, gs):  # transpose [K, M], then gather along the minor dim
+        src, valid = bar(padded_group_rows(gs, q.shape[0], 128))
+        return jnp.where(valid[None], bar(q.T)[:, src], jnp.zeros((), q.dtype))
+
+    return {"fused": fused, "split": split, "split_u32": split_u32, "transpose_first": transpose_first}
+
+
+def wgrad_layouts(args):
+    """`wgrad --layout-only`: the layout variants at the gate/up operands, each checked equal to the kept one."""
+    from benchmarks.moe import FULL
+    from pallas_kernels.moe import gpu as moe_gpu
+    from pallas_kernels.moe.fp8 import kmajor_by_group, quantize_tensor
+    rows, E = FULL["tokens"] * FULL["k"], FULL["E"]
+    _, _, gs = peers.moe_inputs(E=E, K=8, N=8, rows=rows)
+    out = {"device": str(jax.devices()[0]), "rows": rows, "E": E, "layouts": {}}
+    ops_ = {}
+    for width, tag in ((FULL["D"], "x"), (FULL["F"], "g")):
+        q, _ = quantize_tensor(jax.random.normal(jax.random.PRNGKey(width), (rows, width), jnp.bfloat16))
+        want = jax.jit(kmajor_by_group, static_argnums=2)(q, gs, 128)
+        for name, f in layout_variants().items():
+            f = jax.jit(f)
+            same = bool(jnp.all(f(q, gs).astype(jnp.float32) == want.astype(jnp.float32)))
+            ms = 1e3 * peers.bench(f, q, gs, reps=args.reps)
+            out["layouts"][f"{tag}_{width}/{name}"] = {"ms": ms, "equal": same, "GBps": 2 * q.size / ms / 1e6}
+            print(tag, width, name, out["layouts"][f"{tag}_{width}/{name}"], flush=True)
+        ops_[tag] = q
+    t = moe_gpu.default_tgmm_kmajor_tiling(FULL["D"], FULL["F"], ops_["x"].dtype)
+    from pallas_kernels.moe.fp8 import scaled_tgmm
+    f = jax.jit(lambda a, b, c: scaled_tgmm(a, b, c, 1.0, out_dtype=jnp.bfloat16, tiling=t, backend="gpu"))
+    out["fp8_tgmm_with_layout_ms"] = 1e3 * peers.bench(f, ops_["x"], ops_["g"], gs, reps=args.reps)
+    print("fp8 tgmm with the kept layout (gate/up)", out["fp8_tgmm_with_layout_ms"], flush=True)
+    from benchmarks.moe import time_gmm
+    from pallas_kernels.moe.fp8 import gmm_fp8
+    lhs, rhs, gs = peers.moe_inputs(E=E, K=FULL["D"], N=FULL["F"], rows=rows)
+    for w in ("bf16", "fp8"):
+        fwd, fb = time_gmm(lambda l, r, g, w=w: gmm_fp8(l, r, g, wgrad=w, backend="gpu"), lhs, rhs, gs,
+                           reps=args.reps)
+        out[f"fp8_gmm_wgrad_{w}"] = {"fwd_tflops": fwd, "fwdbwd_tflops": fb}
+        print("gmm_fp8 wgrad", w, out[f"fp8_gmm_wgrad_{w}"], flush=True)
+    _write(args.out, out)
+
+
+def wgrad_mode(args):
+    """The routed experts' weight gradient: bf16 tgmm vs the fp8 K-major tgmm (gpu.tgmm_kmajor) on the group-padded
+    layout (pallas_kernels/moe/fp8.py kmajor_by_group), at the gate/up (K=2048, N=768) and down (768, 2048)
+    shapes; first a device check of gmm_fp8(wgrad='fp8')'s gradients on ragged sizes with empty groups."""
+    _require_fp8_gpu()
+    if args.layout_only:
+        return wgrad_layouts(args)
+    from benchmarks.moe import FULL, oracle_gmm, ragged_sizes, rel_err
+    from pallas_kernels import fp8 as fp8_lib
+    from pallas_kernels.moe import Tiling, reference, tgmm
+    from pallas_kernels.moe import gpu as moe_gpu
+    from pallas_kernels.moe.fp8 import gmm_fp8, kmajor_by_group, quantize_tensor, scaled_tgmm
+    E, rows = FULL["E"], FULL["tokens"] * FULL["k"]
+    out = {"device": str(jax.devices()[0]), "rows": rows, "E": E, "check": {}, "kernels": {}}
+    lhs, rhs, gs = peers.moe_inputs(E=E, K=FULL["D"], N=FULL["F"], rows=rows)
+    gs_r = ragged_sizes(rows, E, 1)
+    dout = jax.random.normal(jax.random.PRNGKey(7), (rows, FULL["F"]), jnp.bfloat16)
+    loss = lambda fn: (lambda l, r, g, d: jnp.sum(fn(l, r, g).astype(jnp.float32) * d.astype(jnp.float32)))
+    grads = {w: jax.jit(jax.grad(loss(lambda l, r, g, w=w: gmm_fp8(l, r, g, wgrad=w, backend="gpu")),
+                                 argnums=(0, 1)))(lhs, rhs, gs_r, dout) for w in ("bf16", "fp8")}
+    gref = jax.jit(jax.grad(loss(oracle_gmm), argnums=(0, 1)))(lhs, rhs, gs_r, dout)
+    qx, sx = quantize_tensor(lhs)
+    qg, sg = quantize_tensor(dout, "e5m2")
+    sim = jax.jit(lambda a, b, g: reference.tgmm_reference(a.T, b, g, out_dtype=jnp.float32))(
+        fp8_lib.dequantize(qx, sx), fp8_lib.dequantize(qg, sg), gs_r)
+    empty = np.asarray(gs_r) == 0
+    out["check"] = {"drhs_fp8_vs_f32_rel": rel_err(grads["fp8"][1], gref[1]),
+                    "drhs_bf16_vs_f32_rel": rel_err(grads["bf16"][1], gref[1]),
+                    "drhs_fp8_vs_dequantized_rel": rel_err(grads["fp8"][1], sim),
+                    "empty_groups": int(empty.sum()),
+                    "empty_groups_zero": bool(jnp.all(grads["fp8"][1][np.flatnonzero(empty)] == 0)),
+                    "dlhs_equal_to_bf16_wgrad": bool(jnp.all(grads["fp8"][0] == grads["bf16"][0]))}
+    print("check", out["check"], flush=True)
+    for label, (k, n) in {"gate_up": (FULL["D"], FULL["F"]), "down": (FULL["F"], FULL["D"])}.items():
+        x = jax.random.normal(jax.random.PRNGKey(3), (rows, k), jnp.bfloat16)
+        g = jax.random.normal(jax.random.PRNGKey(4), (rows, n), jnp.bfloat16)
+        qx, sx = quantize_tensor(x)
+        qg, sg = quantize_tensor(g, "e5m2")
+        flops = 2 * rows * k * n
+        calls = {"bf16_tgmm": (jax.jit(lambda a, b, c: tgmm(a.T, b, c, backend="gpu")), (x, g, gs)),
+                 "fp8_tgmm_with_layout": (jax.jit(lambda a, b, c, s: scaled_tgmm(
+                     a, b, c, s, out_dtype=jnp.bfloat16, backend="gpu")), (qx, qg, gs, sx * sg))}
+        for t in [None, Tiling(128, 128, 128, 4), Tiling(128, 256, 128, 3), Tiling(128, 64, 256, 4)]:
+            tt = t or moe_gpu.default_tgmm_kmajor_tiling(k, n, qx.dtype)
+            a, b = kmajor_by_group(qx, gs, tt.tm), kmajor_by_group(qg, gs, tt.tm)
+            calls[f"fp8_kernel_{tt.tm}x{tt.tk}x{tt.tn}x{tt.stages}"] = (jax.jit(
+                lambda a, b, c, tt=tt: moe_gpu.tgmm_kmajor(a, b, c, tiling=tt)), (a, b, gs))
+        calls["layout_x"] = (jax.jit(lambda a, c: kmajor_by_group(a, c, 128)), (qx, gs))
+        calls["layout_g"] = (jax.jit(lambda a, c: kmajor_by_group(a, c, 128)), (qg, gs))
+        from pallas_kernels.moe.tiling import padded_group_rows  # the same layout, transposed before the gather
+        calls["layout_x_transpose_first"] = (jax.jit(lambda a, c: (lambda s, v: jnp.where(
+            v[None], a.T[:, s], jnp.zeros((), a.dtype)))(*padded_group_rows(c, a.shape[0], 128))), (qx, gs))
+        for name, (f, a) in calls.items():
+            try:
+                ms = 1e3 * peers.bench(f, *a, reps=args.reps)
+                rec = {"ms": ms} if name.startswith("layout") else {"ms": ms, "tflops": flops / ms / 1e9}
+            except Exception as e:
+                rec = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            out["kernels"][f"{label}/{name}"] = rec
+            print(label, name, rec, flush=True)
+    from benchmarks.moe import time_gmm
+    out["gmm"] = {}
+    for w in ("bf16", "fp8"):
+        fwd, fb = time_gmm(lambda l, r, g, w=w: gmm_fp8(l, r, g, wgrad=w, backend="gpu"), lhs, rhs, gs,
+                           reps=args.reps)
+        out["gmm"][f"fp8_gmm_wgrad_{w}"] = {"fwd_tflops": fwd, "fwdbwd_tflops": fb}
+        print("gmm_fp8 wgrad", w, out["gmm"][f"fp8_gmm_wgrad_{w}"], flush=True)
+    _write(args.out, out)
+
+
 # step variants besides 'bf16': the fp8 config, plus these overrides
 FP8_VARIANTS = {"fp8": [],                                                   # weights quantized once per step
                 "fp8_percall": ["precision.fp8_prequantize=false"],        # ... in every matmul call (before)
-                "fp8_delayed": ["precision.fp8_scaling=delayed"]}          # dense sites: delayed scaling
+                "fp8_delayed": ["precision.fp8_scaling=delayed"],          # dense sites: delayed scaling
+                "fp8_wgrad": ["precision.fp8_expert_wgrad=true"]}          # routed experts' dW in fp8
 
 
 def fp8_overrides(grad_dtype: str = "e5m2", lm_head: bool = False, extra=()) -> list[str]:
@@ -251,7 +386,7 @@ def _write(path, obj):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["dense", "gmm", "layer", "step", "table"])
+    p.add_argument("mode", choices=["dense", "gmm", "layer", "wgrad", "step", "table"])
     p.add_argument("files", nargs="*")
     p.add_argument("--out", default=None)
     p.add_argument("--reps", type=int, default=20)
@@ -268,6 +403,7 @@ def main():
                    help="config override for both step variants (e.g. model.remat_policy=full)")
     p.add_argument("--fp8-set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for the fp8 step variant only (e.g. precision.fp8_scaling=delayed)")
+    p.add_argument("--layout-only", action="store_true", help="wgrad: time only the K-major layout variants")
     p.add_argument("--profile", default="", help="variant to trace (bf16|fp8)")
     p.add_argument("--trace-dir", default="/tmp/fp8_step")
     p.add_argument("--child-timeout", type=int, default=560)
@@ -276,7 +412,7 @@ def main():
     args = p.parse_args()
     if args.mode == "step" and args.only:
         return step_child(args)
-    {"dense": dense, "gmm": gmm_mode, "layer": layer, "step": step, "table": table}[args.mode](args)
+    {"dense": dense, "gmm": gmm_mode, "layer": layer, "wgrad": wgrad_mode, "step": step, "table": table}[args.mode](args)
 
 
 if __name__ == "__main__":

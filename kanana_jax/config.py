@@ -246,6 +246,7 @@ class PrecisionConfig:
     Delayed scaling keeps per-site amax histories in the train state (TrainState.model_state; the routed experts
     always scale from the current amax). fp8_prequantize: the train step makes the weights' fp8 copies once per
     optimizer step (model/fp8_weights.py) instead of every matmul call quantizing its weight (same values).
+    fp8_expert_wgrad: the routed experts' weight gradient also in fp8 (the dense sites' dW always is).
     The fp8_* keys act only with matmul='fp8': set otherwise, they fail."""
     matmul: Literal["bf16", "fp8"] = "bf16"
     fp8_grad_dtype: Literal["e4m3", "e5m2"] = "e5m2"
@@ -254,10 +255,14 @@ class PrecisionConfig:
     fp8_amax_history: int = _field(16, lo=1, doc="delayed scaling: steps of amax history per tensor")
     fp8_prequantize: bool = _field(True, doc="the train step quantizes the weights once per optimizer step "
                                    "(model/fp8_weights.py), not in every microbatch's matmul calls; same values")
+    fp8_expert_wgrad: bool = _field(False, doc="the routed experts' weight gradient as an fp8 tgmm (e4m3 "
+                                    "activations x fp8_grad_dtype cotangents, pallas_kernels/moe/fp8.py) instead "
+                                    "of a bf16 one; GPU and CPU reference only (no TPU kernel)")
 
     def __post_init__(self):
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        for name in ("fp8_grad_dtype", "fp8_lm_head", "fp8_scaling", "fp8_amax_history", "fp8_prequantize"):
+        for name in ("fp8_grad_dtype", "fp8_lm_head", "fp8_scaling", "fp8_amax_history", "fp8_prequantize",
+                     "fp8_expert_wgrad"):
             value = getattr(self, name)
             if self.matmul != "fp8":
                 _check(value == defaults[name], f"precision.{name}",

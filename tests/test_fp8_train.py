@@ -46,6 +46,8 @@ def _cfg(steps, extra=()):
     (["precision.fp8_lm_head=true"], "'precision.fp8_lm_head': True acts only with precision.matmul='fp8'"),
     (["precision.fp8_prequantize=false"],
      "'precision.fp8_prequantize': False acts only with precision.matmul='fp8'"),
+    (["precision.fp8_expert_wgrad=true"],
+     "'precision.fp8_expert_wgrad': True acts only with precision.matmul='fp8'"),
     (["precision.matmul=fp8", "precision.fp8_amax_history=8"],
      "'precision.fp8_amax_history': 8 acts only with precision.fp8_scaling='delayed'"),
     (["precision.matmul=fp8", "precision.fp8_scaling=delayed", "precision.fp8_amax_history=0"],

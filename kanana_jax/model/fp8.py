@@ -59,6 +59,7 @@ class Fp8Recipe:
     amax_history: int = 16          # delayed scaling: steps of amax history per tensor
     lm_head: bool = False           # also run the LM head in fp8
     dot_form: str = "direct"        # 'direct': fp8 dot, f32 out, then scaled; 'dequant': f32 dequantize-then-dot
+    expert_wgrad: bool = False      # routed experts' dW as an fp8 tgmm (pallas_kernels/moe/fp8.py wgrad='fp8')
 
     def __post_init__(self):
         fp8_lib.format_dtype(self.grad_dtype)
@@ -79,7 +80,8 @@ def recipe_from(precision) -> Fp8Recipe | None:
     if precision is None or precision.matmul != "fp8":
         return None
     return Fp8Recipe(grad_dtype=precision.fp8_grad_dtype, scaling=precision.fp8_scaling,
-                     amax_history=precision.fp8_amax_history, lm_head=precision.fp8_lm_head)
+                     amax_history=precision.fp8_amax_history, lm_head=precision.fp8_lm_head,
+                     expert_wgrad=precision.fp8_expert_wgrad)
 
 
 def _scale(amax_now, history_row, delayed: bool, dtype):

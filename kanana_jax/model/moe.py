@@ -75,10 +75,11 @@ def grouped_matmul(impl: str, block: int, fp8=None):
         if impl == "ragged_dot":
             raise ValueError("precision.matmul='fp8' needs model.moe_impl='pallas' or 'blocked': "
                              "jax.lax.ragged_dot takes no fp8 operands with scales")
+        wgrad = "fp8" if fp8.expert_wgrad else "bf16"
         if impl == "blocked":
-            return functools.partial(gmm_fp8, grad_dtype=fp8.grad_dtype, backend="reference",
+            return functools.partial(gmm_fp8, grad_dtype=fp8.grad_dtype, wgrad=wgrad, backend="reference",
                                      tiling=(Tiling(tm=block),) * 3)
-        return functools.partial(gmm_fp8, grad_dtype=fp8.grad_dtype)
+        return functools.partial(gmm_fp8, grad_dtype=fp8.grad_dtype, wgrad=wgrad)
     if impl == "blocked":
         return functools.partial(blocked_gmm, block=block)
     if impl == "ragged_dot":

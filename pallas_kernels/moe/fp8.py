@@ -3,7 +3,8 @@
     gmm_fp8(x[M,K], w[E,K,N], group_sizes[E]) ~= gmm(x, w, group_sizes)      (custom_vjp)
     forward  out  = gmm(q(x), q(w)^T[E,N,K]) * s_x s_w[g]             e4m3 x e4m3, fp32 accumulation
     backward dx   = gmm(q(g), q(w)[E,K,N])   * s_g s_w[g]             grad dtype x e4m3
-             dw   = tgmm(x^T, g)                                       bf16 (the operands' dtype), not fp8
+             dw   = tgmm(x^T, g)                                       wgrad='bf16' (default): the operands' dtype
+             dw   = tgmm(q(x)^T, q(g)) * s_x s_g                       wgrad='fp8': e4m3 x grad dtype
 
 Scales are powers of two (pallas_kernels/fp8.py), current scaling: one per tensor for x and g, one per expert
 for w (experts' weight ranges differ; a per-group scale costs nothing in the kernels, which multiply group g's
@@ -12,8 +13,10 @@ the layout wgmma needs for 8-bit operands, made by the quantizing pass (`quantiz
 scales). `rhs` is either the weight, quantized in every call, or a `QuantizedExperts` made once per optimizer step
 (kanana_jax/model/fp8_weights.py): its `w` stays the differentiable input that receives dW, the fp8 copies are
 read as they are (same values as a per-call quantization of the same `w`, so the same results bit for bit).
-The weight gradient stays a bf16 tgmm: in fp8 it would need both activations transposed
-to [K, M] with the ragged group boundaries along the minor dimension, which our tgmm kernel does not handle.
+The weight gradient is a bf16 tgmm, or (wgrad='fp8', precision.fp8_expert_wgrad) an fp8 one: wgmma reads 8-bit
+operands K-major only, so both q(x) and q(g) are laid out as [K, P] / [N, P] with the rows (the contraction)
+minor and each group padded with zeros to a multiple of the kernel's contraction block (`kmajor_by_group`, one
+gather-and-transpose pass each; P <= M + E (block - 1)); the kernel (gpu.tgmm_kmajor) then needs no masking.
 
 Backends: 'reference' (dequantize to f32, blocked jnp; the CPU path and the oracle), 'gpu' (Mosaic GPU wgmma on
 fp8 operands, Hopper), 'tpu' (Mosaic TPU: fp8 storage, dequantized to bf16 in the kernel; v5p/v6e have no fp8 MXU).
@@ -28,6 +31,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import fp8 as fp8_lib
 from pallas_kernels.moe import ops, reference
+from pallas_kernels.moe import tiling as tiling_lib
 from pallas_kernels.moe.tiling import GmmTilings, as_gmm_tilings
 
 
@@ -88,40 +92,87 @@ def scaled_gmm(q_lhs_MxK, q_rhs_ExNxK, group_sizes_E, scales_E, *, out_dtype, ti
     return out.astype(out_dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _gmm_fp8(x_MxK, w_ExKxN, qw, qw_t, sw_E, group_sizes_E, grad_dtype, tilings, backend, interpret):
-    return _gmm_fp8_fwd(x_MxK, w_ExKxN, qw, qw_t, sw_E, group_sizes_E, grad_dtype, tilings, backend, interpret)[0]
+def kmajor_by_group(q_MxK, group_sizes_E, block):
+    """[K, P] copy of q [M, K] in the group-padded layout the K-major tgmm reads: rows of group g (in order) at
+    columns [o[g], o[g] + size[g]) with o = tiling.padded_group_offsets(sizes, block), zeros elsewhere (padding,
+    rows past the groups); P = tiling.padded_group_len(M, E, block)."""
+    # Three passes (the barriers): indices, a row gather on 4-byte words, the transpose. As one expression XLA
+    # recomputed the index search per element and gathered bytes column-wise: for q [49152, 2048] e4m3 on the
+    # H200 2.36 ms fused, 0.98 ms split with a byte gather, 0.32 ms with the word gather (benchmarks/fp8.py
+    # wgrad --layout-only, benchmarks/results/fp8_wgrad_layout_h200.json)
+    bar = jax.lax.optimization_barrier
+    m, k = q_MxK.shape
+    src_P, valid_P = bar(tiling_lib.padded_group_rows(group_sizes_E, m, block))
+    per_word = 4 // q_MxK.dtype.itemsize
+    if q_MxK.dtype.itemsize >= 4 or k % per_word:  # no word view: gather the elements themselves
+        return bar(jnp.where(valid_P[:, None], q_MxK[src_P], jnp.zeros((), q_MxK.dtype))).T
+    words = jax.lax.bitcast_convert_type(q_MxK.reshape(m, k // per_word, per_word), jnp.uint32)
+    rows = bar(jnp.where(valid_P[:, None], words[src_P], jnp.zeros((), jnp.uint32)))
+    return jax.lax.bitcast_convert_type(rows, q_MxK.dtype).reshape(-1, k).T
 
 
-def _gmm_fp8_fwd(x_MxK, w_ExKxN, qw, qw_t, sw_E, group_sizes_E, grad_dtype, tilings, backend, interpret):
-    """w only stands for the differentiable weight (dW's dtype); the products read its fp8 copies qw, qw_t."""
+def scaled_tgmm(q_lhs_MxK, q_rhs_MxN, group_sizes_E, scale, *, out_dtype, tiling=None, backend="reference",
+                interpret=False):
+    """out[g] = (q_lhs rows of g)^T @ (q_rhs rows of g) * scale for fp8 q_lhs [M,K], q_rhs [M,N] -> [E,K,N]
+    (empty groups 0, rows past the groups ignored); `scale` a float32 scalar."""
+    num_experts = group_sizes_E.shape[0]
+    if backend == "gpu":
+        from pallas_kernels.moe import gpu
+        t = tiling or gpu.default_tgmm_kmajor_tiling(q_lhs_MxK.shape[1], q_rhs_MxN.shape[1], q_lhs_MxK.dtype)
+        return gpu.tgmm_kmajor(kmajor_by_group(q_lhs_MxK, group_sizes_E, t.tm),
+                               kmajor_by_group(q_rhs_MxN, group_sizes_E, t.tm), group_sizes_E,
+                               out_dtype=out_dtype, tiling=t, interpret=interpret,
+                               scales_E=jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (num_experts,)))
+    if backend == "tpu":
+        raise ValueError("scaled_tgmm has no TPU kernel (v5p/v6e have no fp8 MXU): the fp8 weight gradient runs "
+                         "on 'gpu' or 'reference'")
+    out = reference.tgmm_blocked(q_lhs_MxK.astype(jnp.float32).T, q_rhs_MxN.astype(jnp.float32), group_sizes_E,
+                                 out_dtype=jnp.float32, block_rows=tiling.tm if tiling else None)
+    return (out * scale).astype(out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
+def _gmm_fp8(x_MxK, w_ExKxN, qw, qw_t, sw_E, group_sizes_E, grad_dtype, wgrad, tilings, backend, interpret):
+    return _gmm_fp8_fwd(x_MxK, w_ExKxN, qw, qw_t, sw_E, group_sizes_E, grad_dtype, wgrad, tilings, backend,
+                        interpret)[0]
+
+
+def _gmm_fp8_fwd(x_MxK, w_ExKxN, qw, qw_t, sw_E, group_sizes_E, grad_dtype, wgrad, tilings, backend, interpret):
+    """w only stands for the differentiable weight (dW's dtype); the products read its fp8 copies qw, qw_t.
+    Saved for the weight gradient: x (wgrad='bf16') or its fp8 copy and scale (wgrad='fp8')."""
     qx, sx = quantize_tensor(x_MxK)
     out = scaled_gmm(qx, qw_t, group_sizes_E, sx * sw_E, out_dtype=x_MxK.dtype, tiling=tilings.fwd,
                      backend=backend, interpret=interpret)
-    return out, (x_MxK, qw, sw_E, group_sizes_E, jnp.zeros((0,), w_ExKxN.dtype))
+    x_saved = (qx, sx) if wgrad == "fp8" else (x_MxK, None)
+    return out, (*x_saved, qw, sw_E, group_sizes_E, jnp.zeros((0,), x_MxK.dtype), jnp.zeros((0,), w_ExKxN.dtype))
 
 
-def _gmm_fp8_bwd(grad_dtype, tilings, backend, interpret, res, g_MxN):
-    x_MxK, qw, sw_E, group_sizes_E, w_proto = res
+def _gmm_fp8_bwd(grad_dtype, wgrad, tilings, backend, interpret, res, g_MxN):
+    x_saved, sx, qw, sw_E, group_sizes_E, x_proto, w_proto = res
     qg, sg = quantize_tensor(g_MxN, fp8_lib.format_dtype(grad_dtype))
     # dx[rows of g] = g rows @ w[g]^T: rhs read as [E, K_out, N_contract] = q(w) as stored
-    dx = scaled_gmm(qg, qw, group_sizes_E, sg * sw_E, out_dtype=x_MxK.dtype, tiling=tilings.dlhs,
+    dx = scaled_gmm(qg, qw, group_sizes_E, sg * sw_E, out_dtype=x_proto.dtype, tiling=tilings.dlhs,
                     backend=backend, interpret=interpret)
-    g = g_MxN.astype(x_MxK.dtype)
-    dw = ops.tgmm(x_MxK.T, g, group_sizes_E, preferred_element_type=w_proto.dtype, tiling=tilings.drhs,
-                  backend=backend, interpret=interpret)
+    if wgrad == "fp8":  # x_saved = q(x): dw[g] = q(x)[rows of g]^T q(g)[rows of g] * s_x s_g
+        dw = scaled_tgmm(x_saved, qg, group_sizes_E, sx * sg, out_dtype=w_proto.dtype, tiling=tilings.drhs,
+                         backend=backend, interpret=interpret)
+    else:
+        dw = ops.tgmm(x_saved.T, g_MxN.astype(x_proto.dtype), group_sizes_E, preferred_element_type=w_proto.dtype,
+                      tiling=tilings.drhs, backend=backend, interpret=interpret)
     return dx, dw, None, None, None, None  # no cotangent for the fp8 copies, scales, group sizes
 
 
 _gmm_fp8.defvjp(_gmm_fp8_fwd, _gmm_fp8_bwd)
 
 
-def gmm_fp8(lhs_MxK, rhs_ExKxN, group_sizes_E, *, grad_dtype="e5m2", tiling: GmmTilings | None = None,
-            backend: str | None = None, interpret=False):
+def gmm_fp8(lhs_MxK, rhs_ExKxN, group_sizes_E, *, grad_dtype="e5m2", wgrad="bf16",
+            tiling: GmmTilings | None = None, backend: str | None = None, interpret=False):
     """Grouped matmul [M,K] x [E,K,N] -> [M,N] (lhs dtype) through fp8 products; differentiable in lhs and rhs.
 
     Same row convention as `ops.gmm` (rows sorted by group; rows past sum(group_sizes) give 0). Gradients come
     back in the operands' dtypes. grad_dtype: format of the quantized output gradient, 'e4m3' or 'e5m2'.
+    wgrad: the weight gradient as a bf16 tgmm of x and g ('bf16') or an fp8 one of q(x) and q(g) ('fp8';
+    tiling.drhs then tiles gpu.tgmm_kmajor).
     `rhs` is the weight (quantized here) or a QuantizedExperts (its fp8 copies read as given, dW to its .w)."""
     pre = rhs_ExKxN if isinstance(rhs_ExKxN, QuantizedExperts) else QuantizedExperts.of(rhs_ExKxN)
     rhs_ExKxN = pre.w
@@ -130,6 +181,12 @@ def gmm_fp8(lhs_MxK, rhs_ExKxN, group_sizes_E, *, grad_dtype="e5m2", tiling: Gmm
     if rhs_ExKxN.shape[0] != group_sizes_E.shape[0]:
         raise ValueError(f"gmm_fp8: rhs has {rhs_ExKxN.shape[0]} groups, group_sizes {group_sizes_E.shape[0]}")
     fp8_lib.format_dtype(grad_dtype)
+    if wgrad not in ("bf16", "fp8"):
+        raise ValueError(f"gmm_fp8: wgrad={wgrad!r}; allowed: 'bf16', 'fp8'")
+    backend = ops.resolve_backend(backend)
+    if wgrad == "fp8" and backend == "tpu":
+        raise ValueError("gmm_fp8 wgrad='fp8' (precision.fp8_expert_wgrad) has no TPU kernel: v5p/v6e have no fp8 "
+                         "MXU; use wgrad='bf16' there")
     if pre.q_t.shape != rhs_ExKxN.shape[:1] + rhs_ExKxN.shape[:0:-1] or pre.s.shape != rhs_ExKxN.shape[:1]:
         raise ValueError(f"gmm_fp8: quantized copies q_t {pre.q_t.shape}, scales {pre.s.shape} do not fit the "
                          f"weight {rhs_ExKxN.shape} (want [E,N,K] and [E])")
@@ -138,8 +195,8 @@ def gmm_fp8(lhs_MxK, rhs_ExKxN, group_sizes_E, *, grad_dtype="e5m2", tiling: Gmm
     vma = lambda a: set(jax.typeof(a).mat.varying)  # mesh axes a varies over (none outside shard_map)
     lhs_MxK, rhs_ExKxN = (a if not (m := tuple(sorted(vma(b) - vma(a)))) else jax.lax.pcast(a, m, to="varying")
                           for a, b in ((lhs_MxK, rhs_ExKxN), (rhs_ExKxN, lhs_MxK)))
-    return _gmm_fp8(lhs_MxK, rhs_ExKxN, pre.q, pre.q_t, pre.s, group_sizes_E.astype(jnp.int32), grad_dtype,
-                    as_gmm_tilings(tiling), ops.resolve_backend(backend), interpret)
+    return _gmm_fp8(lhs_MxK, rhs_ExKxN, pre.q, pre.q_t, pre.s, group_sizes_E.astype(jnp.int32), grad_dtype, wgrad,
+                    as_gmm_tilings(tiling), backend, interpret)
 
 
 def gmm_fp8_reference(lhs_MxK, rhs_ExKxN, group_sizes_E):

@@ -4,6 +4,9 @@ Both are persistent kernels (one CTA per SM) with three warpgroups: one issues T
 halves of the output tile. gmm tiles start at each group's start rounded down to 8 rows (TMA into tiled shared
 memory), so no tile computes two groups; a tile's own rows are stored with a ladder of power-of-two TMA stores.
 Rows beyond sum(group_sizes) are written as zeros. tgmm masks the rows of neighbouring groups in its edge blocks.
+tgmm_kmajor (the fp8 weight gradient) reads both operands K-major, [K, P] and [N, P] with the contraction dim P
+minor (wgmma takes 8-bit operands only so), in a group-padded layout: group g's rows start at a multiple of tm
+and its padding is zeros, so no block holds two groups and nothing needs masking.
 
 Any row count M works: M is zero-padded up to a multiple of 8 (and at least one tile) inside the op, the padded
 rows fall in the tail past the groups (written as zeros, then sliced off). With tiling=None, tk and tn shrink to
@@ -27,6 +30,7 @@ from pallas_kernels.moe.tiling import Tiling
 DEFAULT_GMM = Tiling(tm=128, tk=64, tn=256, stages=3)
 DEFAULT_GMM_FP8 = Tiling(tm=128, tk=128, tn=256, stages=3)  # 128-byte rows of K: one swizzle width of fp8
 DEFAULT_TGMM = Tiling(tm=64, tk=128, tn=256, stages=3)
+DEFAULT_TGMM_KMAJOR = Tiling(tm=128, tk=128, tn=256, stages=3)  # tm: contraction block, one 128-byte fp8 row
 _ALIGN = 8  # TMA into (8, 64)-tiled shared memory needs row offsets that are multiples of 8
 
 
@@ -66,6 +70,19 @@ def default_tgmm_tiling(k: int, n: int) -> Tiling:
             f"tgmm on GPU: out [E,K={k},N={n}] needs K % 128 == 0 (two warpgroups of 64 rows) and N % 64 == 0 "
             "(swizzled 128-byte tiles); zero-pad K/N up to those multiples, or use backend='reference'")
     return dataclasses.replace(DEFAULT_TGMM, tk=tk, tn=tn)
+
+
+def default_tgmm_kmajor_tiling(k: int, n: int, dtype) -> Tiling:
+    """DEFAULT_TGMM_KMAJOR (tm = one 128-byte swizzle row of `dtype`) with tn shrunk to divide N; ValueError
+    naming the constraint when K or N admits no legal block."""
+    tm = 128 // jnp.dtype(dtype).itemsize
+    tk = tiling_lib.pick_block(k, (DEFAULT_TGMM_KMAJOR.tk, 64))
+    tn = tiling_lib.pick_block(n, (DEFAULT_TGMM_KMAJOR.tn, 128))
+    if tk is None or tn is None:
+        raise ValueError(
+            f"tgmm_kmajor on GPU: out [E,K={k},N={n}] needs K % 64 == 0 (wgmma rows) and N % 128 == 0 (two "
+            "warpgroups of 64 columns); zero-pad K/N up to those multiples, or use backend='reference'")
+    return dataclasses.replace(DEFAULT_TGMM_KMAJOR, tm=tm, tk=tk, tn=tn)
 
 
 def gmm(lhs_MxK, rhs, group_sizes_E, *, transpose_rhs=False, out_dtype=None, tiling: Tiling | None = None,
@@ -288,3 +305,100 @@ def tgmm(lhs_MxK, rhs_MxN, group_sizes_E, *, out_dtype=None, tiling: Tiling | No
 
     kernel = hopper.persistent_kernel(body, jax.ShapeDtypeStruct((num_experts, k, n), out_dtype), interpret)
     return kernel(starts, ends, bases, lhs_MxK, rhs_MxN)
+
+
+def tgmm_kmajor(lhs_KxP, rhs_NxP, group_sizes_E, *, out_dtype=jnp.bfloat16, tiling: Tiling | None = None,
+                interpret=False, scales_E=None):
+    """out[E,K,N] = lhs[:, cols of g] @ rhs[:, cols of g]^T (* scales_E[g]) on the group-padded layout.
+
+    Group g owns columns [o[g], o[g+1]) with o = tiling.padded_group_offsets(group_sizes, tm) (its size rounded
+    up to tm, the padding zeros: pallas_kernels/moe/fp8.py `kmajor_by_group` makes it); P % tm == 0 and
+    P >= o[E]. Operands fp8 (e4m3/e5m2, mixed allowed) or one 16-bit dtype; fp32 accumulation; empty groups 0."""
+    hopper.check_wgmma_dtypes(lhs_KxP, rhs_NxP, "tgmm_kmajor", allow_fp8=True)
+    if lhs_KxP.ndim != 2 or rhs_NxP.ndim != 2 or lhs_KxP.shape[1] != rhs_NxP.shape[1]:
+        raise ValueError(f"tgmm_kmajor: want lhs[K,P], rhs[N,P]; got {lhs_KxP.shape}, {rhs_NxP.shape}")
+    k, p = lhs_KxP.shape
+    n = rhs_NxP.shape[0]
+    num_experts = group_sizes_E.shape[0]
+    t = tiling or default_tgmm_kmajor_tiling(k, n, lhs_KxP.dtype)
+    tm, tk, tn = t.tm, t.tk, t.tn
+    tm_align = 128 // jnp.dtype(lhs_KxP.dtype).itemsize  # one 128-byte swizzle row of the contraction dim
+    if tm % tm_align or tk % 64 or tn % 128 or k % tk or n % tn or p % tm:
+        raise ValueError(
+            f"tgmm_kmajor GPU tiling {t} needs tm % {tm_align} == 0 ({lhs_KxP.dtype}), tk % 64 == 0, "
+            f"tn % 128 == 0, K={k} % tk == 0, N={n} % tn == 0 and P={p} % tm == 0; pass a Tiling that divides "
+            "the shape, or tiling=None to pick one")
+    if scales_E is not None and scales_E.shape != (num_experts,):
+        raise ValueError(f"tgmm_kmajor: scales_E must be [E={num_experts}] float32, got {scales_E.shape}")
+    scales = jnp.ones((num_experts,), jnp.float32) if scales_E is None else scales_E.astype(jnp.float32)
+    offsets = tiling_lib.padded_group_offsets(group_sizes_E, tm)
+    first_block, n_blocks = offsets[:-1] // tm, (offsets[1:] - offsets[:-1]) // tm
+    grid_k, grid_n = k // tk, n // tn
+    half_n = tn // 2
+    transforms = hopper.swizzled_transforms(lhs_KxP.dtype)
+
+    def mma(_, lhs_smem, rhs_smem, acc_ref):
+        cols = pl.ds(pl.multiple_of(lax.axis_index("wg") * half_n, half_n), half_n)
+        plgpu.wgmma(acc_ref, lhs_smem, rhs_smem.at[cols].T)
+        plgpu.wgmma_wait(0)
+        return acc_ref
+
+    def make_pipeline(block0, ki, ni, steps, epilogue):
+        def compute_context(run):
+            @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tk, half_n), jnp.float32))
+            def _(acc_ref):
+                run(acc_ref)
+                epilogue(acc_ref)
+
+        return plgpu.emit_pipeline_warp_specialized(
+            mma,
+            grid=(steps,),
+            memory_registers=hopper.MEMORY_REGISTERS,
+            in_specs=[plgpu.BlockSpec((tk, tm), lambda s: (ki, block0 + s), transforms=transforms),
+                      plgpu.BlockSpec((tn, tm), lambda s: (ni, block0 + s), transforms=transforms)],
+            wg_axis="wg",
+            num_compute_wgs=2,
+            max_concurrent_steps=t.stages,
+            compute_context=compute_context,
+        )
+
+    def body(first_ref, blocks_ref, scale_ref, lhs_gmem, rhs_gmem, out_gmem):
+        ignore = lambda *_, **__: None
+        # a static grid of `stages` steps: the pipeline's buffers for its deepest use (a dynamic grid uses them all)
+        allocs = make_pipeline(0, 0, 0, t.stages, ignore).get_allocations(lhs_gmem, rhs_gmem)
+
+        @functools.partial(
+            pl.run_scoped, allocs=allocs, out_smem=plgpu.SMEM((2, tk, half_n), out_dtype), collective_axes="wg")
+        def _(allocs, out_smem):
+            wg = lax.axis_index("wg")
+
+            @plgpu.nd_loop((num_experts * grid_k * grid_n,), collective_axes="sm")
+            def _(info):
+                (lin,) = info.index
+                g = lin // (grid_k * grid_n)
+                ki = (lin // grid_n) % grid_k
+                ni = lin % grid_n
+                steps = blocks_ref[g]
+
+                def epilogue(acc_ref):
+                    acc = (acc_ref[...] * scale_ref[g]).astype(out_dtype)
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # previous tile's store has read out_smem
+                    out_smem.at[wg][...] = acc
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(
+                        out_smem.at[wg], out_gmem.at[g, pl.ds(ki * tk, tk), pl.ds(ni * tn + wg * half_n, half_n)])
+
+                @pl.when(steps > 0)
+                def _():
+                    make_pipeline(first_ref[g], ki, ni, steps, epilogue)(lhs_gmem, rhs_gmem, allocations=allocs)
+
+                @pl.when((steps == 0) & (wg < 2))
+                def _():
+                    pl.run_scoped(epilogue, plgpu.ACC((tk, half_n), jnp.float32))  # empty group: zeros
+
+            @pl.when(wg < 2)
+            def _():
+                plgpu.wait_smem_to_gmem(0)
+
+    kernel = hopper.persistent_kernel(body, jax.ShapeDtypeStruct((num_experts, k, n), out_dtype), interpret)
+    return kernel(first_block, n_blocks, scales, lhs_KxP, rhs_NxP)

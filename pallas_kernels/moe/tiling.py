@@ -149,3 +149,35 @@ def max_group_tiles(m: int, tm: int, num_groups: int, align: int = 1) -> int:
 def pl_cdiv(a: int, b: int) -> int:
     """Ceiling division of Python ints."""
     return -(-a // b)
+
+
+def padded_group_offsets(group_sizes_E: jax.Array, align: int) -> jax.Array:
+    """[E+1] int32 offsets of the group-padded layout: group g owns [offsets[g], offsets[g+1]), its size rounded
+    up to a multiple of `align` (the rows/columns past its size are zeros), so every `align` block is one group's."""
+    padded = round_up_array(group_sizes_E.astype(jnp.int32), align)
+    return jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(padded)])
+
+
+def round_up_array(a: jax.Array, b: int) -> jax.Array:
+    """a rounded up to a multiple of b, elementwise (int arrays)."""
+    return (a + b - 1) // b * b
+
+
+def padded_group_len(m: int, num_groups: int, align: int) -> int:
+    """Static length of the group-padded layout of num_groups groups summing to at most m: a multiple of align."""
+    return round_up(m + num_groups * (align - 1), align)
+
+
+def padded_group_rows(group_sizes_E: jax.Array, m: int, align: int) -> tuple[jax.Array, jax.Array]:
+    """(src [P] int32, valid [P] bool) of the group-padded layout of m rows, P = padded_group_len(m, E, align):
+    position p holds row src[p] where valid[p], else a zero (padding, or past the last group)."""
+    num_groups = group_sizes_E.shape[0]
+    length = padded_group_len(m, num_groups, align)
+    poff = padded_group_offsets(group_sizes_E, align)
+    off = group_offsets(group_sizes_E)
+    p = jnp.arange(length, dtype=jnp.int32)
+    g = jnp.searchsorted(poff[1:], p, side="right", method="compare_all").astype(jnp.int32)
+    g_safe = jnp.minimum(g, num_groups - 1)
+    rank = p - poff[g_safe]
+    valid = (g < num_groups) & (rank < group_sizes_E.astype(jnp.int32)[g_safe])
+    return jnp.where(valid, off[g_safe] + rank, 0).astype(jnp.int32), valid
