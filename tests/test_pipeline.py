@@ -47,8 +47,10 @@ def _read(path):
 def pipeline(tmp_path_factory):
     base = tmp_path_factory.mktemp("pipeline")
     workdir = str(base / "run")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3",
+               JAX_LOG_COMPILES="1")   # the logs then name each persistent compilation cache hit
     env.pop("XLA_FLAGS", None)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)   # the pipeline's own cache (WORKDIR/compile_cache), as for a user
     first = _launch(workdir, env, str(base / "first.log"))
     sft_checkpoint = os.path.join(workdir, "2_sft", "checkpoints", "2")
     deadline = time.monotonic() + 900
@@ -76,6 +78,16 @@ def test_a_killed_pipeline_resumes_in_the_stage_it_stopped_in(pipeline):
         with open(os.path.join(workdir, stage, "metrics.jsonl")) as f:
             steps = [json.loads(line)["step"] for line in f]
         assert steps[-1] == n and len(steps) == len(set(steps)), (stage, steps)
+
+
+def test_later_stages_find_their_train_steps_compiled_ahead(pipeline):
+    """pipeline.compile_ahead: while pretrain trains, a background thread compiles midtrain's functions; midtrain's
+    loop then loads its train step from the persistent compilation cache (WORKDIR/compile_cache)."""
+    workdir, first_log, _, _ = pipeline
+    assert "compiled ahead for midtrain: train_step, eval_step, state_from_params" in first_log, first_log[-4000:]
+    midtrain = first_log[first_log.index("pipeline stage midtrain"):]
+    assert "Persistent compilation cache hit for 'jit_train_step'" in midtrain.split("pipeline stage sft")[0]
+    assert os.listdir(os.path.join(workdir, "compile_cache"))
 
 
 def test_every_stage_starts_from_the_stage_before_it(pipeline):
