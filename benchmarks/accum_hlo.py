@@ -6,6 +6,8 @@ it shows aliasing and copy insertion, not GPU-only lowering (dynamic slices as D
     JAX_PLATFORMS=cpu python benchmarks/accum_hlo.py --size tiny --layers 4 --batch 2 --seq 32 --accum 4
     JAX_PLATFORMS=cpu python benchmarks/accum_hlo.py --layers 3 --batch 1 --seq 256 --accum 2   # full width
     ... --set train.grad_accum_first_outside=true
+    ... --loops          # also every while loop (the layer scans inside the microbatch body): trips, writes
+    ... --loops --set model.scan_layers=false   # the same step with one leaf per layer, no layer scans
 """
 import argparse
 import collections
@@ -73,6 +75,7 @@ def main():
     p.add_argument("--accum", type=int, default=2)
     p.add_argument("--set", action="append", default=[], help="config override, e.g. model.dtype=bfloat16")
     p.add_argument("--top", type=int, default=12)
+    p.add_argument("--loops", action="store_true", help="also list every while loop's trips and per-trip writes")
     args = p.parse_args()
     cfg = slice_config(args.layers, args.batch, args.seq, "reference", "ragged_dot", "muon", "none", muon_clip=True,
                        size=args.size, accum=args.accum, overrides=tuple(args.set))
@@ -91,6 +94,19 @@ def main():
     kinds = writes_by_kind(comps[body])
     for kind, (n, b) in sorted(kinds.items(), key=lambda kv: -kv[1][1])[:args.top]:
         print(f"  {kind:<32} {n:>4} ops {b / 1e6:12.2f} MB")
+    if args.loops:  # the layer scans: what each trip writes (per-layer weight slices, stacked residuals, grads)
+        total = collections.defaultdict(float)
+        for name in re.findall(r" while\(.*?condition=%?[\w.\-]+, body=%?([\w.\-]+)", text):
+            m = re.search(rf"body=%?{re.escape(name)}\b.*?known_trip_count\D*(\d+)", text)
+            trips = int(m.group(1)) if m else 1
+            kinds = writes_by_kind(comps[name])
+            print(f"  loop {name}: {trips} trips, {len(comps[name])} instructions; per trip: " + ", ".join(
+                f"{k} {b / 1e6:.2f} MB" for k, (_, b) in sorted(kinds.items(), key=lambda kv: -kv[1][1])[:5]))
+            if name != body:
+                for k, (_, b) in kinds.items():
+                    total[k] += trips * b
+        print("  all other loops (the layer scans: per microbatch), by kind, trips x per-trip writes: " + ", ".join(
+            f"{k} {b / 1e6:.2f} MB" for k, b in sorted(total.items(), key=lambda kv: -kv[1])[:args.top]))
     entry = next(v for k, v in comps.items() if re.search(rf"^ENTRY %?{re.escape(k)} ", text, re.M))
     once = writes_by_kind(entry)
     fills = sum(b for k, (_, b) in once.items() if k in ("copy", "wrapped_broadcast"))

@@ -2,6 +2,7 @@
 
     python3 benchmarks/train_step.py --layers 4 --batch 2 --seq 4096 --variants kernels,xla,tokamax --out $OUT
     python3 benchmarks/train_step.py --layers 8 --batch 4 --accum 4 --seq 4096 --remat none --variants kernels,tokamax --out $OUT
+    python3 benchmarks/train_step.py ... --variants kernels --compare "" --compare "model.scan_layers=false" --child-timeout 200
 
 The slice keeps the full width of the 30B-A3B reconstruction (hidden 2048, 16 MLA heads, 128 experts top-6,
 2 shared, vocab 128,256) with fewer layers. Each variant times the real jitted train step (forward, backward,
@@ -13,6 +14,8 @@ ceiling measured in a child process of the same run, the median over CEILING_SHA
 
 Variants: kernels = Pallas attention + Pallas MoE gmm; xla = reference attention (XLA) + jax.lax.ragged_dot;
 tokamax = tokamax attention and ragged_dot in the model's two seams (attention without max logits: MuonClip off).
+`--compare` runs each variant once per group of overrides (space-separated key=value, "" = none) on top of
+`--set`, each in its own process of the same run, so a change and its baseline share one ceiling and one machine.
 """
 from __future__ import annotations
 
@@ -211,9 +214,14 @@ def main():
     p.add_argument("--profile", default="kernels", help="variant to trace (empty: none)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every variant, e.g. --set precision.matmul=fp8")
+    p.add_argument("--compare", action="append", default=[], metavar='"KEY=VALUE ..."',
+                   help="run every variant once per such group of overrides (on top of --set; \"\" = none)")
+    p.add_argument("--child-timeout", type=float, default=0.0,
+                   help="seconds each variant's process may run (0: no limit); one past it is reported as an error")
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp/train_step_bench"))
     p.add_argument("--only", default="", help=argparse.SUPPRESS)  # internal: run one variant, print JSON
-    p.add_argument("--ceiling", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--ceiling", type=float, default=0.0,
+                   help="TFLOP/s of the matmul ceiling to use instead of measuring it (0: measure, the default)")
     p.add_argument("--peak-tflops", type=float, default=0.0,
                    help="spec dense bf16 TFLOP/s per chip for MFU (0: metrics.PEAK_TFLOPS by device kind)")
     p.add_argument("--ceiling-only", action="store_true", help="only measure the matmul ceiling (CEILING_SHAPES)")
@@ -228,9 +236,12 @@ def main():
         print("RESULT " + json.dumps(run_variant(args.only, args, args.ceiling, peak), default=str), flush=True)
         return
     # The parent holds no device memory: the ceiling and every variant run in their own processes.
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--only", "ceiling"], capture_output=True,
-                         text=True, env=CHILD_ENV).stdout
-    ceiling, ceiling_by_shape = json.loads([l for l in out.splitlines() if l.startswith("RESULT ")][-1][7:])
+    if args.ceiling:  # given (from an earlier run of the same machine kind), not measured: saves ~20 s
+        ceiling, ceiling_by_shape = args.ceiling, {"given, not measured in this run": args.ceiling}
+    else:
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--only", "ceiling"], capture_output=True,
+                             text=True, env=CHILD_ENV).stdout
+        ceiling, ceiling_by_shape = json.loads([l for l in out.splitlines() if l.startswith("RESULT ")][-1][7:])
     print(f"matmul ceiling (median over {len(ceiling_by_shape)} shapes) {ceiling:.0f} TFLOP/s: "
           + ", ".join(f"{k} {v:.0f}" for k, v in ceiling_by_shape.items()) + f"; spec peak {peak:.0f}", flush=True)
     if args.ceiling_only:
@@ -245,33 +256,47 @@ def main():
                "matmul_ceiling_tflops": ceiling, "matmul_ceiling_by_shape": ceiling_by_shape,
                "layers": args.layers, "batch": args.batch, "accum": args.accum, "seq": args.seq, "optimizer": args.optimizer,
                "params_total": counts["total"]["all"], "params_active": counts["active"]["all"],
-               "flops_per_token": flops_per_token(cfg.model, args.seq), "variants": []}
-    for name in args.variants.split(","):  # one process per variant: clean peak memory, no leaked seams
-        cmd = [sys.executable, os.path.abspath(__file__), "--only", name, "--ceiling", str(ceiling),
-               "--peak-tflops", str(peak)] + [
-            f"--{k}={getattr(args, k)}" for k in ("size", "layers", "batch", "accum", "seq", "optimizer", "remat", "reps", "profile",
-                                                  "out")] + [f"--set={s}" for s in args.set]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=CHILD_ENV)
-        lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-        if lines:
-            results["variants"].append(json.loads(lines[-1][len("RESULT "):]))
-        else:  # a variant that cannot run is reported, not hidden
-            results["variants"].append({"variant": name, "error": (proc.stderr or proc.stdout)[-600:]})
-        print(json.dumps(results["variants"][-1], default=str)[:2000], flush=True)
+               "flops_per_token": flops_per_token(cfg.model, args.seq), "set": args.set, "variants": []}
+    groups = [g.split() for g in args.compare] or [[]]
+    for name in args.variants.split(","):  # one process per variant and group: clean peak memory, no leaked seams
+        for group in groups:
+            label = f"{name}[{' '.join(group)}]" if args.compare else name
+            cmd = [sys.executable, os.path.abspath(__file__), "--only", name, "--ceiling", str(ceiling),
+                   "--peak-tflops", str(peak)] + [
+                f"--{k}={getattr(args, k)}" for k in ("size", "layers", "batch", "accum", "seq", "optimizer", "remat",
+                                                      "reps", "profile", "out")] + [
+                f"--set={s}" for s in args.set + group]
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=CHILD_ENV,
+                                      timeout=args.child_timeout or None)
+                lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+                record = (json.loads(lines[-1][len("RESULT "):]) if lines  # one that cannot run is reported
+                          else {"variant": name, "error": (proc.stderr or proc.stdout)[-600:]})
+            except subprocess.TimeoutExpired:
+                record = {"variant": name, "error": f"stopped after --child-timeout {args.child_timeout:.0f} s"}
+            record.update(label=label, overrides=group)
+            results["variants"].append(record)
+            print(json.dumps(record, default=str)[:2000], flush=True)
     with open(os.path.join(args.out, "train_step.json"), "w") as f:
         json.dump(results, f, indent=1, default=str)
     print(f"\nspec peak {peak:.0f} TFLOP/s, matmul ceiling {ceiling:.0f} TFLOP/s (median of {len(ceiling_by_shape)} "
           f"shapes); slice: {args.layers} layers, {counts['total']['all']/1e9:.2f}B "
           f"total, {counts['active']['all']/1e9:.2f}B active, batch {args.accum} x {args.batch}x{args.seq}")
-    print(f"{'variant':<10} {'step ms':>9} {'tok/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'of ach.':>7} {'peak GiB':>9} "
+    w = max([10] + [len(r["label"]) for r in results["variants"]])
+    print(f"{'variant':<{w}} {'step ms':>9} {'tok/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'of ach.':>7} {'peak GiB':>9} "
           f"{'compile s':>9}")
     base = {r["variant"]: r for r in results["variants"] if "step_s" in r}
     for r in results["variants"]:
         if "error" in r:
-            print(f"{r['variant']:<10} error: {r['error'][:150]}")
+            print(f"{r['label']:<{w}} error: {r['error'][:150]}")
             continue
-        print(f"{r['variant']:<10} {r['step_s']*1e3:>9.1f} {r['tokens_per_s']:>9.0f} {r['model_tflops_per_s']:>8.0f} "
+        print(f"{r['label']:<{w}} {r['step_s']*1e3:>9.1f} {r['tokens_per_s']:>9.0f} {r['model_tflops_per_s']:>8.0f} "
               f"{r['mfu']:>6.1%} {r['of_achievable']:>7.1%} {r['peak_gib']:>9.1f} {r['compile_s']:>9.1f}")
+    if args.compare:  # each group against the first of the same variant, same run
+        for r in results["variants"]:
+            ref = next(q for q in results["variants"] if q["variant"] == r["variant"])
+            if r is not ref and "step_s" in r and "step_s" in ref:
+                print(f"{r['label']} vs {ref['label']}: {ref['step_s'] / r['step_s']:.3f}x")
     if "kernels" in base:
         for other in ("xla", "tokamax"):
             if other in base:

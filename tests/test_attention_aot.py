@@ -66,6 +66,25 @@ def _lower_fwd_bwd_for_hopper(Dqk, Dv, seg, T=256):
         sds(1, T, 2, Dqk), sds(1, T, 1, Dqk), sds(1, T, 1, Dv), seg_ids).lower(lowering_platforms=("cuda",))
 
 
+def test_equal_calls_share_one_lowered_kernel():
+    """Two layers' attention with equal shapes (an unscanned model) lower the forward and the two backward kernels
+    once (behind jits keyed by shapes and the static config), not once per call site."""
+    import re
+    import jax
+    import jax.numpy as jnp
+    from pallas_kernels.attention import flash_attention
+    sds = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)
+
+    def loss(q, k, v, s):
+        attend = lambda x: flash_attention(x, k, v, segment_ids=s, backend="gpu")
+        return attend(attend(q)).astype(jnp.float32).sum()
+
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(
+        sds(1, 256, 2, 128), sds(1, 256, 2, 128), sds(1, 256, 2, 128), jax.ShapeDtypeStruct((1, 256), jnp.int32)
+    ).lower(lowering_platforms=("cuda",)).as_text()
+    assert len(re.findall(r"stablehlo\.custom_call @mosaic_gpu", text)) == 3   # fwd, dK/dV, dQ
+
+
 @pytest.mark.parametrize("Dqk,Dv,seg", [(256, 128, True), (64, 256, True)])
 def test_wide_heads_that_pass_the_shared_memory_check_lower_for_hopper(Dqk, Dv, seg):
     """Issue 24: head dims up to 256 where gpu.smem_bytes says the kernels fit: Mosaic GPU agrees."""

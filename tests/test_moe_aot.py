@@ -55,3 +55,20 @@ def test_any_row_count_lowers_for_hopper_with_default_tiling(m, n):
         sds(m, 256), sds(8, 256, n), jax.ShapeDtypeStruct((8,), jnp.int32)).lower(
             lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
+
+
+def test_equal_calls_share_one_lowered_kernel():
+    """Two layers' gmm with equal shapes (an unscanned model, model.scan_layers=False) lower the three kernels of
+    one gmm forward + backward once (gmm, dlhs gmm, tgmm behind jits keyed by shapes), not once per call site."""
+    import re
+    sds = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+
+    def loss(x, w1, w2, gs):
+        for w in (w1, w2):
+            x = gmm(x, w, gs, backend="gpu")
+        return jnp.sum(x.astype(jnp.float32) ** 2)
+
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(
+        sds(512, 256), sds(8, 256, 256), sds(8, 256, 256), jax.ShapeDtypeStruct((8,), jnp.int32)).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert len(re.findall(r"stablehlo\.custom_call @mosaic_gpu", text)) == 3

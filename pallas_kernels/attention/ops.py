@@ -52,6 +52,9 @@ def _padded(cfg: _Config, q, k, v, q_seg, kv_seg):
             _pad_rows(kv_seg, sp, -2), tp)
 
 
+# The kernel calls sit behind jits keyed by shapes and the static _Config, so equal calls (the layers of an
+# unscanned model, model.scan_layers=False) trace and lower one kernel instead of one per call site.
+@functools.partial(jax.jit, static_argnums=(0,))
 def _run_forward(cfg: _Config, q, k, v, q_seg, kv_seg):
     fwd, _ = _kernels(cfg.backend)
     qp, kp, vp, qsp, ksp, _ = _padded(cfg, q, k, v, q_seg, kv_seg)
@@ -74,15 +77,19 @@ def _flash_fwd(cfg: _Config, q, k, v, q_seg, kv_seg):
 
 
 def _flash_bwd(cfg: _Config, res, cotangents):
-    q, k, v, q_seg, kv_seg, out, lse = res
     d_out, _ = cotangents              # max_logits carries no gradient
+    return (*_run_backward(cfg, *res, d_out), None, None)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _run_backward(cfg: _Config, q, k, v, q_seg, kv_seg, out, lse, d_out):
     _, bwd = _kernels(cfg.backend)
     qp, kp, vp, qsp, ksp, tp = _padded(cfg, q, k, v, q_seg, kv_seg)
     dq, dk, dv = bwd(qp, kp, vp, qsp, ksp, _pad_rows(out, tp), lse, _pad_rows(d_out.astype(q.dtype), tp),
                      causal=cfg.causal, scale=cfg.scale, cap=cfg.cap, kv_len=cfg.kv_len, q_len=cfg.q_len,
                      block_sizes=cfg.block_sizes, interpret=cfg.interpret)
     S = cfg.kv_len
-    return dq[:, :cfg.q_len], dk[:, :S], dv[:, :S], None, None
+    return dq[:, :cfg.q_len], dk[:, :S], dv[:, :S]
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

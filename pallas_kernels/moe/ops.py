@@ -26,6 +26,9 @@ def resolve_backend(backend: str | None) -> str:
     return backend
 
 
+# Each kernel call sits behind a jit keyed by shapes and static arguments, so equal calls (the layers of an
+# unscanned model, model.scan_layers=False) trace and lower one kernel instead of one per call site.
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7))
 def _gmm_impl(lhs, rhs, group_sizes, transpose_rhs, out_dtype, tiling, backend, interpret):
     if backend == "tpu":
         from pallas_kernels.moe import tpu
@@ -39,6 +42,7 @@ def _gmm_impl(lhs, rhs, group_sizes, transpose_rhs, out_dtype, tiling, backend, 
                                  block_rows=tiling.tm if tiling else None)
 
 
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
 def _tgmm_impl(lhs_KxM, rhs_MxN, group_sizes, out_dtype, tiling, backend, interpret):
     if backend == "tpu":
         from pallas_kernels.moe import tpu
