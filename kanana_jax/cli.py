@@ -318,11 +318,26 @@ def has_accelerator() -> bool:
     return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")) or shutil.which("nvidia-smi") is not None
 
 
+# XLA:CPU compiles with LLVM's cheaper pass pipeline: measured on the tiny configs, train steps compile 11-22%
+# faster (12.8 -> 11.4 s scanned, 10.0 -> 7.8 s unscanned), run no slower, and give bit-identical losses and
+# params (pretrain with AdamW, SFT with Muon, 3 steps). GPU compiles also go through LLVM, so CPU runs only.
+CPU_XLA_FLAGS = ("--xla_llvm_disable_expensive_passes=true",)
+
+
 def default_platform(environ=os.environ) -> None:
     """JAX_PLATFORMS=cpu on a machine without an accelerator (unless set): libtpu, when installed, would
-    otherwise probe for a TPU and print errors. Call before jax is imported."""
+    otherwise probe for a TPU and print errors; on the CPU alone, CPU_XLA_FLAGS join XLA_FLAGS (a flag the user
+    set stays as set). Call before jax starts its backends."""
     if "JAX_PLATFORMS" not in environ and "jax" not in sys.modules and not has_accelerator():
         environ["JAX_PLATFORMS"] = "cpu"
+    if environ.get("JAX_PLATFORMS") == "cpu":
+        environ["XLA_FLAGS"] = with_cpu_flags(environ.get("XLA_FLAGS", ""))
+
+
+def with_cpu_flags(xla_flags: str) -> str:
+    """`xla_flags` plus each of CPU_XLA_FLAGS whose flag it does not set."""
+    have = {f.split("=", 1)[0] for f in xla_flags.split()}
+    return " ".join([xla_flags] * bool(xla_flags) + [f for f in CPU_XLA_FLAGS if f.split("=", 1)[0] not in have])
 
 
 def _register_optional_commands():

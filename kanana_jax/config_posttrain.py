@@ -203,10 +203,9 @@ class PipelineConfig:
     eval_suites: str = _field("math,code,ifeval,tools", doc="suites scored after each language-model stage")
     eval_limit: int = _field(8, lo=1, doc="items per suite")
     eval_max_new_tokens: int = _field(128, lo=1)
-    compile_ahead: bool = _field(True, doc="compile each later stage's train / eval / init functions on a "
-                                           "background thread while earlier stages run (train/compile_ahead.py; "
-                                           "through jax's persistent compilation cache, WORKDIR/compile_cache "
-                                           "unless jax_compilation_cache_dir is set)")
+    eval_prompt_bucket: int = _field(16, lo=1, doc="eval prompts are left-padded to a power of two >= this many "
+                                                   "tokens: suites whose prompts fall in smaller buckets share one "
+                                                   "sampler compile")
 
     def __post_init__(self):
         names = []

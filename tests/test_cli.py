@@ -96,12 +96,18 @@ def test_a_second_ctrl_c_is_one_line_and_exit_status_130(capsys, monkeypatch):
     assert capsys.readouterr().err.startswith("error: interrupted (a second Ctrl-C)")
 
 
-def test_no_accelerator_means_cpu_unless_jax_platforms_is_set(monkeypatch):
+def test_no_accelerator_means_cpu_unless_jax_platforms_is_set_and_cpu_gets_its_compile_flags(monkeypatch):
     monkeypatch.setattr(cli, "has_accelerator", lambda: False)
     monkeypatch.delitem(cli.sys.modules, "jax", raising=False)   # (restored by monkeypatch)
     env = {}
     cli.default_platform(env)
-    assert env == {"JAX_PLATFORMS": "cpu"}
+    assert env == {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_llvm_disable_expensive_passes=true"}
+    env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}   # kept, flag added
+    cli.default_platform(env)
+    assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8 --xla_llvm_disable_expensive_passes=true"
+    env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_llvm_disable_expensive_passes=false"}  # the user's choice
+    cli.default_platform(env)
+    assert env["XLA_FLAGS"] == "--xla_llvm_disable_expensive_passes=false"
     env = {"JAX_PLATFORMS": "tpu"}
     cli.default_platform(env)
     assert env == {"JAX_PLATFORMS": "tpu"}

@@ -80,13 +80,11 @@ def test_a_killed_pipeline_resumes_in_the_stage_it_stopped_in(pipeline):
         assert steps[-1] == n and len(steps) == len(set(steps)), (stage, steps)
 
 
-def test_later_stages_find_their_train_steps_compiled_ahead(pipeline):
-    """pipeline.compile_ahead: while pretrain trains, a background thread compiles midtrain's functions; midtrain's
-    loop then loads its train step from the persistent compilation cache (WORKDIR/compile_cache)."""
-    workdir, first_log, _, _ = pipeline
-    assert "compiled ahead for midtrain: train_step, eval_step, state_from_params" in first_log, first_log[-4000:]
-    midtrain = first_log[first_log.index("pipeline stage midtrain"):]
-    assert "Persistent compilation cache hit for 'jit_train_step'" in midtrain.split("pipeline stage sft")[0]
+def test_the_relaunch_loads_what_the_killed_run_compiled(pipeline):
+    """WORKDIR/compile_cache: the relaunch finds the interrupted stage's train step there instead of compiling it."""
+    workdir, _, second_log, _ = pipeline
+    sft = second_log[second_log.index("pipeline stage sft"):].split("pipeline stage reward_model")[0]
+    assert "Persistent compilation cache hit for 'jit_train_step'" in sft, sft[-4000:]
     assert os.listdir(os.path.join(workdir, "compile_cache"))
 
 

@@ -140,6 +140,28 @@ def test_reward_head_is_adamw_and_the_backbone_has_no_lm_head():
     assert tags["reward_head"]["kernel"] == "adamw" and tags["backbone"]["moe_layers"]["attn"]["wkv_b"] == "muon"
 
 
+def test_a_reward_model_started_from_a_language_model_initializes_only_its_head():
+    """train.init_from: the loaded params become the backbone as they are; the head is a fresh normal(init_std)
+    kernel and a zero bias; the whole model's fresh init (a backbone forward) is not made."""
+    from kanana_jax.train.stages import get_stage
+    _, cfg = build_config("experiments/reward_model.py:size=tiny", [])
+    stage = get_stage("reward_model")
+    shapes = flax.linen.unbox(jax.eval_shape(stage.make_model(cfg).init, jax.random.PRNGKey(0),
+                                             jnp.zeros((1, 4), jnp.int32))["params"])
+    rng = np.random.default_rng(0)
+    loaded = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape), s.dtype), shapes["backbone"])
+
+    def no_fresh_init():
+        raise AssertionError("the whole model's fresh init was made")
+
+    params = stage.start_params(cfg, no_fresh_init, loaded)
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), params) == jax.tree.map(lambda s: (s.shape, s.dtype), shapes)
+    assert all(a is b for a, b in zip(jax.tree.leaves(params["backbone"]), jax.tree.leaves(loaded)))
+    kernel = np.asarray(params["reward_head"]["kernel"])
+    assert np.all(np.asarray(params["reward_head"]["bias"]) == 0) and np.all(kernel != 0)
+    assert 0.5 * cfg.model.init_std < kernel.std() < 2 * cfg.model.init_std
+
+
 def test_the_reward_model_ranks_held_out_pairs_above_chance_after_training(tmp_path):
     """A fresh tiny reward model (1 layer, Bradley-Terry, 20 steps) on format pairs: the chosen reply answers in the
     requested '\\boxed{N}', the rejected one gives the same number bare. Held out: 16 pairs of other numbers.

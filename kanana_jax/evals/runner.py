@@ -307,8 +307,10 @@ def evaluate_suite(name: str, items: Sequence[dict], generator: Generator, token
 def run_eval(checkpoint: str, suite_names: Sequence[str], *, limit: int | None = None, lang: str | None = None,
              sampling: SamplingParams = SamplingParams(max_new_tokens=512, temperature=0.0), seed: int = 0,
              batch_size: int = 16, confidence: str = "auto", max_turns: int = 4, ask_confidence: bool = True,
+             min_prompt_bucket: int = 16,
              log: Callable[[str], None] = lambda message: print(message, flush=True)) -> dict:
-    """Loads `checkpoint`, evaluates each suite, and returns the JSON-able report (see module docstring)."""
+    """Loads `checkpoint`, evaluates each suite, and returns the JSON-able report (see module docstring). Prompts
+    are left-padded to a power of two >= `min_prompt_bucket` tokens (one sampler compile per width)."""
     workdir, _, _ = resolve_checkpoint(checkpoint)
     cfg = load_config(workdir)
     mesh = rules = None
@@ -317,7 +319,8 @@ def run_eval(checkpoint: str, suite_names: Sequence[str], *, limit: int | None =
     loaded = load_checkpoint(checkpoint, mesh, rules)
     tokenizer = make_tokenizer(cfg.data.tokenizer)
     fmt = chat_format(tokenizer)
-    sampler = Sampler(cfg.model, loaded.params, tokenizer=tokenizer, mesh=mesh, rules=rules)
+    sampler = Sampler(cfg.model, loaded.params, tokenizer=tokenizer, mesh=mesh, rules=rules,
+                      min_prompt_bucket=min_prompt_bucket)
     generator = Generator(sampler, tokenizer, fmt, sampling, jax.random.PRNGKey(seed), batch_size)
     log(f"eval of {loaded.state_dir} (step {loaded.step}); prompts: {fmt.name}; suites: {', '.join(suite_names)}")
     scores, report = [], {}

@@ -321,11 +321,6 @@ def final_run(cfg: ExperimentConfig, workdir: str) -> str:
     return os.path.join(workdir, cfg.calibration.method)
 
 
-def trainings(cfg: ExperimentConfig, workdir: str) -> list[ExperimentConfig]:
-    """The one run this stage trains through loop.run (train/compile_ahead.py compiles it ahead)."""
-    return [Driver(cfg, workdir).sub_config()]
-
-
 def run(cfg: ExperimentConfig, workdir: str, stop_after: int | None = None) -> dict:
     """Runs (or resumes) the calibration tuning in `workdir`; returns before/after numbers (module docstring)."""
     check_config(cfg)

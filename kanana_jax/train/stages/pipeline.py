@@ -87,6 +87,7 @@ def evaluate_stage(cfg: ExperimentConfig, name: str, folder: str, sub: Experimen
     start = time.perf_counter()
     report = run_eval(final_policy_dir(sub, folder), parse_suite_list(cfg.pipeline.eval_suites),
                       limit=cfg.pipeline.eval_limit, seed=cfg.train.seed,
+                      min_prompt_bucket=cfg.pipeline.eval_prompt_bucket,
                       sampling=SamplingParams(max_new_tokens=cfg.pipeline.eval_max_new_tokens, temperature=0.0),
                       log=lambda m: log.info("[%s] %s", name, m))
     row = {"stage": name, "train_stage": sub.train.stage, "checkpoint": report["checkpoint"],
@@ -133,48 +134,23 @@ def write_table(workdir: str, rows: list[dict]) -> str:
 
 def run(cfg: ExperimentConfig, workdir: str, stop_after: int | None = None) -> dict:
     """Runs (or resumes) every stage in order, then the eval table; `stop_after` is passed to each stage's run
-    (tests: stop inside a stage). With `pipeline.compile_ahead`, a background thread compiles each later stage's
-    functions while earlier ones run (train/compile_ahead.py)."""
-    from kanana_jax.train import compile_ahead
-    stages = stage_configs(cfg, workdir)
-    if not cfg.pipeline.compile_ahead:
-        return _run_stages(cfg, workdir, stages, stop_after, None)
-    with compile_ahead.persistent_cache(os.path.join(workdir, "compile_cache")):
-        ahead = compile_ahead.CompileAhead()
-        for i, (name, folder, sub) in enumerate(stages):
-            if i and not _finished(sub, folder):   # the first stage's run compiles its own, at once
-                ahead.submit(name, compile_ahead.trainings(sub, folder))
-        try:
-            return _run_stages(cfg, workdir, stages, stop_after, ahead)
-        finally:
-            ahead.close()
-
-
-def _run_stages(cfg: ExperimentConfig, workdir: str, stages, stop_after: int | None, ahead) -> dict:
+    (tests: stop inside a stage). Compiled programs go to WORKDIR/compile_cache (train/compile_cache.py), so a
+    relaunch loads what a killed run compiled."""
     from kanana_jax.train import loop
+    from kanana_jax.train.compile_cache import persistent_cache
     rows, last = [], {}
-    for name, folder, sub in stages:
-        if ahead is not None:
-            ahead.wait(name)
-        log.info("pipeline stage %s (%s) in %s", name, sub.train.stage, folder)
-        last = loop.run(sub, folder, stop_after=stop_after)
-        if last.get("preempted_at_step") is not None or (stop_after is not None and _stopped(sub, folder)):
-            log.info("pipeline stopped inside stage %s; relaunch the same command to resume", name)
-            return dict(last, pipeline_stopped_in=name)
-        if sub.train.stage not in POLICY_FREE:
-            rows.append(evaluate_stage(cfg, name, folder, sub))
+    with persistent_cache(os.path.join(workdir, "compile_cache")):
+        for name, folder, sub in stage_configs(cfg, workdir):
+            log.info("pipeline stage %s (%s) in %s", name, sub.train.stage, folder)
+            last = loop.run(sub, folder, stop_after=stop_after)
+            if last.get("preempted_at_step") is not None or (stop_after is not None and _stopped(sub, folder)):
+                log.info("pipeline stopped inside stage %s; relaunch the same command to resume", name)
+                return dict(last, pipeline_stopped_in=name)
+            if sub.train.stage not in POLICY_FREE:
+                rows.append(evaluate_stage(cfg, name, folder, sub))
     table = write_table(workdir, rows)
     log.info("eval table (%s):\n%s", os.path.join(workdir, "eval_table.md"), table)
     return {**last, "eval_table": os.path.join(workdir, "eval_table.md")}
-
-
-def _finished(sub: ExperimentConfig, folder: str) -> bool:
-    """Whether a stage is done: scored (eval.json), or a reward model that trained all its steps."""
-    if sub.train.stage not in POLICY_FREE:
-        return os.path.isfile(os.path.join(folder, "eval.json"))
-    from kanana_jax.train import run_record
-    steps = run_record.committed_steps(folder)
-    return bool(steps) and steps[-1] >= sub.train.steps
 
 
 def _stopped(sub: ExperimentConfig, folder: str) -> bool:

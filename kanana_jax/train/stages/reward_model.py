@@ -7,11 +7,13 @@ configured optimizer; `train.init_from` loads a language model into the backbone
 """
 from __future__ import annotations
 
+import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from kanana_jax.config import ExperimentConfig
-from kanana_jax.model.heads import RewardModel, last_token_scores
+from kanana_jax.model.heads import RewardModel, ScalarHead, last_token_scores
 from kanana_jax.train.stages import pairs, protocol
 
 policy_path = ("backbone",)
@@ -21,6 +23,15 @@ tokens_per_step = pairs.tokens_per_step
 
 def make_model(cfg: ExperimentConfig):
     return RewardModel(cfg.model, protocol.fp8_recipe(cfg))
+
+
+def init_params_from(cfg: ExperimentConfig, fresh_params, loaded):
+    """The loaded language model as the backbone beside a fresh score head, initialized alone (normal(init_std)
+    kernel, zero bias; key train.seed): the whole model's fresh init, a forward pass of the backbone that takes
+    longer to compile than the tiny stage's steps take to run, is not made for a [D, 1] head."""
+    dummy_h = jnp.zeros((1, 1, cfg.model.d_model), jnp.float32)
+    head = ScalarHead(cfg.model.init_std).init(jax.random.PRNGKey(cfg.train.seed), dummy_h)["params"]
+    return {"backbone": loaded, "reward_head": flax.core.unfreeze(nn.unbox(head))}
 
 
 def pair_scores(model, params, batch):
