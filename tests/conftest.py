@@ -12,8 +12,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("NPROC", "8")
 # the CLI's XLA:CPU flags (kanana_jax/cli.py CPU_XLA_FLAGS: faster compiles, same numbers) for in-process tests too
-os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""),
-                                                 "--xla_llvm_disable_expensive_passes=true"]))
+from kanana_jax.cli import with_cpu_flags  # noqa: E402  (stdlib imports only: jax is not started)
+os.environ["XLA_FLAGS"] = with_cpu_flags(os.environ.get("XLA_FLAGS", ""))
 # Many tests compile the same tiny train steps, samplers and kernels (in-process and in the subprocesses they
 # start, which inherit the environment): a persistent compilation cache shared by the xdist workers compiles
 # each program once per machine. Keys include the whole HLO and flags, so a cached executable is the same program.
