@@ -7,6 +7,7 @@ Run on the H200 (each mode is its own process, so peak memory is per implementat
     python3 benchmarks/moe.py layer --impl ragged_dot --out $OUT/layer_ragged_dot.json
     python3 benchmarks/moe.py layer --impl tokamax --out $OUT/layer_tokamax.json
     python3 benchmarks/moe.py table $OUT/*.json                           # the markdown table
+    python3 benchmarks/moe.py kernels --tokens 16384 --candidates "drhs=128,128,256,3;64,256,256,2"  # own tilings
 Shape: Kanana-2-30B-A3B, 8192 tokens x top-6 = 49,152 rows, E=128, D=2048, F=768. `--tiny --interpret` runs
 the same code on CPU with the GPU kernels in interpret mode (a smoke test of this script).
 """
@@ -64,8 +65,23 @@ def ragged_sizes(rows, E, seed, *, zeros=8, short=500):
     return jnp.asarray(rng.multinomial(rows - short, p / p.sum()).astype(np.int32))
 
 
+def parse_candidates(text: str) -> dict:
+    """'drhs=64,128,256,3;128,128,256,3 fwd=...' -> {'drhs': [Tiling(64, 128, 256, 3), ...], ...}"""
+    out = {}
+    for item in text.split():
+        op, _, tilings = item.partition("=")
+        if op not in SWEEP:
+            raise SystemExit(f"--candidates: unknown op {op!r}; allowed: {', '.join(SWEEP)}")
+        out[op] = [Tiling(*map(int, t.split(","))) for t in tilings.split(";") if t]
+    return out
+
+
 def kernels(args):
-    shape = TINY if args.tiny else FULL
+    shape = dict(TINY if args.tiny else FULL)
+    if args.tokens:  # e.g. 16384: one microbatch of the train-step benchmark (4 x 4096 tokens)
+        shape["tokens"] = args.tokens
+    if args.dims:  # K,N of the products, e.g. 768,2048 (the down projection) or 2048,1536 (gate|up fused)
+        shape["D"], shape["F"] = map(int, args.dims.split(","))
     E, K, N = shape["E"], shape["D"], shape["F"]
     rows = shape["tokens"] * shape["k"]
     interp = bool(args.interpret)
@@ -91,6 +107,10 @@ def kernels(args):
     }
     sweep = (TINY_SWEEP if args.tiny else SWEEP) if args.sweep else {
         op: [t] for op, t in zip(("fwd", "dlhs", "drhs"), default_tilings())}
+    if args.candidates:  # only these ops, these tilings (the defaults first, as the baseline of the same run)
+        defaults = dict(zip(("fwd", "dlhs", "drhs"), default_tilings()))
+        sweep = {op: [defaults[op]] + [t for t in cands if t != defaults[op]]
+                 for op, cands in parse_candidates(args.candidates).items()}
     best = {}
     out["sweep"] = {}
     for op, cands in sweep.items():
@@ -112,6 +132,9 @@ def kernels(args):
             best[op] = min(ok, key=lambda r: r["ms"])["tiling"]
     out["best_tilings"] = best
     tilings = GmmTilings(*(Tiling(*best[op]) if op in best else None for op in ("fwd", "dlhs", "drhs")))
+    if args.candidates:  # a tiling sweep only: no peers
+        write(args.out, out)
+        return
 
     # gradients of the custom_vjp against autodiff of the oracle
     def loss(fn):
@@ -325,6 +348,10 @@ def main():
     p.add_argument("--tilings", default=None)
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--tiny", action="store_true")
+    p.add_argument("--tokens", type=int, default=0, help="tokens (rows = tokens x top-6) instead of 8192")
+    p.add_argument("--dims", default="", metavar="K,N", help="K,N of the products instead of 2048,768")
+    p.add_argument("--candidates", default="", metavar='"OP=TM,TK,TN,STAGES;... ..."',
+                   help="sweep only these tilings of these ops (fwd, dlhs, drhs), after the default of each")
     p.add_argument("--interpret", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args()

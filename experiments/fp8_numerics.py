@@ -2,6 +2,7 @@
 
     python -m experiments.fp8_numerics --size tiny --steps 300 --out experiments/results     # CPU, ~10 min
     python -m experiments.fp8_numerics --size tiny --fp8-set precision.fp8_scaling=delayed  # another recipe
+    python3 -m experiments.fp8_numerics --size small --steps 300 --out $OUT   # one H200: real fp8 GEMMs, ~1-2 min
 
 Both runs use model.dtype=bfloat16 (bf16 activations, fp32 master weights and optimizer state); the fp8 run is
 the same config with `precision.matmul=fp8` (plus any --fp8-set overrides), which quantizes the attention
