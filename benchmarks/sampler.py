@@ -6,6 +6,7 @@
     python3 benchmarks/sampler.py --size tiny --layers 3 --batches 1,4 --prompt-len 8 --new 4   # CPU check
     python3 benchmarks/sampler.py --sampling-only --sampling-batch 256 --sampling-methods sort,search --out $OUT
     python3 benchmarks/sampler.py --layers 48 --batches 512,1024,2048 --variants new --stop-after-error --out $OUT
+    python3 benchmarks/sampler.py --layers 8 --batches 1,256 --variants new --profile 1,256 --out $OUT  # top ops
 
 Model: the 30B-A3B reconstruction (experiments/sizes.py) at full width with --layers layers, random bf16 weights
 made on the device. Each row: B random prompts of --prompt-len tokens, --new tokens sampled at temperature 1;
@@ -106,13 +107,8 @@ def timed_generation(sampler, cfg, batch: int, prompt_len: int, new: int, reps: 
     """(prefill s, decode s, compile s): medians of the Sampler's prefill and decode loop on `batch` random
     prompts, sampling at temperature 1 with the given top-k / top-p."""
     import jax
-    from kanana_jax.generate.sampler import SamplingParams, _bucket, make_controls
-    ids = [list(rng.integers(3, cfg.vocab_size, prompt_len)) for _ in range(batch)]
-    Pb = _bucket(prompt_len, sampler.min_prompt_bucket)
-    tokens, lengths = sampler._left_padded(ids, batch, Pb)
-    sampling = SamplingParams(max_new_tokens=new, temperature=1.0, top_k=top_k, top_p=top_p)
-    controls, static = make_controls(sampling, (), 0)
-    cache_len = Pb + new - 1
+    tokens, lengths, controls, static, cache_len = generation_inputs(sampler, cfg, batch, prompt_len, new, rng,
+                                                                     top_k, top_p)
     pre, dec = [], []
     for rep in range(reps + 1):
         t0 = time.perf_counter()
@@ -129,6 +125,35 @@ def timed_generation(sampler, cfg, batch: int, prompt_len: int, new: int, reps: 
             compile_s = t2 - t0
         del out, cache
     return float(np.median(pre)), float(np.median(dec)), compile_s
+
+
+def generation_inputs(sampler, cfg, batch: int, prompt_len: int, new: int, rng, top_k=0, top_p=1.0):
+    """(tokens, lengths, controls, static, cache_len) of `batch` random prompts, temperature 1."""
+    from kanana_jax.generate.sampler import SamplingParams, _bucket, make_controls
+    ids = [list(rng.integers(3, cfg.vocab_size, prompt_len)) for _ in range(batch)]
+    Pb = _bucket(prompt_len, sampler.min_prompt_bucket)
+    tokens, lengths = sampler._left_padded(ids, batch, Pb)
+    sampling = SamplingParams(max_new_tokens=new, temperature=1.0, top_k=top_k, top_p=top_p)
+    controls, static = make_controls(sampling, (), 0)
+    return tokens, lengths, controls, static, Pb + new - 1
+
+
+def profiled_generation(sampler, cfg, batch: int, prompt_len: int, new: int, rng, top_k=0, top_p=1.0, top=20):
+    """Device ops of 3 traced generations (prefill + decode loop; compiled before the trace): [(op name, ms per
+    decode step, share of device time)] with each op's time over the whole generation divided by new - 1 steps,
+    and (busy ms, span ms) per generation (span > busy: the device waited on the host)."""
+    import jax
+    from benchmarks.device_ops import device_op_ms
+    tokens, lengths, controls, static, cache_len = generation_inputs(sampler, cfg, batch, prompt_len, new, rng,
+                                                                     top_k, top_p)
+
+    def one():
+        cache, logits = sampler._prefill_in_chunks(tokens, lengths, cache_len)
+        return sampler._decode(sampler.params, cache, logits, lengths, jax.random.PRNGKey(0), controls,
+                               **static)["tokens"]
+
+    rows, (busy_ms, span_ms) = device_op_ms(one, runs=3, top=top, with_span=True)
+    return [(name, ms / (new - 1), share) for name, ms, share in rows], (busy_ms, span_ms)
 
 
 SAMPLING_SETTINGS = {   # name: sample() kwargs; names ending in _bf16ties use the logits rounded to bfloat16
@@ -229,6 +254,10 @@ def run_jax(args):
                        touched_experts_per_layer=roof["touched_experts_per_layer"])
             row["fraction_of_roofline_all"] = row["roofline_ms_all"] / ms
             row["fraction_of_roofline_touched"] = row["roofline_ms_touched"] / ms
+            if batch in args.profile:
+                row["top_ops_ms_per_step"], (busy, span) = profiled_generation(
+                    sampler, cfg, batch, args.prompt_len, args.new, rng, args.top_k, args.top_p)
+                row.update(profile_busy_ms=busy, profile_span_ms=span)
             print(json.dumps(row), flush=True)
             report["rows"].append(row)
             write(report, args)
@@ -297,6 +326,12 @@ def table(report):
         print(f"{r['variant']:9} {r['batch']:>5} {r['prefill_ms']:>10.1f} {r['decode_ms_per_step']:>8.2f} "
               f"{r['decode_tokens_per_s']:>9.0f} {r['roofline_ms_all']:>8.2f} {r['fraction_of_roofline_all']:>5.2f} "
               f"{r['roofline_ms_touched']:>12.2f} {r['fraction_of_roofline_touched']:>5.2f}")
+    for r in report["rows"]:
+        if r.get("top_ops_ms_per_step"):
+            print(f"\n{r['variant']} batch {r['batch']}: device busy {r['profile_busy_ms']:.1f} ms of a "
+                  f"{r['profile_span_ms']:.1f} ms generation; top ops, ms per decode step (prefill's spread in):")
+            for name, ms, share in r["top_ops_ms_per_step"]:
+                print(f"  {ms:8.3f} ms {share:6.1%}  {name[:100]}")
 
 
 def main():
@@ -318,6 +353,8 @@ def main():
     p.add_argument("--stop-after-error", action="store_true",
                    help="no larger batch after one that failed (growing --batches: the largest that fits)")
     p.add_argument("--peer", default="", help="'hf': transformers' generate instead of our Sampler")
+    p.add_argument("--profile", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
+                   help="batches whose generation is also traced: the top device ops per decode step")
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp/sampler_bench"))
     args = p.parse_args()
     unknown = [v for v in args.variants if v not in VARIANTS]
