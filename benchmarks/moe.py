@@ -7,7 +7,7 @@ Run on the H200 (each mode is its own process, so peak memory is per implementat
     python3 benchmarks/moe.py layer --impl ragged_dot --out $OUT/layer_ragged_dot.json
     python3 benchmarks/moe.py layer --impl tokamax --out $OUT/layer_tokamax.json
     python3 benchmarks/moe.py table $OUT/*.json                           # the markdown table
-    python3 benchmarks/moe.py kernels --tokens 16384 --candidates "drhs=128,128,256,3;64,256,256,2"  # own tilings
+    python3 benchmarks/moe.py kernels --tokens 16384 --dims 768,2048 --candidates "drhs=64,256,128,3"  # own tilings
 Shape: Kanana-2-30B-A3B, 8192 tokens x top-6 = 49,152 rows, E=128, D=2048, F=768. `--tiny --interpret` runs
 the same code on CPU with the GPU kernels in interpret mode (a smoke test of this script).
 """
@@ -72,7 +72,11 @@ def parse_candidates(text: str) -> dict:
         op, _, tilings = item.partition("=")
         if op not in SWEEP:
             raise SystemExit(f"--candidates: unknown op {op!r}; allowed: {', '.join(SWEEP)}")
-        out[op] = [Tiling(*map(int, t.split(","))) for t in tilings.split(";") if t]
+        try:
+            out[op] = [Tiling(*map(int, t.split(","))) for t in tilings.split(";") if t]
+        except (TypeError, ValueError):
+            raise SystemExit(f"--candidates: {item!r}: each tiling is TM,TK,TN,STAGES (integers), ';' between "
+                             "tilings, e.g. drhs=64,256,128,3;64,128,256,3") from None
     return out
 
 
