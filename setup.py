@@ -33,8 +33,8 @@ setup(
         "viz": ["tensorboard>=2.16", "jupyterlab>=4.0"],   # the TensorBoard viewer and notebooks (docs)
         "gpu": ["jax[cuda13]==0.11.2"],
         "data": ["grain>=0.2", "array-record>=0.7", "tensorflow-datasets>=4.9"],
-        "dev": ["pytest>=8", "pytest-xdist>=3.6", "hypothesis>=6.100", "pandas>=2.2", "matplotlib>=3.8",
-                "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "grain>=0.2",
+        "dev": ["pytest>=8", "pytest-xdist>=3.6", "pytest-timeout>=2.3", "hypothesis>=6.100", "pandas>=2.2",
+                "matplotlib>=3.8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "grain>=0.2",
                 "array-record>=0.7"],
     },
     entry_points={"console_scripts": ["kanana-jax=kanana_jax.cli:main"]},
