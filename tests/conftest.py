@@ -56,3 +56,28 @@ def module_compile_cache(tmp_path_factory):
     """A compilation cache shared by one module's tests (`_own_compile_cache`)."""
     with _own_compile_cache(str(tmp_path_factory.mktemp("jax_cache"))):
         yield
+
+
+# Longest modules first. Under `pytest -n 2 --dist loadfile` each module runs whole on one worker, and xdist's
+# default (--loadscope-reorder) hands out the modules with the most tests first, which leaves the few-test slow
+# modules (the pipeline, the README, the notebook: 3-5 minutes each) for the end of the run, where one of them can
+# keep a worker busy after the other has finished. pytest.ini turns that reorder off; this hook hands modules out
+# longest first. Seconds per module (the sum of its tests of 10 s or more): the 2-core fresh-clone CI run of
+# 7d75e7f (`.ci/run`). A module missing here keeps its place after these.
+MODULE_SECONDS = {
+    "test_grad_accum": 384, "test_pipeline": 301, "test_model": 269, "test_rl": 259, "test_sharding": 235,
+    "test_attention_gpu": 229, "test_readme": 221, "test_notebook": 210, "test_rl_learns": 204,
+    "test_fp8_prequantize": 190, "test_train": 167, "test_stage_protocol": 166, "test_reliability_killrun": 157,
+    "test_attention_tpu": 157, "test_muon": 115, "test_stage_port": 102, "test_generate": 99, "test_cli_run": 98,
+    "test_expert_parallel": 97, "test_moe_kernels": 86, "test_rejection_sampling_learn": 84,
+    "test_generate_sharded": 76, "test_fp8_train": 71, "test_rejection_sampling_resume": 69, "test_midtrain": 68,
+    "test_calibration_tuning": 68, "test_eval_memory": 61, "test_router": 60, "test_reliability_nonfinite": 50,
+    "test_muon_clip": 50, "test_sft": 46, "test_fp8_model": 46, "test_restore_reshard": 41, "test_decode_moe": 41,
+    "test_eval_cli": 39, "test_compile_aot": 38,
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    def module_seconds(item):
+        return MODULE_SECONDS.get(os.path.splitext(os.path.basename(str(item.fspath)))[0], 0)
+    items.sort(key=lambda item: -module_seconds(item))   # stable: a module's tests keep their order

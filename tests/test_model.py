@@ -19,10 +19,24 @@ TINY = config_lib.load(pretrain.get_config("size=tiny")).model
 
 @functools.lru_cache(maxsize=None)
 def _init(cfg, B=2, T=16, seed=0):
+    """The model, random params of the init's shapes and dtypes (norm scales and biases as the init sets them, the
+    rest normal with cfg.init_std, drawn with NumPy: compiling the init's per-leaf RNG would cost ~10 s per config
+    on a 2-core CPU, and these tests need any params, not the init's values) and tokens."""
     model = Transformer(cfg)
     tokens = jax.random.randint(jax.random.PRNGKey(seed + 1), (B, T), 0, cfg.vocab_size)
-    params = flax.linen.unbox(jax.jit(model.init)(jax.random.PRNGKey(seed), tokens)["params"])
-    return model, params, tokens
+    shapes = flax.linen.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(seed), tokens)["params"])
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = jax.tree_util.keystr(path[-1:])
+        if "scale" in name:
+            value = np.full(leaf.shape, 1.0 if cfg.norm_param == "scale" else 0.0)
+        elif "bias" in name:
+            value = np.zeros(leaf.shape)
+        else:
+            value = rng.normal(0.0, cfg.init_std, leaf.shape)
+        return jnp.asarray(value, leaf.dtype)
+    return model, jax.tree_util.tree_map_with_path(fill, shapes), tokens
 
 
 @pytest.mark.parametrize("overrides", [
