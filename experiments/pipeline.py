@@ -30,7 +30,10 @@ TINY = {
                           "steps=10,batch=8,heldout=0",
     "rl": "experiments/rl.py:size=tiny,steps=3,prompts=4,group=4,chat_rm={reward_model},"
           "chat_weight=0.25",
-    "calibration": "experiments/calibration.py:size=tiny,method=rl,steps=3,batch=4,group=4,eval_prompts=16",
+    # the RL stage's sequence length and new tokens (and its batch of 4 x 4 rows): the calibration's RL run then
+    # has the RL stage's train step, which the pipeline's compile cache already holds
+    "calibration": "experiments/calibration.py:size=tiny,method=rl,steps=3,batch=4,group=4,eval_prompts=16,"
+                   "seq_len=512,max_new_tokens=24",
 }
 
 
@@ -40,11 +43,13 @@ def _steps_of(spec: str) -> int:
 
 
 # tiny: each stage's own eval once, at its last step (eval_every = its steps), over one batch, and none in RL (the
-# pipeline's suites score every stage); the 3 layers unscanned (one leaf per layer: at this depth the train step
-# compiles in 8.0 s instead of 12.3 and runs faster than with the layer scan)
+# pipeline's suites score every stage); checkpoints at half-way and at the end (a kill resumes from half-way; the
+# stages' own defaults, every 1-7 steps, would write 30 checkpoints); the 3 layers unscanned (one leaf per layer:
+# at this depth the train step compiles in 8.0 s instead of 12.3 and runs faster than with the layer scan)
 EVAL_AT_END = ("pretrain", "midtrain", "sft", "reward_model")
 TINY_SETS = (tuple(f"{s}:train.eval_every={_steps_of(TINY[s])}" for s in EVAL_AT_END)
              + tuple(f"{s}:train.eval_batches=1" for s in EVAL_AT_END) + ("rl:train.eval_every=0",)
+             + tuple(f"{s}:train.checkpoint_every={_steps_of(TINY[s]) // 2}" for s in EVAL_AT_END)
              + tuple(f"{s}:model.scan_layers=false" for s in STAGES))
 
 FULL = {

@@ -118,6 +118,12 @@ def test_the_eval_table_covers_every_language_model_stage(pipeline):
     assert [r["stage"] for r in rows] == ["pretrain", "midtrain", "sft", "rejection_sampling", "rl", "calibration"]
     for r in rows:
         assert 0.0 <= r["suites"]["math"]["accuracy"] <= 1.0 and r["suites"]["math"]["n"] == 1
+    by_stage = {r["stage"]: r for r in rows}
+    for r in rows:   # a reused eval row: the earlier stage it names ended on the same policy, at the same step
+        if r.get("same_policy_as"):
+            source = by_stage[r["same_policy_as"]]
+            assert (r["policy"], r["policy_step"]) == (source["policy"], source["policy_step"]), r
+            assert r["suites"] == source["suites"] and "same_policy_as" not in source
     assert os.path.getsize(os.path.join(workdir, "eval_table.png")) > 0
     assert "| sft (sft) |" in _read(os.path.join(workdir, "eval_table.md"))
     summary = pipeline[2]   # the relaunch's closing lines: the final policy, the reports, the table itself

@@ -75,8 +75,12 @@ def final_run(cfg: ExperimentConfig, workdir: str) -> str:
     return final_policy_dir(sub, folder)
 
 
-def evaluate_stage(cfg: ExperimentConfig, name: str, folder: str, sub: ExperimentConfig) -> dict:
-    """The suites' accuracy and ECE for a stage's final policy (cached in <folder>/eval.json)."""
+def evaluate_stage(cfg: ExperimentConfig, name: str, folder: str, sub: ExperimentConfig,
+                   earlier: list[dict] = ()) -> dict:
+    """The suites' accuracy and ECE for a stage's final policy (cached in <folder>/eval.json). A policy that an
+    earlier stage's row already scored (the same run folder at the same step: e.g. rejection sampling that kept no
+    sample ends on the SFT policy it started from) takes that row's suites, which name the stage they came from:
+    the eval is greedy and seeded, so it would compute the same numbers again."""
     path = os.path.join(folder, "eval.json")
     done = read_json(path)
     if done is not None:
@@ -84,14 +88,25 @@ def evaluate_stage(cfg: ExperimentConfig, name: str, folder: str, sub: Experimen
     from kanana_jax.evals.runner import run_eval
     from kanana_jax.evals.suites import parse_suite_list
     from kanana_jax.generate.sampler import SamplingParams
+    from kanana_jax.train import run_record
+    policy = final_policy_dir(sub, folder)
+    policy_step = run_record.committed_steps(policy)[-1]
+    same = [r for r in earlier if (r.get("policy"), r.get("policy_step")) == (policy, policy_step)]
+    if same:
+        row = {**same[0], "stage": name, "train_stage": sub.train.stage, "seconds": 0.0,
+               "same_policy_as": same[0]["stage"]}
+        log.info("[%s] final policy %s (step %d) is %s's: its eval rows are reused", name, policy, policy_step,
+                 same[0]["stage"])
+        write_json(path, row)
+        return row
     start = time.perf_counter()
-    report = run_eval(final_policy_dir(sub, folder), parse_suite_list(cfg.pipeline.eval_suites),
+    report = run_eval(policy, parse_suite_list(cfg.pipeline.eval_suites),
                       limit=cfg.pipeline.eval_limit, seed=cfg.train.seed,
                       min_prompt_bucket=cfg.pipeline.eval_prompt_bucket,
                       sampling=SamplingParams(max_new_tokens=cfg.pipeline.eval_max_new_tokens, temperature=0.0),
                       log=lambda m: log.info("[%s] %s", name, m))
-    row = {"stage": name, "train_stage": sub.train.stage, "checkpoint": report["checkpoint"],
-           "seconds": round(time.perf_counter() - start, 1),
+    row = {"stage": name, "train_stage": sub.train.stage, "checkpoint": report["checkpoint"], "policy": policy,
+           "policy_step": policy_step, "seconds": round(time.perf_counter() - start, 1),
            "suites": {s: {"accuracy": r["accuracy"], "ece": r["ece"], "n": r["n"]}
                       for s, r in report["suites"].items()}}
     write_json(path, row)
@@ -109,7 +124,8 @@ def write_table(workdir: str, rows: list[dict]) -> str:
             got = r["suites"].get(s, {})
             ece = got.get("ece")
             cells += [f"{got['accuracy']:.3f}" if got else "-", f"{ece:.3f}" if ece is not None else "-"]
-        lines.append(f"| {r['stage']} ({r['train_stage']}) | " + " | ".join(cells) + " |")
+        same = f", {r['same_policy_as']}'s policy" if r.get("same_policy_as") else ""
+        lines.append(f"| {r['stage']} ({r['train_stage']}{same}) | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     write_json(os.path.join(workdir, "eval_table.json"), rows)
     with open(os.path.join(workdir, "eval_table.md"), "w") as f:
@@ -147,7 +163,7 @@ def run(cfg: ExperimentConfig, workdir: str, stop_after: int | None = None) -> d
                 log.info("pipeline stopped inside stage %s; relaunch the same command to resume", name)
                 return dict(last, pipeline_stopped_in=name)
             if sub.train.stage not in POLICY_FREE:
-                rows.append(evaluate_stage(cfg, name, folder, sub))
+                rows.append(evaluate_stage(cfg, name, folder, sub, rows))
     table = write_table(workdir, rows)
     log.info("eval table (%s):\n%s", os.path.join(workdir, "eval_table.md"), table)
     return {**last, "eval_table": os.path.join(workdir, "eval_table.md")}
