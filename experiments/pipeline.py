@@ -19,8 +19,9 @@ from experiments import common
 
 STAGES = ("pretrain", "midtrain", "sft", "reward_model", "rejection_sampling", "rl", "calibration")
 
-# Step budgets: tiny runs the whole chain in about 5 minutes on a 2-core CPU (5m02s, 5m02s, 5m15s measured, over
-# half of it compiling each stage's functions); the others are placeholders to set per experiment.
+# Step budgets: tiny runs the whole chain in under 5 minutes on a 2-core CPU (4m41s and 4m21s measured; about 2 minutes
+# of it XLA compiles: 6 train steps, 6 prefill + decode pairs); the others are placeholders to set per
+# experiment.
 TINY = {
     "pretrain": "experiments/pretrain.py:size=tiny,steps=40,batch=8,seq_len=128",
     "midtrain": "experiments/midtrain.py:size=tiny,steps=30,batch=8,seq_len=128,replay=0.2,warmup=5",
