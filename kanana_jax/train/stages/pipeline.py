@@ -90,13 +90,14 @@ def evaluate_stage(cfg: ExperimentConfig, name: str, folder: str, sub: Experimen
     from kanana_jax.generate.sampler import SamplingParams
     from kanana_jax.train import run_record
     policy = final_policy_dir(sub, folder)
-    policy_step = run_record.committed_steps(policy)[-1]
-    same = [r for r in earlier if (r.get("policy"), r.get("policy_step")) == (policy, policy_step)]
+    steps = run_record.committed_steps(policy)
+    policy_step = steps[-1] if steps else None   # none: run_eval names the missing checkpoint
+    same = [r for r in earlier if steps and (r.get("policy"), r.get("policy_step")) == (policy, policy_step)]
     if same:
-        row = {**same[0], "stage": name, "train_stage": sub.train.stage, "seconds": 0.0,
-               "same_policy_as": same[0]["stage"]}
+        scored_by = same[0].get("same_policy_as", same[0]["stage"])
+        row = {**same[0], "stage": name, "train_stage": sub.train.stage, "seconds": 0.0, "same_policy_as": scored_by}
         log.info("[%s] final policy %s (step %d) is %s's: its eval rows are reused", name, policy, policy_step,
-                 same[0]["stage"])
+                 scored_by)
         write_json(path, row)
         return row
     start = time.perf_counter()
