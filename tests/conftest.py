@@ -81,3 +81,21 @@ def pytest_collection_modifyitems(config, items):
     def module_seconds(item):
         return MODULE_SECONDS.get(os.path.splitext(os.path.basename(str(item.fspath)))[0], 0)
     items.sort(key=lambda item: -module_seconds(item))   # stable: a module's tests keep their order
+
+
+# A hang that holds the GIL (seen: test_polar_kernel's Mosaic GPU interpret-mode run deadlocked, its threads in
+# XLA:CPU's in-flight-computation semaphore) also stops pytest-timeout's Python timer thread, and then the whole
+# run waits for CI's limit. faulthandler's watchdog is a C thread that needs no GIL: past WATCHDOG_S it prints every
+# thread's Python stack and exits the worker, which xdist reports (naming the test) and replaces.
+WATCHDOG_S = float(os.environ.get("KANANA_TEST_WATCHDOG_S", "1000"))   # past pytest.ini's timeout = 900
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    import faulthandler
+    import sys
+    faulthandler.dump_traceback_later(WATCHDOG_S, exit=True, file=sys.__stderr__)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
