@@ -19,9 +19,10 @@ from experiments import common
 
 STAGES = ("pretrain", "midtrain", "sft", "reward_model", "rejection_sampling", "rl", "calibration")
 
-# Step budgets: tiny runs the whole chain in under 5 minutes on a 2-core CPU (4m41s and 4m21s measured; about 2 minutes
-# of it XLA compiles: 6 train steps, 6 prefill + decode pairs); the others are placeholders to set per
+# Step budgets: tiny runs the whole chain in under 5 minutes on a 2-core CPU (4m41s and 4m21s measured; about
+# 2 minutes of it XLA compiles: 6 train steps, 6 prefill + decode pairs); the others are placeholders to set per
 # experiment.
+TINY_RL_SHAPE = "seq_len=512,max_new_tokens=24"   # RL and calibration's RL run: one train step program
 TINY = {
     "pretrain": "experiments/pretrain.py:size=tiny,steps=40,batch=8,seq_len=128",
     "midtrain": "experiments/midtrain.py:size=tiny,steps=30,batch=8,seq_len=128,replay=0.2,warmup=5",
@@ -30,11 +31,11 @@ TINY = {
     "rejection_sampling": "experiments/rejection_sampling.py:size=tiny,rounds=1,k=2,prompts_per_round=8,chunk=8,"
                           "steps=10,batch=8,heldout=0",
     "rl": "experiments/rl.py:size=tiny,steps=3,prompts=4,group=4,chat_rm={reward_model},"
-          "chat_weight=0.25",
+          f"chat_weight=0.25,{TINY_RL_SHAPE}",
     # the RL stage's sequence length and new tokens (and its batch of 4 x 4 rows): the calibration's RL run then
     # has the RL stage's train step, which the pipeline's compile cache already holds
     "calibration": "experiments/calibration.py:size=tiny,method=rl,steps=3,batch=4,group=4,eval_prompts=16,"
-                   "seq_len=512,max_new_tokens=24",
+                   f"{TINY_RL_SHAPE}",
 }
 
 

@@ -4,7 +4,9 @@ NPROC sizes XLA's CPU thread pool; Mosaic GPU interpret mode runs one thread per
 the pool has fewer threads than the kernel has warpgroups (2-core CI machines), so it is raised before jax starts.
 """
 import contextlib
+import faulthandler
 import os
+import sys
 
 import pytest
 
@@ -92,8 +94,6 @@ WATCHDOG_S = float(os.environ.get("KANANA_TEST_WATCHDOG_S", "1000"))   # past py
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
-    import faulthandler
-    import sys
     faulthandler.dump_traceback_later(WATCHDOG_S, exit=True, file=sys.__stderr__)
     try:
         yield
