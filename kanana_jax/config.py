@@ -61,6 +61,9 @@ class ModelConfig:
     routed_scaling_factor: float = _field(1.0, lo=0.0)
     moe_impl: Literal["blocked", "ragged_dot", "pallas"] = "blocked"
     moe_block_rows: int = _field(64, lo=8)                   # row block of the 'blocked' CPU reference
+    moe_fused_gate_up: bool = _field(False, doc="moe_impl='pallas' without fp8: gate and up as one grouped matmul "
+                                                "over [E, D, 2F] (w_gate | w_up concatenated per call; params "
+                                                "unchanged); off: 0.992x on the H200 step (BENCHMARKS.md)")
     # expert parallelism: used when the mesh rules split 'experts' over a mesh axis of size > 1
     expert_parallel: Literal["dropless", "capacity", "off"] = "dropless"  # off: leave the dispatch to GSPMD
     expert_capacity_factor: float = _field(1.25, lo=0.01, doc="capacity mode: slots per expert = factor*copies/E")

@@ -166,9 +166,10 @@ def test_model_pallas_dispatch_equals_blocked_dispatch():
     weights = [jax.random.normal(kk, s) * 0.2 for kk, s in zip(ks[2:5], [(e, d, f), (e, d, f), (e, f, d)])]
     cot = jax.random.normal(ks[5], (n, d))
     blocked = lambda x, w, *p: model_moe.dispatch_experts(x, ids, w, *p, model_moe.grouped_matmul("blocked", 8))
-    pallas = lambda x, w, *p: model_moe.dispatch_experts_pallas(x, ids, w, *p)
-    out, vjp = jax.vjp(pallas, x, w, *weights)
     out_ref, vjp_ref = jax.vjp(blocked, x, w, *weights)
-    np.testing.assert_allclose(out, out_ref, rtol=1e-5, atol=1e-5)
-    for a, b in zip(vjp(cot), vjp_ref(cot)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    for fused in (False, True):  # gate and up as two grouped matmuls, or one over the concatenated weight
+        pallas = lambda x, w, *p: model_moe.dispatch_experts_pallas(x, ids, w, *p, fused_gate_up=fused)
+        out, vjp = jax.vjp(pallas, x, w, *weights)
+        np.testing.assert_allclose(out, out_ref, rtol=1e-5, atol=1e-5)
+        for a, b in zip(vjp(cot), vjp_ref(cot)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -105,9 +105,11 @@ def dispatch_experts(x_NxD, expert_ids_Nxk, weights_Nxk, w_gate_ExDxF, w_up_ExDx
     return jnp.zeros_like(x_NxD).at[token_M].add(y_MxD.astype(x_NxD.dtype))
 
 
-def dispatch_experts_pallas(x_NxD, expert_ids_Nxk, weights_Nxk, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, gmm=None):
+def dispatch_experts_pallas(x_NxD, expert_ids_Nxk, weights_Nxk, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, gmm=None,
+                            fused_gate_up=False):
     """dispatch_experts on pallas_kernels.moe: gather-only permute/combine and the platform's gmm kernel
-    (Mosaic on TPU, Mosaic GPU on Hopper, the blocked jnp path on CPU), or the given `gmm`."""
+    (Mosaic on TPU, Mosaic GPU on Hopper, the blocked jnp path on CPU), or the given `gmm`. `fused_gate_up`: gate
+    and up as one gmm over the concatenated [E, D, 2F] weight (one pass over the rows, wider tiles), split after."""
     from pallas_kernels.moe import Routing, combine, permute
     from pallas_kernels.moe.router import dispatch_metadata
     if gmm is None:
@@ -115,7 +117,12 @@ def dispatch_experts_pallas(x_NxD, expert_ids_Nxk, weights_Nxk, w_gate_ExDxF, w_
     group_sizes_E, order_M, token_M, slot_Nxk = dispatch_metadata(expert_ids_Nxk, w_gate_ExDxF.shape[0])
     routing = Routing(expert_ids_Nxk, weights_Nxk, None, group_sizes_E, order_M, token_M, slot_Nxk)
     x_MxD = permute(x_NxD, routing)
-    h_MxF = jax.nn.silu(gmm(x_MxD, w_gate_ExDxF, group_sizes_E)) * gmm(x_MxD, w_up_ExDxF, group_sizes_E)
+    if fused_gate_up:
+        F = w_gate_ExDxF.shape[-1]
+        gate_up_Mx2F = gmm(x_MxD, jnp.concatenate([w_gate_ExDxF, w_up_ExDxF], axis=-1), group_sizes_E)
+        h_MxF = jax.nn.silu(gate_up_Mx2F[:, :F]) * gate_up_Mx2F[:, F:]
+    else:
+        h_MxF = jax.nn.silu(gmm(x_MxD, w_gate_ExDxF, group_sizes_E)) * gmm(x_MxD, w_up_ExDxF, group_sizes_E)
     return combine(gmm(h_MxF, w_down_ExFxD, group_sizes_E), routing).astype(x_NxD.dtype)
 
 
@@ -150,7 +157,9 @@ class Experts(nn.Module):
                                  "(its batched einsum has no fp8 path); use expert_parallel='dropless'")
             return expert_parallel.dispatch(plan, *args)
         if cfg.moe_impl == "pallas":
-            return dispatch_experts_pallas(*args[:-1], gmm=gmm if self.fp8 is not None else None)
+            if self.fp8 is not None:  # fp8 weights are quantized per matrix: gate and up stay two calls
+                return dispatch_experts_pallas(*args[:-1], gmm=gmm)
+            return dispatch_experts_pallas(*args[:-1], fused_gate_up=cfg.moe_fused_gate_up)
         return dispatch_experts(*args)
 
 

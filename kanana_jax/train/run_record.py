@@ -29,8 +29,9 @@ CONFIG_FILE = "config.json"
 BLOCKING = ("model.", "optimizer.name", "optimizer.partition_rules", "train.stage", "train.seed", "data.",
             "sft.buckets", "dpo.pairs", "reward_model.pairs", "precision.fp8_scaling", "precision.fp8_amax_history")
 # keys inside those sections that change how a step is computed or fed, not what the checkpoint means
-NOT_BLOCKING = ("model.attention_impl", "model.moe_impl", "model.moe_block_rows", "model.expert_parallel",
-                "model.expert_capacity_factor", "model.dtype", "model.remat_policy", "model.init_std",
+NOT_BLOCKING = ("model.attention_impl", "model.moe_impl", "model.moe_block_rows", "model.moe_fused_gate_up",
+                "model.expert_parallel", "model.expert_capacity_factor", "model.dtype", "model.remat_policy",
+                "model.init_std",
                 "data.global_batch_size", "data.on_bad_record", "data.eval_sources")
 
 
