@@ -157,9 +157,9 @@ class Experts(nn.Module):
                                  "(its batched einsum has no fp8 path); use expert_parallel='dropless'")
             return expert_parallel.dispatch(plan, *args)
         if cfg.moe_impl == "pallas":
-            if self.fp8 is not None:  # fp8 weights are quantized per matrix: gate and up stay two calls
-                return dispatch_experts_pallas(*args[:-1], gmm=gmm)
-            return dispatch_experts_pallas(*args[:-1], fused_gate_up=cfg.moe_fused_gate_up)
+            fp8 = self.fp8 is not None  # fp8 weights are quantized per matrix: gate and up stay two calls
+            return dispatch_experts_pallas(*args[:-1], gmm=gmm if fp8 else None,
+                                           fused_gate_up=cfg.moe_fused_gate_up and not fp8)
         return dispatch_experts(*args)
 
 

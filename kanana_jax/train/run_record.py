@@ -31,8 +31,7 @@ BLOCKING = ("model.", "optimizer.name", "optimizer.partition_rules", "train.stag
 # keys inside those sections that change how a step is computed or fed, not what the checkpoint means
 NOT_BLOCKING = ("model.attention_impl", "model.moe_impl", "model.moe_block_rows", "model.moe_fused_gate_up",
                 "model.expert_parallel", "model.expert_capacity_factor", "model.dtype", "model.remat_policy",
-                "model.init_std",
-                "data.global_batch_size", "data.on_bad_record", "data.eval_sources")
+                "model.init_std", "data.global_batch_size", "data.on_bad_record", "data.eval_sources")
 
 
 class WorkdirError(ConfigError):
